@@ -1,0 +1,39 @@
+"""User-facing errors and the one place that turns them into a clean exit.
+
+Every problem a user can fix (a wrong flag, a missing file, mismatched checkpoints) is raised
+as `UserError` with one line that names the flag or file and says what to do. Entry scripts
+wrap their work in `exit_code_for_user_errors`, which prints that line and returns exit code 2
+instead of a traceback.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+from typing import Callable
+
+
+class UserError(Exception):
+    """A problem with the user's input; printed as one line, exit code 2."""
+
+
+def _raise_keyboard_interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise KeyboardInterrupt
+
+
+def exit_code_for_user_errors(work: Callable[[], int]) -> int:
+    """Run `work`; map UserError to exit 2 and Ctrl-C / SIGTERM to exit 130, one line each.
+
+    SIGTERM is turned into KeyboardInterrupt so that staged output folders are cleaned up
+    (see `checkpoint.staged_output`) when a job scheduler stops the run.
+    """
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        return work()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written to the output path", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
