@@ -111,3 +111,43 @@ def _save_legacy_bin(model, out_dir: Path, max_shard_size: str | None) -> None:
     total = sum(t.numel() * t.element_size() for t in state.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2))
+
+
+def build_finetune(
+    base_dir: Path,
+    out_dir: Path,
+    *,
+    seed: int,
+    scale: float = 0.02,
+    extra_rows: int = 0,
+    dtype: torch.dtype | None = None,
+    max_shard_size: str | None = None,
+    legacy_bin: bool = False,
+) -> Path:
+    """A 'fine-tune' of the model in base_dir: the base plus seeded noise of relative size `scale`.
+
+    legacy_bin writes pytorch_model*.bin files (two shards when max_shard_size is given).
+    extra_rows > 0 grows the vocabulary like an added pad token (32000 -> 32001) in both the
+    embedding and the lm_head (and the config), as real instruction fine-tunes do.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=gen) * scale * param.std().clamp(min=1e-3))
+        if extra_rows:
+            model.resize_token_embeddings(model.config.vocab_size + extra_rows, mean_resizing=False)
+            for matrix in {model.get_input_embeddings().weight, model.get_output_embeddings().weight}:
+                matrix[-extra_rows:] = torch.randn(extra_rows, matrix.shape[1], generator=gen) * 0.02
+    if dtype is not None:
+        model = model.to(dtype)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    if legacy_bin:
+        _save_legacy_bin(model, Path(out_dir), max_shard_size)
+    else:
+        kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+        model.save_pretrained(out_dir, **kwargs)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(out_dir)
+    return Path(out_dir)

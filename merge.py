@@ -1,0 +1,63 @@
+"""Merge fine-tuned LLMs into one model, streaming tensor by tensor.
+
+Example:
+    python merge.py --method ties --base_model unsloth/llama-2-13b \
+        --models_to_merge WizardLMTeam/WizardLM-13B-V1.2,vanillaOVO/WizardMath-13B-V1.0 \
+        --density 0.3 --save_path ./TIES_InstructMath
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+
+from merging_methods.errors import exit_code_for_user_errors
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from aim.pipeline import add_aim_arguments
+    from merging_methods.recipe import add_merge_arguments
+
+    parser = argparse.ArgumentParser(
+        description="Merge fine-tunes of one base model (task arithmetic, TIES, DARE, WIDEN, "
+                    "linear), optionally followed by Activation-Informed Merging (--aim).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_merge_arguments(parser)
+    parser.add_argument("--aim", action="store_true",
+                        help="apply Activation-Informed Merging to each merged tensor in the same "
+                             "pass (same result as performAIM.py on the saved merge)")
+    add_aim_arguments(parser, several_omegas=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+
+    def work() -> int:
+        from merging_methods.errors import UserError
+        from merging_methods.recipe import recipe_from_args
+        from merging_methods.runner import resolve_device, run_merge
+
+        args = build_parser().parse_args(argv)
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        recipe = recipe_from_args(args)
+        make_post = None
+        if args.aim:
+            from aim.pipeline import inline_hook_factory, settings_from_args
+
+            settings = settings_from_args(args)
+            if len(settings.omegas) > 1:
+                raise UserError("--omega: merge.py --aim takes one value; use performAIM.py on "
+                                "the merged model for several")
+            make_post = inline_hook_factory(settings, resolve_device(args.device))
+        out = run_merge(recipe, make_post=make_post)
+        print(f"saved merged model to {out}")
+        return 0
+
+    return exit_code_for_user_errors(work)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

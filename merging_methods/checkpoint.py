@@ -1,0 +1,435 @@
+"""The one I/O layer for Hugging Face checkpoints, shared by merging and AIM.
+
+* `resolve_model_dir` turns a local folder or a hub id into a local folder (downloads weights,
+  config and tokenizer files through huggingface_hub; one-line error when that fails).
+* `CheckpointReader` reads tensor names, shapes and dtypes from headers only and loads one
+  tensor at a time: sharded or single safetensors through `safe_open`, legacy
+  `pytorch_model*.bin` through `torch.load(mmap=True, weights_only=True)`.
+* `ShardedWriter` plans shards from known sizes, writes each shard as soon as all its tensors
+  have arrived (memory stays near one shard), then writes the index.
+* `staged_output` writes into a temporary sibling folder and renames it at the end, so an
+  interrupted run never leaves a half-written model under the output path.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from merging_methods.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+
+# Files copied from a source model folder to a merged output (besides the weights).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+)
+MODEL_SIDE_FILES = ("config.json", "generation_config.json") + TOKENIZER_FILES
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(name: str, flag: str = "--dtype") -> torch.dtype:
+    """'bf16'/'bfloat16'/'fp16'/'float16'/'fp32'/'float32' -> torch dtype (UserError otherwise)."""
+    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
+               "float": "float32"}
+    key = aliases.get(name.lower(), name.lower())
+    if key not in DTYPE_NAMES:
+        raise UserError(f"{flag}: unknown dtype {name!r}; use bfloat16, float16 or float32")
+    return DTYPE_NAMES[key]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# ----------------------------------------------------------------------------------------
+# Locating checkpoints
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return (len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
+            and not os.path.isabs(name))
+
+
+def resolve_model_dir(name_or_path: str, flag: str) -> Path:
+    """A local model folder for `name_or_path` (a folder, or a hub id that is downloaded)."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"{flag}: {name_or_path} is a file; pass the model's folder")
+        return path
+    if not _looks_like_hub_id(name_or_path):
+        raise UserError(f"{flag}: {name_or_path} does not exist; pass a model folder or a hub id "
+                        "like org/name")
+    return _download_from_hub(name_or_path, flag)
+
+
+def _download_from_hub(repo_id: str, flag: str) -> Path:
+    """Download weights (safetensors preferred, else .bin), config and tokenizer files."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    try:
+        files = HfApi().list_repo_files(repo_id)
+        weights = ["*.safetensors", "*.safetensors.index.json"]
+        if not any(f.endswith(".safetensors") for f in files):
+            weights = ["*.bin", "*.bin.index.json"]
+        folder = snapshot_download(repo_id, allow_patterns=[*weights, *MODEL_SIDE_FILES])
+    except Exception as err:  # noqa: BLE001 - any hub failure becomes one line for the user
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise UserError(f"{flag}: could not fetch {repo_id!r} from the Hugging Face Hub "
+                        f"({reason}); download it elsewhere and pass the local folder instead")
+    return Path(folder)
+
+
+# ----------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+class CheckpointReader:
+    """Lazy, tensor-at-a-time access to the weights of one model folder.
+
+    Headers are read once at construction (names, shapes, dtypes, no tensor data); each
+    shard is opened on first use and its handle kept.
+    """
+
+    def __init__(self, folder: Path, label: str):
+        self.folder = Path(folder)
+        self.label = label
+        self._file_of: dict[str, str] = {}
+        self.info: dict[str, TensorInfo] = {}
+        self._handles: dict[str, object] = {}
+        for fname in self._weight_files():
+            self._read_header(fname)
+        if not self.info:
+            raise UserError(f"{label}: no tensors found in {self.folder}")
+        self.config = self._read_json("config.json")
+
+    # -- discovery ------------------------------------------------------------------------
+    def _weight_files(self) -> list[str]:
+        for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
+            index_path = self.folder / index_name
+            if index_path.exists():
+                weight_map = self._read_json(index_name).get("weight_map")
+                if not isinstance(weight_map, dict) or not weight_map:
+                    raise UserError(f"{self.label}: {index_path} has no weight_map; re-download "
+                                    "the checkpoint")
+                files = list(dict.fromkeys(weight_map.values()))
+                missing = [f for f in files if not (self.folder / f).exists()]
+                if missing:
+                    raise UserError(f"{self.label}: shard {missing[0]} listed in {index_name} is "
+                                    f"missing from {self.folder}; re-download the checkpoint")
+                return files
+        for single in (SAFETENSORS_SINGLE, BIN_SINGLE):
+            if (self.folder / single).exists():
+                return [single]
+        others = sorted(p.name for p in self.folder.glob("*.safetensors"))
+        if others:
+            return others
+        raise UserError(f"{self.label}: no model weights (*.safetensors or pytorch_model*.bin) "
+                        f"in {self.folder}")
+
+    def _read_json(self, name: str) -> dict:
+        path = self.folder / name
+        if not path.exists():
+            return {}
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise UserError(f"{self.label}: cannot read {path} ({err}); fix or re-download it")
+
+    def _open(self, fname: str):
+        if fname not in self._handles:
+            path = self.folder / fname
+            try:
+                if fname.endswith(".safetensors"):
+                    from safetensors import safe_open
+
+                    self._handles[fname] = safe_open(str(path), framework="pt", device="cpu")
+                else:
+                    self._handles[fname] = _load_bin_lazily(path)
+            except UserError:
+                raise
+            except Exception as err:  # noqa: BLE001 - corrupt/unreadable file -> one line
+                raise UserError(f"{self.label}: cannot read {path} ({_first_line(err)}); "
+                                "re-download the file")
+        return self._handles[fname]
+
+    def _read_header(self, fname: str) -> None:
+        handle = self._open(fname)
+        if fname.endswith(".safetensors"):
+            for name in handle.keys():
+                sl = handle.get_slice(name)
+                dtype = _SAFETENSORS_DTYPES.get(sl.get_dtype())
+                if dtype is None:
+                    raise UserError(f"{self.label}: tensor {name} has unsupported dtype "
+                                    f"{sl.get_dtype()} in {fname}")
+                self.info[name] = TensorInfo(tuple(sl.get_shape()), dtype)
+                self._file_of[name] = fname
+        else:
+            for name, tensor in handle.items():
+                self.info[name] = TensorInfo(tuple(tensor.shape), tensor.dtype)
+                self._file_of[name] = fname
+
+    # -- access ---------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        """Tensor names in file order (shard by shard)."""
+        return list(self.info)
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor `name` in its stored dtype, on CPU (memory-mapped where possible)."""
+        handle = self._open(self._file_of[name])
+        try:
+            if isinstance(handle, dict):
+                return handle[name]
+            return handle.get_tensor(name)
+        except Exception as err:  # noqa: BLE001
+            raise UserError(f"{self.label}: cannot read tensor {name} from "
+                            f"{self.folder / self._file_of[name]} ({_first_line(err)}); "
+                            "re-download the file")
+
+    @property
+    def vocab_size(self) -> int | None:
+        return self.config.get("vocab_size") or self.config.get("text_config", {}).get("vocab_size")
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        return bool(self.config.get("tie_word_embeddings", False))
+
+    @property
+    def stored_dtype(self) -> torch.dtype:
+        """The checkpoint's declared dtype (config), else the dtype of its first float tensor."""
+        declared = self.config.get("dtype") or self.config.get("torch_dtype")
+        if isinstance(declared, str) and declared in DTYPE_NAMES:
+            return DTYPE_NAMES[declared]
+        for info in self.info.values():
+            if info.dtype.is_floating_point:
+                return info.dtype
+        return torch.bfloat16
+
+
+def _load_bin_lazily(path: Path) -> dict[str, torch.Tensor]:
+    """A .bin state dict memory-mapped when the file is in the zip format (transformers >= 4.x)."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except RuntimeError as err:
+        if "mmap" not in str(err):
+            raise
+        log.warning("%s is in the legacy pickle format and cannot be memory-mapped; "
+                    "loading it whole", path.name)
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
+# ----------------------------------------------------------------------------------------
+# Writing
+
+
+def parse_size(text: str, flag: str = "--max_shard_size") -> int:
+    """'5GB', '500MB', '2GiB', '1000' -> bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    s = text.strip().upper()
+    num = s.rstrip("KMGTIB")
+    unit = s[len(num):]
+    try:
+        value = float(num) * units[unit]
+    except (ValueError, KeyError):
+        raise UserError(f"{flag}: cannot parse {text!r}; use e.g. 5GB or 500MB")
+    if value <= 0:
+        raise UserError(f"{flag}: must be positive, got {text!r}")
+    return int(value)
+
+
+def plan_shards(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
+    """Group tensor names (in order) into shards of at most max_shard_bytes (a bigger tensor
+    gets a shard of its own)."""
+    shards: list[list[str]] = [[]]
+    filled = 0
+    for name, nbytes in sizes.items():
+        if shards[-1] and filled + nbytes > max_shard_bytes:
+            shards.append([])
+            filled = 0
+        shards[-1].append(name)
+        filled += nbytes
+    return shards
+
+
+class ShardedWriter:
+    """Writes a planned set of tensors as `model-0000k-of-0000N.safetensors` + index.
+
+    Tensors may arrive in any order; each shard is written (and its tensors freed) as soon as
+    it is complete. `close()` checks that everything arrived and writes the index.
+    """
+
+    def __init__(self, folder: Path, infos: dict[str, TensorInfo], max_shard_bytes: int):
+        self.folder = Path(folder)
+        self.infos = infos
+        shards = plan_shards({n: i.nbytes for n, i in infos.items()}, max_shard_bytes)
+        if len(shards) == 1:
+            self.file_names = [SAFETENSORS_SINGLE]
+        else:
+            self.file_names = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+                               for k in range(len(shards))]
+        self._shard_of = {n: k for k, names in enumerate(shards) for n in names}
+        self._waiting = [set(names) for names in shards]
+        self._pending: list[dict[str, torch.Tensor]] = [{} for _ in shards]
+        self.bytes_written = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        info = self.infos[name]
+        if tuple(tensor.shape) != info.shape or tensor.dtype != info.dtype:
+            raise ValueError(f"{name}: planned {info.shape} {info.dtype}, got "
+                             f"{tuple(tensor.shape)} {tensor.dtype}")
+        k = self._shard_of[name]
+        self._pending[k][name] = tensor.detach().to("cpu").contiguous()
+        self._waiting[k].discard(name)
+        if not self._waiting[k]:
+            self._flush(k)
+
+    def _flush(self, k: int) -> None:
+        from safetensors.torch import save_file
+
+        path = self.folder / self.file_names[k]
+        try:
+            save_file(self._pending[k], str(path), metadata={"format": "pt"})
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                raise UserError(f"disk full while writing {path}; free space there or choose "
+                                "another --save_path")
+            raise UserError(f"cannot write {path} ({_first_line(err)}); check permissions and "
+                            "free space")
+        self.bytes_written += sum(t.numel() * t.element_size() for t in self._pending[k].values())
+        self._pending[k] = {}
+
+    def close(self) -> None:
+        missing = sorted(set().union(*self._waiting))
+        if missing:
+            raise RuntimeError(f"writer closed with {len(missing)} tensors missing, e.g. {missing[0]}")
+        if len(self.file_names) > 1:
+            index = {
+                "metadata": {"total_size": sum(i.nbytes for i in self.infos.values()),
+                             "total_parameters": sum(i.numel for i in self.infos.values())},
+                "weight_map": {n: self.file_names[k] for n, k in self._shard_of.items()},
+            }
+            (self.folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------------------
+# Output folders
+
+
+def check_output_path(save_path: Path, overwrite: bool, flag: str = "--save_path") -> None:
+    """Refuse an existing non-empty output unless `overwrite` (call before any heavy work)."""
+    if save_path.exists() and not save_path.is_dir():
+        raise UserError(f"{flag}: {save_path} is a file; choose a folder path")
+    if save_path.is_dir() and any(save_path.iterdir()) and not overwrite:
+        raise UserError(f"{flag}: {save_path} already exists and is not empty; choose another "
+                        "path or pass --overwrite")
+
+
+@contextmanager
+def staged_output(save_path: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces `save_path` atomically.
+
+    On any exception (including Ctrl-C) the temporary folder is removed and `save_path` is
+    left as it was.
+    """
+    save_path = Path(save_path).resolve()
+    check_output_path(save_path, overwrite)
+    try:
+        save_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = save_path.parent / f".{save_path.name}.partial-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    except OSError as err:
+        raise UserError(f"--save_path: cannot create {save_path.parent} ({_first_line(err)})")
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if save_path.exists():
+        old = save_path.parent / f".{save_path.name}.old-{os.getpid()}"
+        save_path.rename(old)
+        tmp.rename(save_path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(save_path)
+
+
+def has_tokenizer(folder: Path) -> bool:
+    return any((Path(folder) / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+
+
+def dtype_config_update(config: dict, dtype: torch.dtype) -> dict:
+    """config.json keys to set so the config declares `dtype` (v5 'dtype' / v4 'torch_dtype')."""
+    keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
+    return {k: dtype_name(dtype) for k in keys}
+
+
+def copy_model_files(src: Path, dst: Path, *, names: tuple[str, ...] = MODEL_SIDE_FILES,
+                     config_updates: dict | None = None) -> list[str]:
+    """Copy config, generation config, tokenizer files and chat template from src to dst.
+
+    config.json is copied verbatim (transformers 5 would rewrite rope settings if re-saved)
+    except for the keys in `config_updates` (e.g. the output dtype). Returns the names copied.
+    """
+    copied = []
+    for name in names:
+        source = Path(src) / name
+        if not source.exists():
+            continue
+        if name == "config.json" and config_updates:
+            config = json.loads(source.read_text())
+            config.update(config_updates)
+            (Path(dst) / name).write_text(json.dumps(config, indent=2) + "\n")
+        else:
+            shutil.copyfile(source, Path(dst) / name)
+        copied.append(name)
+    return copied
