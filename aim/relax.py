@@ -94,5 +94,6 @@ def relax(merged: torch.Tensor, base: torch.Tensor, factor: torch.Tensor, axis: 
     view = [1] * merged.ndim
     view[axis] = -1
     r = factor.to(device=merged.device, dtype=torch.float32).view(view)
-    base32 = base.to(torch.float32)
-    return base32 + (merged.to(torch.float32) - base32) * r
+    # lerp computes base + r (merged - base) two-sided, so r = 1 gives `merged` and r = 0 gives
+    # `base` bit-exactly (omega = 1 is the identity; omega = 0 restores the top channel).
+    return torch.lerp(base.to(torch.float32), merged.to(torch.float32), r.expand_as(merged))
