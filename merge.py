@@ -38,10 +38,9 @@ def main(argv: list[str] | None = None) -> int:
         from merging_methods.runner import resolve_device, run_merge
 
         args = build_parser().parse_args(argv)
-        if args.threads:
-            import torch
+        import torch
 
-            torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads)
         recipe = recipe_from_args(args)
         make_post = None
         if args.aim:

@@ -5,8 +5,8 @@
 * `CheckpointReader` reads tensor names, shapes and dtypes from headers only and loads one
   tensor at a time: sharded or single safetensors through `safe_open`, legacy
   `pytorch_model*.bin` through `torch.load(mmap=True, weights_only=True)`.
-* `ShardedWriter` plans shards from known sizes, writes each shard as soon as all its tensors
-  have arrived (memory stays near one shard), then writes the index.
+* `ShardedWriter` plans shards from known sizes, writes each shard's header first and every
+  tensor at its planned offset the moment it arrives (nothing is held in memory), then the index.
 * `staged_output` writes into a temporary sibling folder and renames it at the end, so an
   interrupted run never leaves a half-written model under the output path.
 """
@@ -182,9 +182,7 @@ class CheckpointReader:
             path = self.folder / fname
             try:
                 if fname.endswith(".safetensors"):
-                    from safetensors import safe_open
-
-                    self._handles[fname] = safe_open(str(path), framework="pt", device="cpu")
+                    self._handles[fname] = SafetensorsFile(path)
                 else:
                     self._handles[fname] = _load_bin_lazily(path)
             except UserError:
@@ -196,14 +194,9 @@ class CheckpointReader:
 
     def _read_header(self, fname: str) -> None:
         handle = self._open(fname)
-        if fname.endswith(".safetensors"):
-            for name in handle.keys():
-                sl = handle.get_slice(name)
-                dtype = _SAFETENSORS_DTYPES.get(sl.get_dtype())
-                if dtype is None:
-                    raise UserError(f"{self.label}: tensor {name} has unsupported dtype "
-                                    f"{sl.get_dtype()} in {fname}")
-                self.info[name] = TensorInfo(tuple(sl.get_shape()), dtype)
+        if isinstance(handle, SafetensorsFile):
+            for name, (info, _, _) in handle.entries.items():
+                self.info[name] = info
                 self._file_of[name] = fname
         else:
             for name, tensor in handle.items():
@@ -222,7 +215,7 @@ class CheckpointReader:
         try:
             if isinstance(handle, dict):
                 return handle[name]
-            return handle.get_tensor(name)
+            return handle.read(name)
         except Exception as err:  # noqa: BLE001
             raise UserError(f"{self.label}: cannot read tensor {name} from "
                             f"{self.folder / self._file_of[name]} ({_first_line(err)}); "
@@ -246,6 +239,53 @@ class CheckpointReader:
             if info.dtype.is_floating_point:
                 return info.dtype
         return torch.bfloat16
+
+
+class SafetensorsFile:
+    """A safetensors file read with one positioned read per tensor into a fresh buffer.
+
+    Unlike a memory map, nothing stays resident after a tensor is freed, so peak RSS is the
+    live tensors only; unlike safetensors' own `pread` backend, a tensor is a single read.
+    Format: 8-byte little-endian header length, JSON header {name: {dtype, shape,
+    data_offsets}}, then the data.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) != 8:
+                raise ValueError("file is shorter than a safetensors header")
+            length = int.from_bytes(head, "little")
+            if length > 100 * 2**20:
+                raise ValueError("header length is implausible; not a safetensors file")
+            header = json.loads(f.read(length))
+        self.data_start = 8 + length
+        self.entries: dict[str, tuple[TensorInfo, int, int]] = {}
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = _SAFETENSORS_DTYPES.get(meta["dtype"])
+            if dtype is None:
+                raise ValueError(f"tensor {name} has unsupported dtype {meta['dtype']}")
+            begin, end = meta["data_offsets"]
+            self.entries[name] = (TensorInfo(tuple(meta["shape"]), dtype), begin, end)
+        self._fd = os.open(self.path, os.O_RDONLY)
+
+    def read(self, name: str) -> torch.Tensor:
+        info, begin, end = self.entries[name]
+        raw = torch.empty(end - begin, dtype=torch.uint8)
+        view, done = memoryview(raw.numpy()), 0
+        while done < len(view):
+            got = os.preadv(self._fd, [view[done:]], self.data_start + begin + done)
+            if got == 0:
+                raise OSError(f"unexpected end of file at tensor {name}")
+            done += got
+        return raw.view(info.dtype).reshape(info.shape)
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
 
 
 def _load_bin_lazily(path: Path) -> dict[str, torch.Tensor]:
@@ -299,11 +339,52 @@ def plan_shards(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
     return shards
 
 
+_DTYPE_CODES = {dtype: code for code, dtype in _SAFETENSORS_DTYPES.items()}
+
+
+class _ShardFile:
+    """One output safetensors file whose layout is fixed up front: the header is written
+    first and each tensor's bytes are written at their offset when the tensor arrives."""
+
+    def __init__(self, path: Path, infos: dict[str, TensorInfo]):
+        order = sorted(infos, key=lambda n: -infos[n].dtype.itemsize)   # keeps data aligned
+        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        self.offsets: dict[str, int] = {}
+        offset = 0
+        for name in order:
+            info = infos[name]
+            header[name] = {"dtype": _DTYPE_CODES[info.dtype], "shape": list(info.shape),
+                            "data_offsets": [offset, offset + info.nbytes]}
+            self.offsets[name] = offset
+            offset += info.nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        self.path = path
+        self.data_start = 8 + len(blob)
+        self.waiting = set(infos)
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        _write_all(self.fd, memoryview(len(blob).to_bytes(8, "little") + blob), 0)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        _write_all(self.fd, memoryview(data.numpy()), self.data_start + self.offsets[name])
+        self.waiting.discard(name)
+        if not self.waiting:
+            os.close(self.fd)
+
+
+def _write_all(fd: int, data: memoryview, offset: int) -> None:
+    while len(data):
+        written = os.pwrite(fd, data, offset)
+        data, offset = data[written:], offset + written
+
+
 class ShardedWriter:
     """Writes a planned set of tensors as `model-0000k-of-0000N.safetensors` + index.
 
-    Tensors may arrive in any order; each shard is written (and its tensors freed) as soon as
-    it is complete. `close()` checks that everything arrived and writes the index.
+    Shard layouts are planned from the known shapes, so each tensor is written to disk the
+    moment it arrives, in any order, and nothing is held in memory. `close()` checks that
+    everything arrived and writes the index.
     """
 
     def __init__(self, folder: Path, infos: dict[str, TensorInfo], max_shard_bytes: int):
@@ -315,9 +396,9 @@ class ShardedWriter:
         else:
             self.file_names = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
                                for k in range(len(shards))]
+        self._shard_names = shards
         self._shard_of = {n: k for k, names in enumerate(shards) for n in names}
-        self._waiting = [set(names) for names in shards]
-        self._pending: list[dict[str, torch.Tensor]] = [{} for _ in shards]
+        self._files: dict[int, _ShardFile] = {}
         self.bytes_written = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -326,28 +407,22 @@ class ShardedWriter:
             raise ValueError(f"{name}: planned {info.shape} {info.dtype}, got "
                              f"{tuple(tensor.shape)} {tensor.dtype}")
         k = self._shard_of[name]
-        self._pending[k][name] = tensor.detach().to("cpu").contiguous()
-        self._waiting[k].discard(name)
-        if not self._waiting[k]:
-            self._flush(k)
-
-    def _flush(self, k: int) -> None:
-        from safetensors.torch import save_file
-
         path = self.folder / self.file_names[k]
         try:
-            save_file(self._pending[k], str(path), metadata={"format": "pt"})
+            if k not in self._files:
+                self._files[k] = _ShardFile(path, {n: self.infos[n] for n in self._shard_names[k]})
+            self._files[k].write(name, tensor)
         except OSError as err:
             if err.errno == errno.ENOSPC:
                 raise UserError(f"disk full while writing {path}; free space there or choose "
                                 "another --save_path")
             raise UserError(f"cannot write {path} ({_first_line(err)}); check permissions and "
                             "free space")
-        self.bytes_written += sum(t.numel() * t.element_size() for t in self._pending[k].values())
-        self._pending[k] = {}
+        self.bytes_written += info.nbytes
 
     def close(self) -> None:
-        missing = sorted(set().union(*self._waiting))
+        missing = sorted(set(self.infos) - {n for f in self._files.values()
+                                            for n in f.offsets if n not in f.waiting})
         if missing:
             raise RuntimeError(f"writer closed with {len(missing)} tensors missing, e.g. {missing[0]}")
         if len(self.file_names) > 1:

@@ -13,19 +13,9 @@ from pathlib import Path
 
 from merging_methods.checkpoint import parse_dtype, parse_size
 from merging_methods.errors import UserError
+from merging_methods.registry import FLAGS as PARAM_FLAGS
 from merging_methods.registry import METHODS, get_method, validate_params
 
-# recipe parameter name -> the flag users type (for error messages and --help)
-PARAM_FLAGS = {
-    "weights": "--weights",
-    "density": "--density",
-    "scaling": "--lambda",
-    "normalize": "--normalize",
-    "rescale": "--rescale",
-    "rescale_mode": "--rescale_mode",
-    "above_average_value_ratio": "--above_average_value_ratio",
-    "score_calibration_value": "--score_calibration_value",
-}
 PER_MODEL_PARAMS = ("weights", "density")
 
 
@@ -91,8 +81,9 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
                    help="output dtype: bfloat16, float16 or float32 (default: the base's). "
                         "All arithmetic is float32")
     r.add_argument("--max_shard_size", default="5GB", help="largest output shard (default 5GB)")
-    r.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's, i.e. OMP_NUM_THREADS or all cores)")
+    r.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads for the merge math (1 was fastest for this memory-"
+                        "bound work on small machines)")
     r.add_argument("--overwrite", action="store_true",
                    help="replace an existing non-empty --save_path")
 

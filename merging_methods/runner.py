@@ -78,8 +78,12 @@ def _load_f32(reader: CheckpointReader, name: str, device: torch.device) -> torc
 
 
 def merge_tensor(spec: MethodSpec, params: dict, seed: int, item: TensorPlan,
-                 inputs: OpenedInputs, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge one planned tensor; returns (merged float32, base float32) on `device`."""
+                 inputs: OpenedInputs, device: torch.device,
+                 out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge one planned tensor; returns (merged float32, base float32) on `device`.
+
+    `out` is an optional float32 result buffer of the tensor's shape, reused across tensors
+    (touching fresh memory is the dominant cost of cheap methods on CPU)."""
     base = _load_f32(inputs.base, item.name, device)
     others = [_load_f32(m, src, device) for m, src in zip(inputs.models, item.sources)]
     if item.is_vocab:
@@ -89,6 +93,8 @@ def merge_tensor(spec: MethodSpec, params: dict, seed: int, item: TensorPlan,
         extra["generators"] = [mask_generator(seed, i, item.name) for i in range(len(others))]
     if item.is_input_embedding:
         extra["is_input_embedding"] = True
+    if out is not None:
+        extra["out"] = out
     return spec.fn(base, others, **params, **extra), base
 
 
@@ -107,6 +113,7 @@ def run_merge(recipe: MergeRecipe, *, make_post: HookFactory | None = None) -> P
     post, extra_record = make_post(inputs) if make_post else (None, {})
     save_path = Path(recipe.save_path)
     merged_count = copied_count = 0
+    buffers: dict[tuple[int, ...], torch.Tensor] = {}   # one reusable result buffer per shape
     with staged_output(save_path, recipe.overwrite) as tmp:
         writer = ShardedWriter(tmp, inputs.plan.out_infos, max_shard_bytes)
         total = sum(t.out.nbytes for t in inputs.plan.tensors)
@@ -114,8 +121,12 @@ def run_merge(recipe: MergeRecipe, *, make_post: HookFactory | None = None) -> P
                                           desc=f"merge {recipe.method}") as bar:
             for item in inputs.plan.tensors:
                 if item.merge:
+                    buffer = buffers.get(item.out.shape)
+                    if buffer is None:
+                        buffer = buffers[item.out.shape] = torch.empty(
+                            item.out.shape, dtype=torch.float32, device=device)
                     merged, base = merge_tensor(spec, recipe.params, recipe.seed, item, inputs,
-                                                device)
+                                                device, buffer)
                     if post is not None:
                         merged = post(item.name, merged, base)
                     out = merged.to(item.out.dtype)

@@ -1,0 +1,292 @@
+"""Per-tensor building blocks of the merge methods: blocked deltas, exact top-k, seeded DARE masks.
+
+Every method works on flat float32 tensors one block of `block_size(device)` elements at a time,
+writing into reused block-sized scratch buffers. Fresh full-size temporaries page-fault at about
+1 GB/s on the target machines while cache-resident blocks run several times faster
+(PERFORMANCE.md), and the scratch memory stays constant however large the tensor is.
+Masks are applied with float ops (hardshrink, 0/1 multipliers): boolean kernels are several
+times slower here.
+
+Specification: ALGORITHMS.md sections 0.5 (top-k), 3.2 (TIES trim), 4.2-4.3 (DARE).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import Tensor
+
+from merging_methods.errors import UserError
+
+L1_EPS = 1e-7  # below this an L1 norm is treated as zero and the rescale is skipped (§3.2, §4.2)
+_HI_BINS = 1 << 15  # radix-select buckets: the top 16 bits of a non-negative float32 (sign bit 0)
+_LO_BINS = 1 << 16  # the low 16 bits within the selected bucket
+SAMPLE = 1 << 14  # entries sampled to spot a tied top-k threshold
+CPU_BLOCK, ACCELERATOR_BLOCK = 1 << 18, 1 << 24  # 1 MiB of float32: N+3 blocks stay in L3
+
+
+def block_size(device: torch.device) -> int:
+    """Elements per block: cache-resident on CPU (one CPU_BLOCK per torch thread, so that
+    each parallel op still gives every thread a full block), large on accelerators."""
+    return CPU_BLOCK * torch.get_num_threads() if device.type == "cpu" else ACCELERATOR_BLOCK
+
+
+def blocks(n: int, size: int) -> Iterator[tuple[int, int]]:
+    """(start, stop) ranges covering 0..n in steps of `size`."""
+    for start in range(0, n, size):
+        yield start, min(start + size, n)
+
+
+def mask_generator(seed: int, model_index: int, tensor_name: str) -> torch.Generator:
+    """CPU generator for the DARE mask of (model, tensor): SHA-256 of f"{seed}:{i}:{name}" (§4.3).
+
+    The first 8 bytes of the digest (big-endian), masked to 63 bits, seed it, so masks do not
+    depend on streaming order, device or process.
+    """
+    digest = hashlib.sha256(f"{seed}:{model_index}:{tensor_name}".encode()).digest()
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(int.from_bytes(digest[:8], "big") & ((1 << 63) - 1))
+    return generator
+
+
+class Deltas:
+    """Flat blocks of `other - base`, computed on demand into one reused scratch buffer.
+
+    A block returned by `block` or the iterator is overwritten by the next one; callers may
+    modify it in place.
+    """
+
+    def __init__(self, base: Tensor, other: Tensor, size: int):
+        self.base, self.other = base.reshape(-1), other.reshape(-1)
+        self.n, self.size = self.base.numel(), size
+        self._buf = torch.empty(min(size, self.n), dtype=base.dtype, device=base.device)
+
+    def block(self, start: int, stop: int) -> Tensor:
+        out = self._buf[: stop - start]
+        return torch.sub(self.other[start:stop], self.base[start:stop], out=out)
+
+    def __iter__(self) -> Iterator[tuple[int, Tensor]]:
+        for start, stop in blocks(self.n, self.size):
+            yield start, self.block(start, stop)
+
+    def new_buffer(self) -> Tensor:
+        """An uninitialised float buffer of one block."""
+        return torch.empty_like(self._buf)
+
+    def sample(self) -> Tensor:
+        """About SAMPLE evenly strided entries of the delta (a fresh tensor)."""
+        step = max(1, self.n // SAMPLE)
+        return torch.sub(self.other[::step], self.base[::step])
+
+
+def topk_count(density: float, n: int) -> int:
+    """k = floor(density * n), the number of entries top-k keeps; k = 0 is a user error (§0.5)."""
+    k = math.floor(density * n)
+    if k <= 0:
+        raise UserError(f"--density: density {density} too small for tensor of {n} elements; "
+                        f"use a density of at least {1 / n:.3g} or 1 to disable trimming")
+    return min(k, n)
+
+
+def _bits_to_float(bits: int) -> float:
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
+
+
+def _float_to_bits(value: float) -> int:
+    return struct.unpack("<I", struct.pack("<f", value))[0]
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """The k-th largest |x| (float32 bit pattern) and how many entries equal to it top-k keeps.
+
+    Top-k keeps every |x| > value and the first `keep_equal` (in flat order) of the `equal`
+    entries with |x| == value: exactly k entries, lower flat index first among ties (§0.5).
+    """
+
+    bits: int
+    keep_equal: int
+    equal: int
+
+    @property
+    def value(self) -> float:
+        return _bits_to_float(self.bits)
+
+
+AbsBlocks = Callable[[], Iterable[tuple[int, Tensor]]]  # yields (start, |x| block) in flat order
+
+
+def _locate(hist: Tensor, rank: int) -> tuple[int, int]:
+    """Bin holding the 0-based ascending `rank`, and the count of entries in the bins below it."""
+    cum = hist.cumsum(0)
+    index = int(torch.searchsorted(cum, rank, right=True))
+    return index, int(cum[index - 1]) if index else 0
+
+
+def _radix_select(abs_blocks: AbsBlocks, n: int, k: int, scratch: Tensor) -> Threshold:
+    """Exact k-th largest by a radix select on the float bit patterns: two passes, no sort.
+
+    Non-negative float32 values order like their bit patterns: a histogram of the top 16 bits
+    finds the bucket holding the k-th largest, a histogram of the low 16 bits inside it the value.
+    """
+    rank = n - k  # ascending position of the k-th largest value
+    keys = scratch.view(torch.int32)
+    hist = torch.zeros(_HI_BINS, dtype=torch.int64)
+    for _, a in abs_blocks():
+        high_bits = torch.bitwise_right_shift(a.view(torch.int32), 16, out=keys[: a.numel()])
+        hist += torch.bincount(high_bits, minlength=_HI_BINS).cpu()
+    high, below_high = _locate(hist, rank)
+    hist = torch.zeros(_LO_BINS + 2, dtype=torch.int64)
+    for _, a in abs_blocks():
+        # 1 + low 16 bits inside the bucket; 0 below it, _LO_BINS + 1 above (cheaper than a gather)
+        low_bits = torch.sub(a.view(torch.int32), (high << 16) - 1, out=keys[: a.numel()])
+        hist += torch.bincount(low_bits.clamp_(0, _LO_BINS + 1), minlength=_LO_BINS + 2).cpu()
+    low, below_low = _locate(hist[1:-1], rank - below_high)  # hist[0] == below_high
+    equal = int(hist[1 + low])
+    above = n - below_high - below_low - equal
+    return Threshold((high << 16) | low, k - above, equal)
+
+
+def _tied_guess(sample: Tensor, n: int, k: int) -> float | None:
+    """The value the k-th largest |x| almost surely equals, if the sample shows a long tie there.
+
+    Checkpoints stored in bf16/fp16 have few distinct |delta| values, so the threshold often
+    sits inside a long run of equal values; continuous data gives no guess.
+    """
+    ordered = sample.sort().values
+    m = ordered.numel()
+    rank = (n - k) / n * (m - 1)  # expected ascending position of the threshold in the sample
+    margin = 3 * math.sqrt(m * (k / n) * (1 - k / n)) + 1  # three standard deviations
+    low = ordered[max(0, math.floor(rank - margin))]
+    high = ordered[min(m - 1, math.ceil(rank + margin))]
+    return float(low) if bool(low == high) else None
+
+
+def _count_select(abs_blocks: AbsBlocks, n: int, k: int, guess: float,
+                  scratch: Tensor) -> Threshold | None:
+    """One counting pass: `guess` is the k-th largest iff #(|x| > guess) < k <= #(|x| >= guess)."""
+    above = equal = 0
+    for _, a in abs_blocks():
+        work = scratch[: a.numel()]
+        above += int(torch.gt(a, guess, out=work).sum())  # float 0/1 sums: exact below 2**24
+        equal += int(torch.eq(a, guess, out=work).sum())
+    if not above < k <= above + equal:
+        return None
+    return Threshold(_float_to_bits(guess), k - above, equal)
+
+
+def plan_topk(abs_blocks: AbsBlocks, n: int, k: int, scratch: Tensor,
+              sample: Tensor | None = None) -> Threshold:
+    """Exact threshold of the top-k of n non-negative float32 values (§0.5), in O(n), no sort.
+
+    `abs_blocks()` yields the values as (start, block) in flat order; it may be called up to
+    three times and its blocks are only read. `scratch` is a float32 buffer of one block.
+    When `sample` (a strided subset) shows a long tie at the threshold, one counting pass
+    verifies it; otherwise, or if the count refutes it, a two-pass radix select runs.
+    """
+    guess = _tied_guess(sample, n, k) if sample is not None and sample.numel() else None
+    if guess is not None:
+        found = _count_select(abs_blocks, n, k, guess, scratch)
+        if found is not None:
+            return found
+    return _radix_select(abs_blocks, n, k, scratch)
+
+
+def keep_topk(x: Tensor, density: float, size: int | None = None) -> Tensor:
+    """Boolean mask of exactly floor(density*n) largest |x|, lower flat index first among ties.
+
+    A whole-tensor helper with the same selection as the TIES trim (for checks and tests).
+    """
+    n = x.numel()
+    flat = x.reshape(-1).abs()
+    k = topk_count(density, n)
+    if k == n:
+        return torch.ones_like(x, dtype=torch.bool)
+    size = size or block_size(x.device)
+    cut = plan_topk(lambda: ((s, flat[s:e]) for s, e in blocks(n, size)), n, k,
+                    torch.empty(min(n, size), device=x.device), flat[:: max(1, n // SAMPLE)])
+    keep = flat > cut.value
+    keep[torch.nonzero(flat == cut.value).flatten()[: cut.keep_equal]] = True
+    return keep.view_as(x)
+
+
+class TopK:
+    """Magnitude trim of one model's delta (§3.2): keep exactly floor(density*n) largest |δ|.
+
+    Blocks must be applied in flat order: where the kept run of ties ends is found on the way
+    (counting ties block by block) and remembered for later passes.
+    """
+
+    def __init__(self, deltas: Deltas, density: float):
+        def abs_blocks() -> Iterator[tuple[int, Tensor]]:
+            for start, delta in deltas:
+                yield start, delta.abs_()  # the block is scratch: take |δ| in place
+
+        n = deltas.n
+        self._scratch = deltas.new_buffer()
+        sample = deltas.sample().abs_()
+        self.cut = plan_topk(abs_blocks, n, topk_count(density, n), self._scratch, sample)
+        # hardshrink(x, below) keeps |x| >= threshold: `below` is the float32 just under it
+        self._below = _bits_to_float(self.cut.bits - 1) if self.cut.bits else -1.0
+        # kept zeros change nothing, so with a zero threshold every tie may as well be kept
+        every_tie = self.cut.keep_equal == self.cut.equal or self.cut.bits == 0
+        self.ties_end: int | None = n if every_tie else None
+        self._seen = 0
+
+    def _tie_cut(self, delta: Tensor, start: int) -> int:
+        """Leading entries of this block inside the kept run of ties."""
+        if self.ties_end is None:
+            equal = torch.abs(delta, out=self._scratch[: delta.numel()]).eq_(self.cut.value)
+            count = int(equal.sum())  # float 0/1 sum: exact for blocks under 2**24
+            if self._seen + count < self.cut.keep_equal:
+                self._seen += count
+                return delta.numel()
+            position = int(torch.nonzero(equal)[self.cut.keep_equal - self._seen - 1])
+            self.ties_end = start + position + 1
+        return min(max(self.ties_end - start, 0), delta.numel())
+
+    def apply_(self, delta: Tensor, start: int) -> Tensor:
+        """Zero, in place, the entries of this block (flat offset `start`) that top-k drops."""
+        if self.cut.bits == 0:  # threshold 0: every non-zero entry is kept
+            return delta
+        cut = self._tie_cut(delta, start)
+        hardshrink = torch.nn.functional.hardshrink  # keeps |x| > lambd, zeroes the rest
+        if cut:
+            delta[:cut] = hardshrink(delta[:cut], self._below)
+        if cut < delta.numel():
+            delta[cut:] = hardshrink(delta[cut:], self.cut.value)
+        return delta
+
+
+class RandomDrop:
+    """DARE drop (§4.2-4.3): keep each entry where rand < density, drawn on CPU in flat order.
+
+    Blocks must be applied in order, once each, so that the mask equals
+    `torch.rand(shape, generator=g) < density` whatever the block size or device.
+    """
+
+    def __init__(self, density: float, generator: torch.Generator, size: int):
+        self.density, self.generator = density, generator
+        self._state = generator.get_state()
+        self._rand = torch.empty(size, dtype=torch.float32)
+
+    def apply_(self, delta: Tensor, start: int) -> Tensor:  # noqa: ARG002 - order, not offset
+        keep = self._rand[: delta.numel()].uniform_(generator=self.generator).lt_(self.density)
+        return delta.mul_(keep.to(delta.device))
+
+    def rewind(self) -> None:
+        """Reset the generator so that the next pass draws the same masks again."""
+        self.generator.set_state(self._state)
+
+
+def l1_factor(deltas: Deltas, sparsifier: TopK | RandomDrop) -> float:
+    """‖δ‖₁ / ‖sparse(δ)‖₁, or 1 when either norm is below 1e-7 (L1 rescale of §3.2 and §4.2)."""
+    total = kept = 0.0
+    for start, delta in deltas:
+        total += float(torch.linalg.vector_norm(delta, 1))
+        kept += float(torch.linalg.vector_norm(sparsifier.apply_(delta, start), 1))
+    return total / kept if total >= L1_EPS and kept >= L1_EPS else 1.0

@@ -1,0 +1,516 @@
+"""Per-tensor merge math against independent float64 references (ALGORITHMS.md §0-5).
+
+The references below re-implement the formulas densely in float64 (stacked deltas, stable
+sorts, literal cosines) without calling the code under test. Inputs sit on a dyadic grid, so
+float32 deltas are exact and the top-k order (with its many ties) is the same in both.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+
+import pytest
+import torch
+
+from merging_methods import primitives
+from merging_methods.errors import UserError
+from merging_methods.primitives import keep_topk, mask_generator
+from merging_methods.registry import METHODS, get_method, method_warnings, validate_params
+from merging_methods.widen import Units, direction_change, rank_scores, widen
+
+SEED, NAME = 7, "model.layers.0.mlp.up_proj.weight"
+
+
+# ----------------------------------------------------------------------------- references
+def ref_generator(seed: int, index: int, name: str) -> torch.Generator:
+    value = int.from_bytes(hashlib.sha256(f"{seed}:{index}:{name}".encode()).digest()[:8], "big")
+    return torch.Generator().manual_seed(value & (2**63 - 1))
+
+
+def ref_keep(x: torch.Tensor, density: float) -> torch.Tensor:
+    """Mask of exactly floor(density*n) largest |x|, by a stable sort: lower index wins ties."""
+    flat = x.flatten()
+    order = torch.sort(flat.abs(), descending=True, stable=True).indices
+    mask = torch.zeros(flat.numel(), dtype=torch.bool)
+    mask[order[: math.floor(density * flat.numel())]] = True
+    return mask.view_as(x)
+
+
+def ref_topk(delta: torch.Tensor, density: float) -> torch.Tensor:
+    return delta * ref_keep(delta, density)
+
+
+def ref_l1(trimmed: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    full, kept = delta.abs().sum(), trimmed.abs().sum()
+    return trimmed * (full / kept) if full >= 1e-7 and kept >= 1e-7 else trimmed
+
+
+def ref_gta(base, others, weights, sparsify, consensus, normalize, scaling):
+    """§0.6 in float64 with N stacked task vectors."""
+    b = base.double()
+    u = [w * sparsify(i, o.double() - b) for i, (w, o) in enumerate(zip(weights, others))]
+    if consensus:
+        sign = torch.where(sum(u) >= 0, 1.0, -1.0).double()
+        agree = [(torch.sign(x) == sign).double() for x in u]
+        mixed = sum(a * x for a, x in zip(agree, u))
+        div = sum(a * w for a, w in zip(agree, weights))
+        div = torch.where(div == 0, torch.ones_like(div), div)
+    else:
+        mixed, div = sum(u), sum(weights)
+        div = 1.0 if abs(div) < 1e-8 else div
+    return b + scaling * (mixed / div if normalize else mixed)
+
+
+def ref_dare(density, rescale, mode, shape):
+    masks = [(torch.rand(shape, generator=ref_generator(SEED, i, NAME)) < p).double()
+             for i, p in enumerate(density)]
+
+    def sparsify(i, delta):
+        if density[i] >= 1:
+            return delta
+        dropped = delta * masks[i]
+        if not rescale:
+            return dropped
+        return dropped / density[i] if mode == "inverse_density" else ref_l1(dropped, delta)
+    return sparsify
+
+
+def ref_widen(base, others, t, s, is_input_embedding=False):
+    """§5.2/§5.3 literally in float64 (ranks by stable argsort, cosines with clamps)."""
+    b, os_ = base.double(), [o.double() for o in others]
+    if b.dim() <= 1:
+        deltas = torch.stack([o.flatten() - b.flatten() for o in os_])
+        sig = deltas.abs()
+        score = torch.softmax(sig, 0)
+        score[sig > t * sig.mean(1, keepdim=True)] = s
+        return (b.flatten() + (score * deltas).sum(0)).view_as(b)
+    w0 = b.reshape(b.shape[0], -1)
+    ws = [o.reshape(b.shape[0], -1) for o in os_]
+    if is_input_embedding:
+        w0, ws = w0.T, [w.T for w in ws]
+    n = w0.shape[1]
+
+    def norms_dirs(w):
+        m = w.norm(dim=0)
+        return m, w / m.clamp(min=1e-12)
+
+    m0, d0 = norms_dirs(w0)
+    mags, dirs = [], []
+    for w in ws:
+        m, d = norms_dirs(w)
+        mags.append((m - m0).abs())
+        cos = (d * d0).sum(0) / (d.norm(dim=0) * d0.norm(dim=0)).clamp(min=1e-8)
+        dirs.append(1 - cos)
+
+    def scores(values):
+        ranks = torch.stack([torch.argsort(torch.argsort(v, stable=True), stable=True)
+                             for v in values]).double()
+        sc = torch.softmax(ranks / n, 0)
+        sc[2 * ranks > t * (n - 1)] = s
+        return sc
+
+    weight = (scores(mags) + scores(dirs)) / 2
+    out = w0 + sum(wt * (w - w0) for wt, w in zip(weight, ws))
+    out = out.T if is_input_embedding else out
+    return out.reshape(b.shape)
+
+
+def reference(method, base, others, p):
+    n = len(others)
+    if method == "linear":
+        total = sum(p["weights"])
+        mixed = sum(w * o.double() for w, o in zip(p["weights"], others))
+        return mixed / total if p["normalize"] else mixed
+    if method == "widen":
+        return ref_widen(base, others, p["above_average_value_ratio"],
+                         p["score_calibration_value"])
+    if method == "task_arithmetic":
+        sparsify = lambda i, d: d  # noqa: E731
+    elif method == "ties":
+        sparsify = lambda i, d: (ref_l1(ref_topk(d, p["density"][i]), d)  # noqa: E731
+                                 if p["rescale"] else ref_topk(d, p["density"][i]))
+    else:
+        sparsify = ref_dare(p["density"], p["rescale"], p["rescale_mode"], base.shape)
+    return ref_gta(base, others, p["weights"][:n], sparsify, method.endswith("ties"),
+                   p["normalize"], p["scaling"])
+
+
+# ----------------------------------------------------------------------------- plumbing
+def resolved(method, n_models, **overrides):
+    params = {**METHODS[method].defaults, **overrides}
+    for name in ("weights", "density"):
+        if name in params and not isinstance(params[name], list):
+            params[name] = [params[name]] * n_models
+    return params
+
+
+def run(method, base, others, **overrides):
+    spec = METHODS[method]
+    params = resolved(method, len(others), **overrides)
+    extra = {"generators": [mask_generator(SEED, i, NAME) for i in range(len(others))]} \
+        if spec.stochastic else {}
+    return spec.fn(base, others, **params, **extra), params
+
+
+def grid(shape, scale, gen, levels=64):
+    """Random values on a dyadic grid (exact in float32), with many repeats."""
+    return torch.randint(-levels, levels + 1, shape, generator=gen).float() * scale
+
+
+def family(shape=(12, 10), n=3, seed=0, levels=8):
+    gen = torch.Generator().manual_seed(seed)
+    base = grid(shape, 1 / 64, gen, 256)
+    return base, [base + grid(shape, 1 / 1024, gen, levels) for _ in range(n)]
+
+
+OVERRIDES = {  # non-default settings that exercise each method's paths
+    "linear": {"weights": [0.5, 1.5, 1.0]},
+    "task_arithmetic": {"weights": [1.0, 0.5, -0.75], "scaling": 0.8},
+    "ties": {"weights": [1.0, 0.5, 0.75], "density": [0.3, 0.5, 1.0], "scaling": 0.9},
+    "dare_linear": {"weights": [1.0, 0.5, -0.75], "density": [0.3, 0.5, 1.0]},
+    "dare_ties": {"weights": [1.0, 0.5, 0.75], "density": [0.3, 0.5, 1.0]},
+    "widen": {"above_average_value_ratio": 0.8, "score_calibration_value": 0.6},
+}
+
+
+@pytest.fixture(params=[primitives.CPU_BLOCK, 7], ids=["block=default", "block=7"])
+def block(request, monkeypatch):
+    """Run each test with the real block size and with tiny blocks (many block boundaries)."""
+    monkeypatch.setattr(primitives, "CPU_BLOCK", request.param)
+    return request.param
+
+
+# ----------------------------------------------------------------------------- every method
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_matches_float64_reference(method, seed, block):
+    base, others = family(seed=seed)
+    out, params = run(method, base, others, **OVERRIDES[method])
+    assert out.dtype == torch.float32 and out.shape == base.shape
+    torch.testing.assert_close(out.double(), reference(method, base, others, params),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_defaults_match_reference_with_ties_and_zero_sums(method, block):
+    """Hand-crafted: coarse deltas tie in |delta|, and +x/-x pairs give zero sign sums."""
+    base, others = family(shape=(9, 8), levels=2)
+    others[1][0] = 2 * base[0] - others[0][0]  # delta_1 = -delta_0 on the first row
+    extra = {"density": [0.4, 0.6, 0.25]} if "density" in METHODS[method].params else {}
+    out, params = run(method, base, others, **extra)
+    torch.testing.assert_close(out.double(), reference(method, base, others, params),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_base_merged_with_copies_of_itself_is_the_base(method, block):
+    base, _ = family()
+    out, _ = run(method, base, [base.clone() for _ in range(3)], **OVERRIDES[method])
+    assert torch.equal(out, base)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("case", ["density 1", "tiny density", "zero deltas", "all zero"])
+def test_results_stay_finite(method, case):
+    base, others = family()
+    density = {"tiny density": 1 / base.numel()}.get(case, 1.0)
+    if case == "zero deltas":
+        others = [base.clone() for _ in others]
+    if case == "all zero":
+        base, others = torch.zeros_like(base), [torch.zeros_like(base) for _ in others]
+    extra = {"density": density} if "density" in METHODS[method].params else {}
+    out, _ = run(method, base, others, **extra)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_out_buffer_receives_the_result(method):
+    base, others = family()
+    fresh, params = run(method, base, others, **OVERRIDES[method])
+    buffer = torch.full_like(base, float("nan"))
+    extra = {"generators": [mask_generator(SEED, i, NAME) for i in range(3)]} \
+        if METHODS[method].stochastic else {}
+    result = METHODS[method].fn(base, others, **params, **extra, out=buffer)
+    assert torch.equal(buffer, fresh) and result.data_ptr() == buffer.data_ptr()
+    with pytest.raises(ValueError, match="out"):
+        METHODS[method].fn(base, others, **params, **extra, out=torch.empty(3))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_cuda_matches_cpu(method):
+    base, others = family(shape=(300, 70))
+    cpu, params = run(method, base, others, **OVERRIDES[method])
+    gpu, _ = run(method, base.cuda(), [o.cuda() for o in others], **OVERRIDES[method])
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu)
+
+
+# ----------------------------------------------------------------------------- task arithmetic
+def test_task_arithmetic_of_one_model_returns_that_model():
+    base, others = family(n=1)
+    out, _ = run("task_arithmetic", base, others)
+    assert torch.equal(out, others[0])
+
+
+def test_negation_subtracts_a_task_vector():
+    base, (a, b) = family(n=2)
+    out, _ = run("task_arithmetic", base, [a, b], weights=[1.0, -0.5])
+    expected = base.double() + (a.double() - base) - 0.5 * (b.double() - base)
+    torch.testing.assert_close(out.double(), expected)
+
+
+def test_normalized_weights_summing_to_zero_fall_back_to_divisor_one():
+    base, (a, b) = family(n=2)
+    out, _ = run("task_arithmetic", base, [a, b], weights=[1.0, -1.0], normalize=True)
+    torch.testing.assert_close(out.double(), base.double() + (a.double() - b.double()))
+
+
+# ----------------------------------------------------------------------------- top-k
+@pytest.mark.parametrize("size", [3, 16, 1 << 18])
+@pytest.mark.parametrize("levels", [2, 50, 10**6])
+def test_keep_topk_keeps_exactly_k_with_lower_index_first(size, levels):
+    gen = torch.Generator().manual_seed(levels)
+    x = torch.randint(-levels, levels + 1, (97,), generator=gen).float()
+    for density in (0.011, 0.1, 0.37, 0.5, 0.9, 0.999):
+        mask = keep_topk(x, density, size=size)
+        assert int(mask.sum()) == math.floor(density * x.numel())
+        assert torch.equal(mask, ref_keep(x.double(), density))
+
+
+def test_keep_topk_tie_break_by_hand():
+    x = torch.tensor([1.0, -3.0, 2.0, 3.0, -2.0, 2.0, 0.0, 2.0])
+    # k = floor(0.5 * 8) = 4: both 3s, then the first two 2s (indices 2 and 4)
+    assert keep_topk(x, 0.5).tolist() == [False, True, True, True, True, False, False, False]
+
+
+@pytest.mark.parametrize("sample", [primitives.SAMPLE, 5])
+def test_keep_topk_on_bf16_like_data_matches_a_stable_sort(sample, monkeypatch):
+    """Large runs of equal |delta| (as bf16 checkpoints give) use the counting path."""
+    monkeypatch.setattr(primitives, "SAMPLE", sample)
+    gen = torch.Generator().manual_seed(3)
+    base = (torch.randn(60_000, generator=gen) * 0.02).bfloat16().float()
+    other = (base + torch.randn(60_000, generator=gen) * 0.001).bfloat16().float()
+    delta = other - base
+    for density in (0.2, 0.5):
+        assert torch.equal(keep_topk(delta, density, size=4096), ref_keep(delta.double(), density))
+
+
+@pytest.mark.parametrize("density", [0.2, 0.5])
+@pytest.mark.parametrize("change", ["ulps", "noise"])
+def test_ties_on_bf16_tensors_spanning_several_blocks(density, change):
+    """Real block size on bf16 data: fine-tunes a few ulps away give long runs of tied |delta|
+    (the one counting pass), noisy ones need the radix select; the tie cut is found on the way."""
+    gen = torch.Generator().manual_seed(11)
+    base = (torch.randn(700, 1000, generator=gen) * 0.02).bfloat16().float()
+
+    def fine_tune():
+        if change == "ulps":
+            return base * (1 + torch.randint(-2, 3, base.shape, generator=gen) / 128)
+        return base + torch.randn(base.shape, generator=gen) * 0.001
+
+    others = [fine_tune().bfloat16().float() for _ in range(2)]
+    out, params = run("ties", base, others, density=density)
+    torch.testing.assert_close(out.double(), reference("ties", base, others, params),
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_ties_trim_with_blocks_splitting_a_run_of_ties(block):
+    base = torch.zeros(40)
+    other = torch.tensor([1.0, 2.0] * 20)  # 20 ties at 2 and 20 at 1
+    out, _ = run("ties", base, [other], density=0.3)  # k = 12 of the 20 twos
+    assert torch.equal(out, torch.where((other == 2) & (torch.arange(40) < 24), other, 0.0))
+
+
+def test_density_too_small_names_the_flag():
+    base, others = family()
+    with pytest.raises(UserError, match="--density: density 0.001 too small for tensor of 120"):
+        run("ties", base, others, density=0.001)
+
+
+def test_ties_l1_rescale_restores_the_norm():
+    base, (other,) = family(n=1)
+    out, _ = run("ties", base, [other], density=0.25, rescale=True)
+    torch.testing.assert_close((out - base).abs().sum(), (other - base).abs().sum())
+
+
+def test_negative_weights_cancel_under_ties_normalize():
+    """§3.2 note: with normalize a negative weight does not negate under TIES."""
+    base, (other,) = family(n=1)
+    plus, _ = run("ties", base, [other], weights=1.0)
+    minus, _ = run("ties", base, [other], weights=-1.0)
+    assert torch.equal(plus, minus)
+
+
+# ----------------------------------------------------------------------------- DARE
+def test_dare_mask_is_torch_rand_below_density(block):
+    base, (other,) = family(n=1, shape=(33, 31))
+    out, _ = run("dare_linear", base, [other], density=0.4, rescale=False)
+    kept = torch.rand(base.shape, generator=ref_generator(SEED, 0, NAME)) < 0.4
+    assert torch.equal(out, torch.where(kept, other, base))
+
+
+def test_dare_kept_entries_equal_delta_over_density():
+    delta = family(n=1)[1][0]
+    zero = torch.zeros_like(delta)
+    out, _ = run("dare_linear", zero, [delta], density=0.3)
+    kept = out != 0
+    assert 0 < int(kept.sum()) < delta.numel()
+    torch.testing.assert_close(out[kept], delta[kept] / 0.3)
+
+
+def test_dare_l1_mode_matches_the_l1_norm():
+    base, (other,) = family(n=1)
+    out, _ = run("dare_linear", base, [other], density=0.3, rescale_mode="l1")
+    torch.testing.assert_close((out - base).abs().sum(), (other - base).abs().sum())
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+def test_same_seed_same_result_new_seed_new_result(method):
+    base, others = family()
+    params = resolved(method, 3, density=0.5)
+
+    def merge(seed):
+        generators = [mask_generator(seed, i, NAME) for i in range(3)]
+        return METHODS[method].fn(base, others, **params, generators=generators)
+
+    assert torch.equal(merge(1), merge(1))
+    assert not torch.equal(merge(1), merge(2))
+
+
+def test_mask_generator_is_keyed_by_seed_model_and_name():
+    draws = {key: torch.rand(4, generator=mask_generator(*key)).tolist()
+             for key in [(0, 0, "a"), (0, 1, "a"), (1, 0, "a"), (0, 0, "b")]}
+    assert len({tuple(v) for v in draws.values()}) == 4
+    assert draws[(0, 0, "a")] == torch.rand(4, generator=ref_generator(0, 0, "a")).tolist()
+
+
+# ----------------------------------------------------------------------------- WIDEN
+def test_widen_column_important_everywhere_gets_calibration_value():
+    """§5.2: a column in the top half of both rankings for every model gets w = s."""
+    gen = torch.Generator().manual_seed(5)
+    base = grid((6, 5), 1 / 8, gen) + 4.0
+    others = [base + grid((6, 5), 1 / 4096, gen) for _ in range(2)]
+    for o in others:
+        o[:, 4] = base[:, 4] * 1.5 + grid((6,), 1 / 8, gen)  # big change in norm and direction
+    out = widen(base, others, score_calibration_value=0.7)
+    expected = base[:, 4].double() + 0.7 * sum(o[:, 4].double() - base[:, 4] for o in others)
+    torch.testing.assert_close(out[:, 4], expected.float())
+
+
+def test_widen_column_unimportant_everywhere_averages_its_deltas():
+    """§5.2: softmax weights of an unimportant column sum to 1 (identical deltas come back once)."""
+    gen = torch.Generator().manual_seed(6)
+    base = grid((6, 5), 1 / 8, gen) + 4.0
+    others = [base + grid((6, 5), 1 / 16, gen) for _ in range(3)]
+    tiny = grid((6,), 1 / 2**14, gen)
+    for o in others:
+        o[:, 2] = base[:, 2] + tiny  # the smallest change of every model, in both rankings
+    out = widen(base, others)
+    torch.testing.assert_close(out[:, 2], (base[:, 2].double() + tiny.double()).float())
+
+
+@pytest.mark.parametrize("n, ratio, important", [
+    (5, 1.0, [3, 4]), (5, 0.5, [2, 3, 4]), (49, 1.0, list(range(25, 49))), (1, 1.0, []),
+])
+def test_widen_importance_is_2k_greater_than_t_times_n_minus_1(n, ratio, important):
+    values = torch.arange(n, dtype=torch.float32).flip(0).unsqueeze(0)  # rank k at column n-1-k
+    scores = rank_scores(values, ratio, calibration=9.0)[0].flip(0)
+    assert [k for k in range(n) if scores[k] == 9.0] == important
+
+
+def test_widen_ranks_ties_by_lower_column_first():
+    values = torch.tensor([[0.5, 0.5, 0.5, 0.1]])  # ranks 1, 2, 3, 0
+    assert rank_scores(values, 1.0, 9.0)[0].tolist() == [1.0, 9.0, 9.0, 1.0]
+
+
+def test_widen_input_embedding_scores_tokens():
+    base, others = family(shape=(7, 4))
+    out = widen(base, others, is_input_embedding=True)
+    torch.testing.assert_close(out.double(), ref_widen(base, others, 1.0, 1.0, True),
+                               rtol=1e-5, atol=1e-6)
+    transposed = widen(base.T.contiguous(), [o.T.contiguous() for o in others])
+    torch.testing.assert_close(out, transposed.T)
+
+
+@pytest.mark.parametrize("shape", [(10,), (), (3, 2, 4)])
+def test_widen_other_ranks(shape):
+    base, others = family(shape=shape)
+    torch.testing.assert_close(widen(base, others).double(), ref_widen(base, others, 1.0, 1.0),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_widen_zero_columns_follow_the_clamped_formula():
+    base, others = family(shape=(6, 5))
+    base[:, 1] = 0.0
+    others[0][:, 3] = 0.0
+    out = widen(base, others)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref_widen(base, others, 1.0, 1.0),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_direction_change_by_hand():
+    """1 - cos per column: orthogonal 1, zero base column 1 (cos taken as 0), flipped 2, same 0,
+    and a 1e-4 rad turn keeps its relative precision (literal float32 1 - cos would give 0)."""
+    w0 = torch.tensor([[1.0, 0.0, 2.0, 3.0, 1.0], [0.0, 0.0, 1.0, 1.0, 0.0]])
+    wi = torch.tensor([[0.0, 1.0, -2.0, 3.0, 1.0], [5.0, 1.0, -1.0, 1.0, 1e-4]])
+    expected = torch.tensor([1.0, 1.0, 2.0, 0.0, 5e-9])
+    for transposed, (a, b) in [(False, (w0, wi)), (True, (w0.T.contiguous(), wi.T.contiguous()))]:
+        magnitude, change = direction_change(a, b, units := Units(a, transposed), units.norms(a))
+        torch.testing.assert_close(change, expected, rtol=1e-4, atol=1e-12)
+        torch.testing.assert_close(magnitude, torch.tensor([4.0, 2**0.5, 0.0, 0.0, 5e-9]),
+                                   rtol=1e-4, atol=1e-7)
+
+
+def test_widen_rejects_per_model_weights():
+    base, others = family()
+    with pytest.raises(ValueError, match="weights"):
+        widen(base, others, weights=[1.0, 2.0, 1.0])
+
+
+# ----------------------------------------------------------------------------- registry
+def test_defaults_are_mergekits():
+    assert METHODS["ties"].defaults["normalize"] is True
+    assert METHODS["dare_ties"].defaults["normalize"] is False
+    assert METHODS["dare_linear"].defaults["rescale"] is True
+    assert METHODS["linear"].defaults["normalize"] is True
+    assert not METHODS["linear"].needs_base and METHODS["dare_ties"].stochastic
+
+
+def test_unknown_method_lists_the_choices():
+    with pytest.raises(UserError, match=r"--method: unknown method 'tie'; choose one of .*ties"):
+        get_method("tie")
+
+
+@pytest.mark.parametrize("method, params, flag", [
+    ("ties", {"density": [0.0, 0.5]}, "--density"),
+    ("dare_ties", {"density": 1.5}, "--density"),
+    ("ties", {"weights": [1.0, 1.0, 1.0]}, "--weights"),
+    ("task_arithmetic", {"density": 0.5}, "--density"),
+    ("widen", {"weights": 1.0}, "--weights"),
+    ("linear", {"weights": [1.0, -1.0]}, "--weights"),
+    ("dare_linear", {"rescale_mode": "l2"}, "--rescale_mode"),
+    ("ties", {"scaling": float("nan")}, "--lambda"),
+    ("ties", {"normalize": "yes"}, "--normalize"),
+    ("widen", {"above_average_value_ratio": 0.0}, "--above_average_value_ratio"),
+    ("widen", {"score_calibration_value": -1.0}, "--score_calibration_value"),
+])
+def test_invalid_params_name_the_flag(method, params, flag):
+    with pytest.raises(UserError, match=f"^{flag}"):
+        validate_params(METHODS[method], params, n_models=2)
+
+
+def test_valid_params_pass():
+    validate_params(METHODS["dare_ties"], resolved("dare_ties", 2, density=[0.2, 1.0]), 2)
+    validate_params(METHODS["linear"], {"weights": [1.0, -1.0], "normalize": False}, 2)
+
+
+def test_warnings_for_negative_weights_with_normalize():
+    assert method_warnings(METHODS["task_arithmetic"], {"weights": [1.0, -0.5]}) == []
+    [note] = method_warnings(METHODS["task_arithmetic"],
+                             {"weights": [1.0, -0.5], "normalize": True})
+    assert "negative" in note and "--no-normalize" in note
+    [note] = method_warnings(METHODS["ties"], {"weights": [1.0, -0.5]})
+    assert "cancels" in note
