@@ -34,6 +34,9 @@ class MethodSpec:
     defaults: Mapping[str, object]
     stochastic: bool = False  # needs one generator per model (mask_generator)
     needs_base: bool = True  # False: the base only supplies config and tokenizer
+    # True: `others` may arrive in their stored dtype (bf16/fp16); the method only reads them
+    # through float32 Deltas blocks (exact upcast), so the runner skips full float32 copies.
+    stored_dtype_others: bool = False
     summary: str = ""
     name: str = field(default="", compare=False)
 
@@ -51,13 +54,17 @@ METHODS: dict[str, MethodSpec] = {
                     "weighted average of the models (the base is not averaged in)",
                     needs_base=False),
     "task_arithmetic": _spec("task_arithmetic", task_arithmetic, {**_GTA, "normalize": False},
-                             "base + lambda * sum of weighted task vectors"),
+                             "base + lambda * sum of weighted task vectors",
+                             stored_dtype_others=True),
     "ties": _spec("ties", ties, {**_GTA, "density": 1.0, "normalize": True, "rescale": False},
-                  "trim to top-|delta|, elect signs, average the agreeing deltas"),
+                  "trim to top-|delta|, elect signs, average the agreeing deltas",
+                  stored_dtype_others=True),
     "dare_linear": _spec("dare_linear", dare_linear, _DARE,
-                         "random drop + rescale, then task arithmetic", stochastic=True),
+                         "random drop + rescale, then task arithmetic", stochastic=True,
+                         stored_dtype_others=True),
     "dare_ties": _spec("dare_ties", dare_ties, _DARE,
-                       "random drop + rescale, then TIES sign consensus", stochastic=True),
+                       "random drop + rescale, then TIES sign consensus", stochastic=True,
+                       stored_dtype_others=True),
     "widen": _spec("widen", widen, {"above_average_value_ratio": 1.0,
                                     "score_calibration_value": 1.0},
                    "per-column magnitude/direction ranking of task vectors (WIDEN)"),

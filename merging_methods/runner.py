@@ -68,9 +68,13 @@ def open_inputs(recipe: MergeRecipe) -> OpenedInputs:
     return OpenedInputs(base, models, build_plan(base, models, out_dtype), out_dtype)
 
 
-def _load_f32(reader: CheckpointReader, name: str, device: torch.device) -> torch.Tensor:
-    """One input tensor as float32 on `device`; non-finite values are a UserError."""
-    tensor = reader.get(name).to(device=device, dtype=torch.float32)
+def _load(reader: CheckpointReader, name: str, device: torch.device,
+          keep_dtype: bool = False) -> torch.Tensor:
+    """One input tensor on `device`, as float32 unless `keep_dtype` (then as stored, if it is
+    a float type); non-finite values are a UserError."""
+    tensor = reader.get(name)
+    wanted = tensor.dtype if keep_dtype and tensor.dtype.is_floating_point else torch.float32
+    tensor = tensor.to(device=device, dtype=wanted)
     if not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
         raise UserError(f"{reader.label}: tensor {name} contains NaN or inf; the checkpoint is "
                         "corrupt or was saved in too narrow a dtype")
@@ -84,8 +88,9 @@ def merge_tensor(spec: MethodSpec, params: dict, seed: int, item: TensorPlan,
 
     `out` is an optional float32 result buffer of the tensor's shape, reused across tensors
     (touching fresh memory is the dominant cost of cheap methods on CPU)."""
-    base = _load_f32(inputs.base, item.name, device)
-    others = [_load_f32(m, src, device) for m, src in zip(inputs.models, item.sources)]
+    base = _load(inputs.base, item.name, device)
+    others = [_load(m, src, device, spec.stored_dtype_others)
+              for m, src in zip(inputs.models, item.sources)]
     if item.is_vocab:
         others = [align_rows(t, base) for t in others]
     extra: dict = {}
