@@ -19,8 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         description="Merge fine-tunes of one base model (task arithmetic, TIES, DARE, WIDEN, "
-                    "linear), optionally followed by Activation-Informed Merging (--aim).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "linear), optionally followed by Activation-Informed Merging (--aim).")
     add_merge_arguments(parser)
     parser.add_argument("--aim", action="store_true",
                         help="apply Activation-Informed Merging to each merged tensor in the same "

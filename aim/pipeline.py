@@ -52,7 +52,7 @@ def add_aim_arguments(parser: argparse.ArgumentParser, *, several_omegas: bool) 
                   "(paper: 0.4; 0.2-0.6 recommended)")
     if several_omegas:
         omega_help += "; several values (0.2,0.4,0.6) write one output each, calibrating once"
-    g.add_argument("--omega", default="0.4", help=omega_help)
+    g.add_argument("--omega", default="0.4", help=omega_help + " (default 0.4)")
     g.add_argument("--aim_mode", choices=MODES, default="aim",
                    help="aim: per-channel importance; channel_blind: each module's importance "
                         "replaced by its mean (ablation); uniform: one global factor equal to "

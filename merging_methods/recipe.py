@@ -46,7 +46,8 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
                              "unsloth/llama-2-13b); for 'linear' it supplies config and tokenizer")
     parser.add_argument("--models_to_merge", required=True,
                         help="comma-separated fine-tuned models (folders or hub ids)")
-    parser.add_argument("--save_path", required=True, help="output folder (created)")
+    parser.add_argument("--save_path", required=True,
+                        help="output folder; written to a temporary sibling and renamed at the end")
     p = parser.add_argument_group("method parameters (default: the method's mergekit default)")
     p.add_argument("--weights", help="per-model multipliers of the task vectors, one value for "
                    "all or one per model, comma-separated; negative subtracts a task vector "
@@ -80,7 +81,8 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--dtype", default=None,
                    help="output dtype: bfloat16, float16 or float32 (default: the base's). "
                         "All arithmetic is float32")
-    r.add_argument("--max_shard_size", default="5GB", help="largest output shard (default 5GB)")
+    r.add_argument("--max_shard_size", default="5GB",
+                   help="largest output shard, e.g. 5GB or 500MB (default 5GB)")
     r.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads for the merge math (1 was fastest for this memory-"
                         "bound work on small machines)")
