@@ -156,11 +156,12 @@ class ScriptedLM(LM):
     def generate_until(self, requests):
         return [self.completions[req.args[0]] for req in requests]
 
+    # lm-eval's LM interface requires these; generate-only code tasks never call them.
     def loglikelihood(self, requests):
-        raise NotImplementedError
+        raise NotImplementedError("ScriptedLM only generates")
 
     def loglikelihood_rolling(self, requests):
-        raise NotImplementedError
+        raise NotImplementedError("ScriptedLM only generates")
 
 
 def _problems(n: int | None = None) -> list[dict]:
