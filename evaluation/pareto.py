@@ -71,12 +71,19 @@ def _slice_volume(points: list[tuple[float, ...]], ref: tuple[float, ...]) -> fl
     return volume
 
 
+HV_NOISE = 1e-12
+
+
 def hv_gain(point: Sequence[float], population: Sequence[Sequence[float]],
             margin: float = 0.0) -> tuple[float, float]:
-    """(HV(P ∪ {point}), HV(P ∪ {point}) - HV(P)) with the reference at (-margin, ..., -margin)."""
+    """(HV(P ∪ {point}), HV(P ∪ {point}) - HV(P)) with the reference at (-margin, ..., -margin).
+
+    A gain below HV_NOISE is float rounding of two equal volumes and is reported as 0 (else a
+    -1e-19 gain reads as a +1e15 % change in the report)."""
     ref = (-margin,) * len(point)
     with_point = hypervolume(list(population) + [point], ref)
-    return with_point, with_point - hypervolume(population, ref)
+    gain = with_point - hypervolume(population, ref)
+    return with_point, 0.0 if abs(gain) < HV_NOISE else gain
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:

@@ -1,0 +1,1 @@
+"""The offline reproduction of the AIM study on the toy zoo (`python -m study`, see __main__)."""
