@@ -26,6 +26,7 @@ from merging_methods.checkpoint import (TOKENIZER_FILES, CheckpointReader, Shard
 from merging_methods.errors import UserError
 from merging_methods.plan import HEAD_SUFFIXES
 from merging_methods.record import TOOLKIT_VERSION, read_record, write_model_card, write_record
+from merging_methods.vocab import extend_rows_with_mean
 
 log = logging.getLogger(__name__)
 
@@ -178,20 +179,18 @@ class Relaxer:
     def __contains__(self, name: str) -> bool:
         return name in self.factors
 
-    def __call__(self, name: str, merged: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    def __call__(self, name: str, merged: torch.Tensor, base: torch.Tensor,
+                 rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Relax `merged` toward `base`; `rows` says which rows of the tensor they are (a chunk
+        of a large tensor; None: all of it)."""
         if name not in self.factors:
             return merged
-        self.relaxed += 1
-        return relax(merged, extend_rows_with_mean(base, merged.shape[0]), self.factors[name],
-                     self.axes[name])
-
-
-def extend_rows_with_mean(base: torch.Tensor, rows: int) -> torch.Tensor:
-    """§13: a base vocab tensor gets extra rows equal to the mean of its existing rows."""
-    if base.shape[0] >= rows or base.ndim != 2:
-        return base
-    fill = base.mean(dim=0, keepdim=True).expand(rows - base.shape[0], -1)
-    return torch.cat([base, fill], dim=0)
+        if rows is None or rows[0] == 0:
+            self.relaxed += 1
+        factor = self.factors[name]
+        if self.axes[name] == 0 and rows is not None:
+            factor = factor[rows[0]:rows[1]]
+        return relax(merged, base, factor, self.axes[name])
 
 
 def check_same_tensors(merged: CheckpointReader, base: CheckpointReader) -> None:
@@ -241,7 +240,7 @@ def relax_checkpoint(merged_id: str, base_id: str, save_path: str, settings: Aim
             tensor = merged.get(name)
             if name in relaxers[0]:
                 m = tensor.to(device, torch.float32)
-                b = base.get(name).to(device, torch.float32)
+                b = extend_rows_with_mean(base.get(name), m.shape[0]).to(device, torch.float32)
                 results = [r(name, m, b) for r in relaxers]
             else:
                 results = [tensor] * len(relaxers)

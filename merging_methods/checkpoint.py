@@ -209,13 +209,13 @@ class CheckpointReader:
         """Tensor names in file order (shard by shard)."""
         return list(self.info)
 
-    def get(self, name: str) -> torch.Tensor:
-        """The tensor `name` in its stored dtype, on CPU (memory-mapped where possible)."""
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor `name` (or its rows start:stop) in its stored dtype, on CPU."""
         handle = self._open(self._file_of[name])
         try:
             if isinstance(handle, dict):
-                return handle[name]
-            return handle.read(name)
+                return handle[name] if rows is None else handle[name][rows[0]:rows[1]]
+            return handle.read(name, rows)
         except Exception as err:  # noqa: BLE001
             raise UserError(f"{self.label}: cannot read tensor {name} from "
                             f"{self.folder / self._file_of[name]} ({_first_line(err)}); "
@@ -272,8 +272,14 @@ class SafetensorsFile:
             self.entries[name] = (TensorInfo(tuple(meta["shape"]), dtype), begin, end)
         self._fd = os.open(self.path, os.O_RDONLY)
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor, or its rows start:stop (one contiguous byte range), in a fresh buffer."""
         info, begin, end = self.entries[name]
+        shape = info.shape
+        if rows is not None and shape:
+            row_bytes = (end - begin) // shape[0] if shape[0] else 0
+            begin, end = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
+            shape = (rows[1] - rows[0], *shape[1:])
         raw = torch.empty(end - begin, dtype=torch.uint8)
         view, done = memoryview(raw.numpy()), 0
         while done < len(view):
@@ -281,7 +287,7 @@ class SafetensorsFile:
             if got == 0:
                 raise OSError(f"unexpected end of file at tensor {name}")
             done += got
-        return raw.view(info.dtype).reshape(info.shape)
+        return raw.view(info.dtype).reshape(shape)
 
     def __del__(self):
         if getattr(self, "_fd", None) is not None:
@@ -361,14 +367,18 @@ class _ShardFile:
         blob += b" " * (-len(blob) % 8)
         self.path = path
         self.data_start = 8 + len(blob)
-        self.waiting = set(infos)
+        self.waiting = {name: infos[name].nbytes for name in infos}   # bytes still to arrive
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         _write_all(self.fd, memoryview(len(blob).to_bytes(8, "little") + blob), 0)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor, byte_offset: int = 0) -> None:
+        """Write `tensor`'s bytes at `byte_offset` inside the tensor `name`."""
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        _write_all(self.fd, memoryview(data.numpy()), self.data_start + self.offsets[name])
-        self.waiting.discard(name)
+        _write_all(self.fd, memoryview(data.numpy()),
+                   self.data_start + self.offsets[name] + byte_offset)
+        self.waiting[name] -= data.numel()
+        if not self.waiting[name]:
+            del self.waiting[name]
         if not self.waiting:
             os.close(self.fd)
 
@@ -399,26 +409,29 @@ class ShardedWriter:
         self._shard_names = shards
         self._shard_of = {n: k for k, names in enumerate(shards) for n in names}
         self._files: dict[int, _ShardFile] = {}
-        self.bytes_written = 0
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
+    def add(self, name: str, tensor: torch.Tensor, row_start: int = 0) -> None:
+        """Write the tensor `name`, or rows of it starting at `row_start` (each row once)."""
         info = self.infos[name]
-        if tuple(tensor.shape) != info.shape or tensor.dtype != info.dtype:
-            raise ValueError(f"{name}: planned {info.shape} {info.dtype}, got "
-                             f"{tuple(tensor.shape)} {tensor.dtype}")
+        fits = (tuple(tensor.shape) == info.shape if row_start == 0 and tensor.ndim == 0 else
+                tensor.ndim == len(info.shape) and tuple(tensor.shape[1:]) == info.shape[1:]
+                and row_start + tensor.shape[0] <= info.shape[0])
+        if not fits or tensor.dtype != info.dtype:
+            raise ValueError(f"{name}: planned {info.shape} {info.dtype}, got rows from "
+                             f"{row_start} of {tuple(tensor.shape)} {tensor.dtype}")
         k = self._shard_of[name]
         path = self.folder / self.file_names[k]
+        row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
         try:
             if k not in self._files:
                 self._files[k] = _ShardFile(path, {n: self.infos[n] for n in self._shard_names[k]})
-            self._files[k].write(name, tensor)
+            self._files[k].write(name, tensor, row_start * row_bytes)
         except OSError as err:
             if err.errno == errno.ENOSPC:
                 raise UserError(f"disk full while writing {path}; free space there or choose "
                                 "another --save_path")
             raise UserError(f"cannot write {path} ({_first_line(err)}); check permissions and "
                             "free space")
-        self.bytes_written += info.nbytes
 
     def close(self) -> None:
         missing = sorted(set(self.infos) - {n for f in self._files.values()

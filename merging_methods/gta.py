@@ -36,16 +36,17 @@ def _check_lengths(others: Sequence[Tensor], **per_model: Sequence) -> None:
 
 
 def output_buffer(like: Tensor, out: Tensor | None) -> Tensor:
-    """Flat view of `out` (a reusable result buffer shaped like the inputs), or a fresh tensor.
+    """Flat float32 view of `out` (a reusable result buffer shaped like the inputs), or a fresh
+    float32 tensor (inputs may be stored bf16/fp16; results are float32).
 
-    Reusing one buffer per shape avoids page-faulting fresh memory for every tensor. `out` must
-    not overlap any input.
+    Reusing one buffer avoids page-faulting fresh memory for every tensor. `out` must not
+    overlap any input.
     """
     if out is None:
-        return torch.empty(like.numel(), dtype=like.dtype, device=like.device)
-    if (out.shape != like.shape or out.dtype != like.dtype or out.device != like.device
+        return torch.empty(like.numel(), dtype=torch.float32, device=like.device)
+    if (out.shape != like.shape or out.dtype != torch.float32 or out.device != like.device
             or not out.is_contiguous()):
-        raise ValueError(f"out: expected contiguous {tuple(like.shape)} {like.dtype} on "
+        raise ValueError(f"out: expected contiguous {tuple(like.shape)} float32 on "
                          f"{like.device}, got {tuple(out.shape)} {out.dtype} on {out.device}")
     return out.view(-1)
 
@@ -76,7 +77,7 @@ def _consensus_sum(base: Tensor, sources: list[Deltas], sparsifiers: list[Sparsi
     flat = base.reshape(-1)
     out = output_buffer(base, out)
     size = min(block_size(base.device), flat.numel())
-    elected = torch.empty(size, dtype=flat.dtype, device=flat.device)
+    elected = torch.empty(size, dtype=torch.float32, device=flat.device)
     divisor = torch.empty_like(elected) if normalize else None
     coeffs = [w * c for w, c in zip(weights, factors)]
     for start, stop in blocks(flat.numel(), size):

@@ -2,8 +2,9 @@
 
 Nothing here reads tensor data. The plan says, for every output tensor, where each model's
 tensor comes from (its own name, or its input embedding when a fine-tune ties its lm_head)
-and how its vocabulary rows are aligned to the output (ALGORITHMS.md §13.3, `--vocab base`:
-extra rows are dropped, missing rows are taken from the base so they add no delta).
+and how many vocabulary rows the output has (ALGORITHMS.md §13.3): the base's (`--vocab base`:
+extra rows are dropped, missing rows are taken from the base so they add no delta) or the
+union's (`--vocab union`, planned in vocab.py). merging_methods.rows fits each model's rows.
 """
 from __future__ import annotations
 
@@ -53,6 +54,12 @@ def _input_embedding_name(reader: CheckpointReader) -> str | None:
     return (named or candidates or [None])[0]
 
 
+def input_embedding_rows(reader: CheckpointReader) -> int | None:
+    """Rows of the model's input embedding (its vocabulary size in the weights), if it has one."""
+    name = _input_embedding_name(reader)
+    return reader.info[name].shape[0] if name else None
+
+
 def _is_vocab_tensor(name: str, base: CheckpointReader, embed_name: str | None) -> bool:
     shape = base.info[name].shape
     return len(shape) == 2 and (name == embed_name or _is_head(name)) and (
@@ -60,8 +67,10 @@ def _is_vocab_tensor(name: str, base: CheckpointReader, embed_name: str | None) 
 
 
 def build_plan(base: CheckpointReader, models: list[CheckpointReader],
-               out_dtype: torch.dtype) -> MergePlan:
-    """Compare key sets and shapes of all inputs with the base; one UserError lists problems."""
+               out_dtype: torch.dtype, vocab_rows: int | None = None) -> MergePlan:
+    """Compare key sets and shapes of all inputs with the base; one UserError lists problems.
+
+    `vocab_rows` (`--vocab union`) is the output's vocabulary size; None keeps the base's."""
     embed_name = _input_embedding_name(base)
     problems: list[str] = []
     notes: list[str] = []
@@ -94,14 +103,15 @@ def build_plan(base: CheckpointReader, models: list[CheckpointReader],
             other = model.info[source]
             if other.shape != info.shape:
                 same_width = other.shape[1:] == info.shape[1:]
-                if is_vocab and same_width:
+                if is_vocab and same_width and vocab_rows is None:
                     cropped.setdefault(model.label, []).append(f"{other.shape[0]}->{info.shape[0]}")
-                else:
+                elif not (is_vocab and same_width and other.shape[0] <= vocab_rows):
                     problems.append(f"{name}: {model.label} has shape {list(other.shape)}, the "
                                     f"base {list(info.shape)}")
             sources.append(source)
         floating = info.dtype.is_floating_point
-        out = TensorInfo(info.shape, out_dtype if floating else info.dtype)
+        shape = (vocab_rows, *info.shape[1:]) if is_vocab and vocab_rows else info.shape
+        out = TensorInfo(shape, out_dtype if floating else info.dtype)
         tensors.append(TensorPlan(name, out, floating, tuple(sources), is_vocab,
                                   name == embed_name))
 
@@ -115,10 +125,3 @@ def build_plan(base: CheckpointReader, models: list[CheckpointReader],
                      "base vocabulary (extra rows dropped, missing rows take the base's)")
     return MergePlan(tensors, notes)
 
-
-def align_rows(tensor: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """Fit a vocab tensor to the base's rows: crop extra rows, fill missing rows from the base."""
-    rows = base.shape[0]
-    if tensor.shape[0] >= rows:
-        return tensor[:rows]
-    return torch.cat([tensor, base[tensor.shape[0]:]], dim=0)

@@ -54,20 +54,26 @@ def mask_generator(seed: int, model_index: int, tensor_name: str) -> torch.Gener
 
 
 class Deltas:
-    """Flat blocks of `other - base`, computed on demand into one reused scratch buffer.
+    """Flat float32 blocks of `other - base`, computed on demand into one reused scratch buffer.
 
-    A block returned by `block` or the iterator is overwritten by the next one; callers may
-    modify it in place.
+    `base` and `other` may be stored bf16/fp16 (the upcast to float32 is exact). A block
+    returned by `block` or the iterator is overwritten by the next one; callers may modify it
+    in place.
     """
 
     def __init__(self, base: Tensor, other: Tensor, size: int):
         self.base, self.other = base.reshape(-1), other.reshape(-1)
         self.n, self.size = self.base.numel(), size
-        self._buf = torch.empty(min(size, self.n), dtype=base.dtype, device=base.device)
+        self._buf = torch.empty(min(size, self.n), dtype=torch.float32, device=base.device)
+        # torch computes a difference in its inputs' common dtype: a float32 operand makes it
+        # exact in one op; two narrow operands need an explicit upcast first
+        self._one_op = torch.float32 in (self.base.dtype, self.other.dtype)
 
     def block(self, start: int, stop: int) -> Tensor:
         out = self._buf[: stop - start]
-        return torch.sub(self.other[start:stop], self.base[start:stop], out=out)
+        if self._one_op:
+            return torch.sub(self.other[start:stop], self.base[start:stop], out=out)
+        return out.copy_(self.other[start:stop]).sub_(self.base[start:stop])
 
     def __iter__(self) -> Iterator[tuple[int, Tensor]]:
         for start, stop in blocks(self.n, self.size):
@@ -80,7 +86,7 @@ class Deltas:
     def sample(self) -> Tensor:
         """About SAMPLE evenly strided entries of the delta (a fresh tensor)."""
         step = max(1, self.n // SAMPLE)
-        return torch.sub(self.other[::step], self.base[::step])
+        return torch.sub(self.other[::step].float(), self.base[::step])
 
 
 def topk_count(density: float, n: int) -> int:

@@ -73,9 +73,12 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0,
                    help="seed of DARE's random masks (per tensor name; default 0)")
     r = parser.add_argument_group("runtime and output")
-    r.add_argument("--vocab", choices=["base"], default="base",
-                   help="output vocabulary: 'base' keeps the base's rows and tokenizer; "
-                        "fine-tunes' extra rows (e.g. an added pad token) are dropped")
+    r.add_argument("--vocab", choices=["base", "union"], default="base",
+                   help="output vocabulary: 'base' (default, what mergekit did for the AIM "
+                        "paper) keeps the base's rows and tokenizer and drops fine-tunes' extra "
+                        "rows (e.g. an added pad token); 'union' appends every fine-tune's added "
+                        "tokens to the base tokenizer, filling rows a model lacks with that "
+                        "model's mean row (the AIM repository's WIDEN path)")
     r.add_argument("--device", default="auto",
                    help="where the math runs: auto (cuda if present), cpu, cuda, cuda:N")
     r.add_argument("--dtype", default=None,

@@ -34,9 +34,12 @@ class MethodSpec:
     defaults: Mapping[str, object]
     stochastic: bool = False  # needs one generator per model (mask_generator)
     needs_base: bool = True  # False: the base only supplies config and tokenizer
-    # True: `others` may arrive in their stored dtype (bf16/fp16); the method only reads them
-    # through float32 Deltas blocks (exact upcast), so the runner skips full float32 copies.
-    stored_dtype_others: bool = False
+    # True: `base` and `others` may arrive in their stored dtype (bf16/fp16); the method only
+    # reads them through float32 blocks (exact upcast), so the runner skips full float32 copies.
+    stored_dtype_inputs: bool = False
+    # True: the formula is per element, so a block of rows merged alone gives those rows of the
+    # whole-tensor result (the runner then merges large tensors in row chunks; see rows.py).
+    row_separable: bool = False
     summary: str = ""
     name: str = field(default="", compare=False)
 
@@ -52,19 +55,19 @@ _DARE = {**_GTA, "density": 1.0, "normalize": False, "rescale": True,
 METHODS: dict[str, MethodSpec] = {
     "linear": _spec("linear", linear, {"weights": 1.0, "normalize": True},
                     "weighted average of the models (the base is not averaged in)",
-                    needs_base=False),
+                    needs_base=False, row_separable=True),
     "task_arithmetic": _spec("task_arithmetic", task_arithmetic, {**_GTA, "normalize": False},
                              "base + lambda * sum of weighted task vectors",
-                             stored_dtype_others=True),
+                             stored_dtype_inputs=True, row_separable=True),
     "ties": _spec("ties", ties, {**_GTA, "density": 1.0, "normalize": True, "rescale": False},
                   "trim to top-|delta|, elect signs, average the agreeing deltas",
-                  stored_dtype_others=True),
+                  stored_dtype_inputs=True),
     "dare_linear": _spec("dare_linear", dare_linear, _DARE,
                          "random drop + rescale, then task arithmetic", stochastic=True,
-                         stored_dtype_others=True),
+                         stored_dtype_inputs=True, row_separable=True),
     "dare_ties": _spec("dare_ties", dare_ties, _DARE,
                        "random drop + rescale, then TIES sign consensus", stochastic=True,
-                       stored_dtype_others=True),
+                       stored_dtype_inputs=True, row_separable=True),
     "widen": _spec("widen", widen, {"above_average_value_ratio": 1.0,
                                     "score_calibration_value": 1.0},
                    "per-column magnitude/direction ranking of task vectors (WIDEN)"),
@@ -77,6 +80,14 @@ def get_method(name: str) -> MethodSpec:
         raise UserError(f"--method: unknown method {name!r}; "
                         f"choose one of {', '.join(sorted(METHODS))}")
     return METHODS[name]
+
+
+def splits_by_rows(spec: MethodSpec, params: Mapping[str, object]) -> bool:
+    """Whether a tensor may be merged in row chunks with these parameters: a per-element method,
+    except DARE's l1 rescale, whose factor is a norm over the whole tensor."""
+    values = {**spec.defaults, **params}
+    whole_tensor_norm = values.get("rescale") is True and values.get("rescale_mode") == "l1"
+    return spec.row_separable and not whole_tensor_norm
 
 
 def _per_model(name: str, value: object, n_models: int) -> list[object]:

@@ -7,6 +7,7 @@ randomness and decides what happens to tensors that are not merged. Peak memory 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,16 +20,19 @@ from merging_methods.checkpoint import (
     resolve_model_dir, staged_output,
 )
 from merging_methods.errors import UserError
-from merging_methods.plan import MergePlan, TensorPlan, align_rows, build_plan
+from merging_methods.plan import MergePlan, TensorPlan, build_plan, input_embedding_rows
 from merging_methods.primitives import mask_generator
 from merging_methods.recipe import MergeRecipe
 from merging_methods.record import write_model_card, write_record
-from merging_methods.registry import MethodSpec, get_method, method_warnings
+from merging_methods.registry import MethodSpec, get_method, method_warnings, splits_by_rows
+from merging_methods.rows import AlignedRows, RowRange, row_ranges
+from merging_methods.vocab import VocabUnion, plan_union, save_union_tokenizer, vocab_config_update
 
 log = logging.getLogger(__name__)
 
-# (tensor name, merged float32, base float32) -> final float32 tensor; used by inline AIM.
-TensorHook = Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]
+# (tensor name, merged float32, base (float32 or stored dtype), their rows or None for all)
+# -> final float32 tensor; used by inline AIM.
+TensorHook = Callable[[str, torch.Tensor, torch.Tensor, "RowRange | None"], torch.Tensor]
 # Called after preflight with the opened inputs; returns the hook and what to record about it.
 HookFactory = Callable[["OpenedInputs"], tuple[TensorHook, dict]]
 
@@ -57,50 +61,93 @@ class OpenedInputs:
     models: list[CheckpointReader]
     plan: MergePlan
     out_dtype: torch.dtype
+    union: VocabUnion | None = None   # --vocab union: the added tokens and output rows
 
 
 def open_inputs(recipe: MergeRecipe) -> OpenedInputs:
-    """Resolve and open every checkpoint and plan the merge from headers only."""
+    """Resolve and open every checkpoint and plan the merge from headers (and, for
+    `--vocab union`, tokenizers) only."""
     base = CheckpointReader(resolve_model_dir(recipe.base_model, "--base_model"), recipe.base_model)
     models = [CheckpointReader(resolve_model_dir(m, "--models_to_merge"), m)
               for m in recipe.models]
     out_dtype = parse_dtype(recipe.dtype) if recipe.dtype else base.stored_dtype
-    return OpenedInputs(base, models, build_plan(base, models, out_dtype), out_dtype)
+    union = None
+    if recipe.vocab == "union":
+        base_rows = input_embedding_rows(base)
+        if base_rows is None:
+            raise UserError(f"--vocab union: no input embedding found in {base.label}; use "
+                            "--vocab base")
+        union = plan_union(base.folder, base_rows,
+                           [(m.label, m.folder, input_embedding_rows(m) or base_rows)
+                            for m in models])
+    plan = build_plan(base, models, out_dtype, union.rows if union else None)
+    return OpenedInputs(base, models, plan, out_dtype, union)
 
 
-def _load(reader: CheckpointReader, name: str, device: torch.device,
-          keep_dtype: bool = False) -> torch.Tensor:
-    """One input tensor on `device`, as float32 unless `keep_dtype` (then as stored, if it is
+def _to_device(tensor: torch.Tensor, label: str, name: str, device: torch.device,
+               keep_dtype: bool = False) -> torch.Tensor:
+    """An input tensor on `device`, as float32 unless `keep_dtype` (then as stored, if it is
     a float type); non-finite values are a UserError."""
-    tensor = reader.get(name)
     wanted = tensor.dtype if keep_dtype and tensor.dtype.is_floating_point else torch.float32
     tensor = tensor.to(device=device, dtype=wanted)
     if not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
-        raise UserError(f"{reader.label}: tensor {name} contains NaN or inf; the checkpoint is "
+        raise UserError(f"{label}: tensor {name} contains NaN or inf; the checkpoint is "
                         "corrupt or was saved in too narrow a dtype")
     return tensor
 
 
-def merge_tensor(spec: MethodSpec, params: dict, seed: int, item: TensorPlan,
-                 inputs: OpenedInputs, device: torch.device,
-                 out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge one planned tensor; returns (merged float32, base float32) on `device`.
+class ResultBuffer:
+    """One float32 result buffer for every chunk, grown to the largest: reusing it avoids
+    page-faulting fresh memory for each tensor, the dominant cost of cheap methods on CPU."""
 
-    `out` is an optional float32 result buffer of the tensor's shape, reused across tensors
-    (touching fresh memory is the dominant cost of cheap methods on CPU)."""
-    base = _load(inputs.base, item.name, device)
-    others = [_load(m, src, device, spec.stored_dtype_others)
-              for m, src in zip(inputs.models, item.sources)]
-    if item.is_vocab:
-        others = [align_rows(t, base) for t in others]
-    extra: dict = {}
-    if spec.stochastic:
-        extra["generators"] = [mask_generator(seed, i, item.name) for i in range(len(others))]
-    if item.is_input_embedding:
-        extra["is_input_embedding"] = True
-    if out is not None:
-        extra["out"] = out
-    return spec.fn(base, others, **params, **extra), base
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._flat: torch.Tensor | None = None
+
+    def view(self, shape: tuple[int, ...]) -> torch.Tensor:
+        numel = math.prod(shape)
+        if self._flat is None or self._flat.numel() < numel:
+            self._flat = None   # free the old buffer before allocating the larger one
+            self._flat = torch.empty(numel, dtype=torch.float32, device=self.device)
+        return self._flat[:numel].view(shape)
+
+
+class TensorMerge:
+    """Merging one planned tensor, chunk of rows by chunk (rows.py); DARE generators carry on
+    from chunk to chunk, so the masks are those of the whole tensor."""
+
+    def __init__(self, spec: MethodSpec, params: dict, seed: int, item: TensorPlan,
+                 inputs: OpenedInputs):
+        self.spec, self.params, self.item, self.inputs = spec, params, item, inputs
+        fill = "mean" if inputs.union else "base"
+
+        def aligned(reader: CheckpointReader, source: str) -> AlignedRows:
+            own = reader.info[source].shape[0] if item.is_vocab else None
+            return AlignedRows(reader, source, own, fill)
+
+        self.base = aligned(inputs.base, item.name)
+        self.models = [aligned(m, src) for m, src in zip(inputs.models, item.sources)]
+        self.extra: dict = {"is_input_embedding": True} if item.is_input_embedding else {}
+        if spec.stochastic:
+            self.extra["generators"] = [mask_generator(seed, i, item.name)
+                                        for i in range(len(self.models))]
+
+    def chunks(self):
+        return row_ranges(self.item.out.shape, splits_by_rows(self.spec, self.params))
+
+    def merge(self, rows: RowRange | None, device: torch.device,
+              out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Merge rows `rows` (None: a 0-d tensor); returns (merged float32, base) on `device`
+        (base in its stored dtype for methods that take it so); `out` is an optional float32
+        result buffer of the chunk's shape."""
+        keep = self.spec.stored_dtype_inputs
+        base_rows = self.base.get(rows)
+        others = [_to_device(m.get(rows, base_rows), m.reader.label, self.item.name, device, keep)
+                  for m in self.models]
+        base = _to_device(base_rows, self.inputs.base.label, self.item.name, device, keep)
+        del base_rows   # the stored copy; `base` may be a converted one
+        extra = {**self.extra, "out": out} if out is not None else self.extra
+        return self.spec.fn(base, others, **self.params, **extra), base
 
 
 def run_merge(recipe: MergeRecipe, *, make_post: HookFactory | None = None) -> Path:
@@ -113,37 +160,41 @@ def run_merge(recipe: MergeRecipe, *, make_post: HookFactory | None = None) -> P
     device = resolve_device(recipe.device)
     max_shard_bytes = parse_size(recipe.max_shard_size)
     inputs = open_inputs(recipe)
-    for note in inputs.plan.notes + method_warnings(spec, recipe.params):
+    union_notes = list(inputs.union.notes) if inputs.union else []
+    for note in inputs.plan.notes + union_notes + method_warnings(spec, recipe.params):
         log.warning(note)
     post, extra_record = make_post(inputs) if make_post else (None, {})
     save_path = Path(recipe.save_path)
     merged_count = copied_count = 0
-    buffers: dict[tuple[int, ...], torch.Tensor] = {}   # one reusable result buffer per shape
+    results = ResultBuffer(device)
     with staged_output(save_path, recipe.overwrite) as tmp:
         writer = ShardedWriter(tmp, inputs.plan.out_infos, max_shard_bytes)
         total = sum(t.out.nbytes for t in inputs.plan.tensors)
         with torch.inference_mode(), tqdm(total=total, unit="B", unit_scale=True,
                                           desc=f"merge {recipe.method}") as bar:
             for item in inputs.plan.tensors:
-                if item.merge:
-                    buffer = buffers.get(item.out.shape)
-                    if buffer is None:
-                        buffer = buffers[item.out.shape] = torch.empty(
-                            item.out.shape, dtype=torch.float32, device=device)
-                    merged, base = merge_tensor(spec, recipe.params, recipe.seed, item, inputs,
-                                                device, buffer)
-                    if post is not None:
-                        merged = post(item.name, merged, base)
-                    out = merged.to(item.out.dtype)
-                    merged_count += 1
-                else:
-                    out = inputs.base.get(item.name)
+                if not item.merge:
+                    writer.add(item.name, inputs.base.get(item.name))
                     copied_count += 1
-                writer.add(item.name, out)
-                bar.update(item.out.nbytes)
+                    bar.update(item.out.nbytes)
+                    continue
+                job = TensorMerge(spec, recipe.params, recipe.seed, item, inputs)
+                for rows in job.chunks():
+                    shape = item.out.shape if rows is None else (rows[1] - rows[0], *item.out.shape[1:])
+                    merged, base = job.merge(rows, device, results.view(shape))
+                    if post is not None:
+                        merged = post(item.name, merged, base, rows)
+                    out = merged.to(item.out.dtype)
+                    writer.add(item.name, out, rows[0] if rows else 0)
+                    bar.update(out.numel() * out.element_size())
+                merged_count += 1
         writer.close()
-        copy_model_files(inputs.base.folder, tmp,
-                         config_updates=dtype_config_update(inputs.base.config, inputs.out_dtype))
+        config_updates = dtype_config_update(inputs.base.config, inputs.out_dtype)
+        if inputs.union:
+            config_updates.update(vocab_config_update(inputs.base.config, inputs.union.rows))
+        copy_model_files(inputs.base.folder, tmp, config_updates=config_updates)
+        if inputs.union and inputs.union.tokens:
+            save_union_tokenizer(inputs.base.folder, inputs.union, tmp)
         record = {"merge": recipe.as_record(), **extra_record}
         write_record(tmp, record)
         write_model_card(tmp, record)

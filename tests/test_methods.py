@@ -316,6 +316,20 @@ def test_ties_on_bf16_tensors_spanning_several_blocks(density, change):
                                rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("method", sorted(m for m in METHODS if METHODS[m].stored_dtype_inputs))
+@pytest.mark.parametrize("narrow", [torch.bfloat16, torch.float16])
+def test_stored_dtype_inputs_give_the_float32_result(method, narrow, block):
+    """Methods that take base and fine-tunes in their stored dtype upcast exactly: the result is
+    bit-identical to passing the float32 copies (bf16 - bf16 in torch would round in bf16)."""
+    gen = torch.Generator().manual_seed(5)
+    base = (torch.randn(40, 30, generator=gen) * 0.02).to(narrow)
+    others = [(base.float() + torch.randn(40, 30, generator=gen) * 1e-3).to(narrow)
+              for _ in range(3)]
+    narrow_out, _ = run(method, base, others, **OVERRIDES[method])
+    wide_out, _ = run(method, base.float(), [o.float() for o in others], **OVERRIDES[method])
+    assert narrow_out.dtype == torch.float32 and torch.equal(narrow_out, wide_out)
+
+
 def test_ties_trim_with_blocks_splitting_a_run_of_ties(block):
     base = torch.zeros(40)
     other = torch.tensor([1.0, 2.0] * 20)  # 20 ties at 2 and 20 at 1

@@ -120,6 +120,7 @@ def build_finetune(
     seed: int,
     scale: float = 0.02,
     extra_rows: int = 0,
+    added_tokens: tuple[str, ...] = (),
     dtype: torch.dtype | None = None,
     max_shard_size: str | None = None,
     legacy_bin: bool = False,
@@ -128,11 +129,14 @@ def build_finetune(
 
     legacy_bin writes pytorch_model*.bin files (two shards when max_shard_size is given).
     extra_rows > 0 grows the vocabulary like an added pad token (32000 -> 32001) in both the
-    embedding and the lm_head (and the config), as real instruction fine-tunes do.
+    embedding and the lm_head (and the config), as real instruction fine-tunes do;
+    `added_tokens` also names them in the tokenizer (as special tokens, the last one the pad
+    token) and adds one row each on top of `extra_rows`.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    extra_rows += len(added_tokens)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in model.parameters():
@@ -149,5 +153,8 @@ def build_finetune(
     else:
         kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
         model.save_pretrained(out_dir, **kwargs)
-    AutoTokenizer.from_pretrained(base_dir).save_pretrained(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    for token in added_tokens:
+        tokenizer.add_special_tokens({"pad_token": token})
+    tokenizer.save_pretrained(out_dir)
     return Path(out_dir)

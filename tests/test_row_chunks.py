@@ -1,0 +1,116 @@
+"""Merging large tensors in row chunks (merging_methods/rows.py) gives the whole-tensor result."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import merge
+from merging_methods import rows
+from merging_methods.checkpoint import ShardedWriter, TensorInfo
+from merging_methods.rows import row_ranges
+from tests.test_aim_cli import CALIB
+from tests.test_merge_cli import family, load_weights  # noqa: F401 - the fixture is used
+from tests.tiny_models import build_finetune
+
+EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
+def test_row_ranges_cover_whole_rows():
+    assert list(row_ranges((10, 3), split=False)) == [(0, 10)]
+    assert list(row_ranges((), split=True)) == [None]
+    assert list(row_ranges((0, 4), split=True)) == [(0, 0)]
+
+
+def test_row_ranges_respect_the_chunk_size(monkeypatch):
+    monkeypatch.setattr(rows, "CHUNK_ELEMENTS", 7)
+    assert list(row_ranges((5, 3), split=True)) == [(0, 2), (2, 4), (4, 5)]
+    assert list(row_ranges((2, 9), split=True)) == [(0, 1), (1, 2)]   # a row is never split
+    assert list(row_ranges((10,), split=True)) == [(0, 7), (7, 10)]
+
+
+def test_writer_takes_rows_in_any_order(tmp_path):
+    infos = {"a": TensorInfo((5, 3), torch.bfloat16), "s": TensorInfo((), torch.float32),
+             "e": TensorInfo((0, 4), torch.float32)}
+    a = torch.arange(15, dtype=torch.bfloat16).view(5, 3)
+    writer = ShardedWriter(tmp_path, infos, 10**9)
+    writer.add("a", a[3:], row_start=3)
+    writer.add("s", torch.tensor(2.5))
+    writer.add("a", a[:3])
+    writer.add("e", torch.empty(0, 4))
+    writer.close()
+    got = load_file(tmp_path / "model.safetensors")
+    assert torch.equal(got["a"], a) and got["s"].item() == 2.5 and got["e"].shape == (0, 4)
+    partial = ShardedWriter(tmp_path / "p", {"a": infos["a"]}, 10**9)
+    (tmp_path / "p").mkdir()
+    partial.add("a", a[:2])
+    with pytest.raises(RuntimeError, match="missing"):
+        partial.close()
+    with pytest.raises(ValueError):
+        partial.add("a", a[:2], row_start=4)   # past the last row
+
+
+@pytest.fixture(scope="module")
+def vocab_models(family, tmp_path_factory):  # noqa: F811
+    """The family's base plus a fine-tune with one row fewer and one with an added token."""
+    base, fts = family
+    root = tmp_path_factory.mktemp("chunks")
+    fewer = build_finetune(base, root / "fewer", seed=7)
+    weights = load_weights(fewer)
+    for name in (EMBED, HEAD):
+        weights[name] = weights[name][:-1].contiguous()
+    save_file(weights, fewer / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((fewer / "config.json").read_text())
+    (fewer / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] - 1}))
+    added = build_finetune(base, root / "added", seed=8, added_tokens=("[PAD]",))
+    return base, [*fts, fewer, added]
+
+
+def merge_both_ways(monkeypatch, tmp_path, args: list[str]) -> tuple[dict, dict]:
+    """Merge once with one-row chunks and once whole; return both weight dicts."""
+    whole, chunked = tmp_path / "whole", tmp_path / "chunked"
+    assert merge.main([*args, "--save_path", str(whole)]) == 0
+    monkeypatch.setattr(rows, "CHUNK_ELEMENTS", 1)
+    assert merge.main([*args, "--save_path", str(chunked)]) == 0
+    return load_weights(chunked), load_weights(whole)
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "dare_linear", "dare_ties"])
+@pytest.mark.parametrize("vocab", ["base", "union"])
+def test_chunked_merge_is_bit_identical(vocab_models, monkeypatch, tmp_path, method, vocab):
+    """fp32/bf16/.bin inputs, a fine-tune with a missing row and one with an added row: DARE
+    masks, vocab fills and writer offsets all line up across one-row chunks."""
+    base, models = vocab_models
+    if vocab == "union":
+        models = [m for m in models if m.name != "fewer"]
+    args = ["--method", method, "--base_model", str(base), "--models_to_merge",
+            ",".join(map(str, models)), "--vocab", vocab]
+    if method.startswith("dare"):
+        args += ["--density", "0.5"]
+    got, want = merge_both_ways(monkeypatch, tmp_path, args)
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_missing_rows_take_the_base_rows(vocab_models, monkeypatch, tmp_path):
+    """--vocab base: the fine-tune lacking the last row adds no delta there (dense check)."""
+    base, models = vocab_models
+    fewer = next(m for m in models if m.name == "fewer")
+    args = ["--method", "task_arithmetic", "--base_model", str(base), "--models_to_merge",
+            str(fewer)]
+    got, _ = merge_both_ways(monkeypatch, tmp_path, args)
+    b, f = load_weights(base), load_weights(fewer)
+    for name in (EMBED, HEAD):
+        want = torch.cat([f[name], b[name][-1:]])
+        torch.testing.assert_close(got[name], want, rtol=0, atol=1e-6)
+
+
+def test_inline_aim_in_chunks_equals_whole(vocab_models, monkeypatch, tmp_path):
+    base, models = vocab_models
+    args = ["--method", "dare_ties", "--density", "0.5", "--base_model", str(base),
+            "--models_to_merge", f"{models[0]},{models[1]}", "--aim", "--omega", "0.4",
+            "--calib_data", "builtin", "--stats", str(tmp_path / "stats.safetensors"), *CALIB]
+    got, want = merge_both_ways(monkeypatch, tmp_path, args)
+    assert all(torch.equal(got[k], want[k]) for k in want)
