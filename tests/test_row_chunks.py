@@ -1,11 +1,9 @@
 """Merging large tensors in row chunks (merging_methods/rows.py) gives the whole-tensor result."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import merge
 from merging_methods import rows
@@ -13,9 +11,8 @@ from merging_methods.checkpoint import ShardedWriter, TensorInfo
 from merging_methods.rows import row_ranges
 from tests.test_aim_cli import CALIB
 from tests.test_merge_cli import family, load_weights  # noqa: F401 - the fixture is used
+from tests.test_vocab_union import EMBED, HEAD, drop_last_row
 from tests.tiny_models import build_finetune
-
-EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
 def test_row_ranges_cover_whole_rows():
@@ -58,12 +55,7 @@ def vocab_models(family, tmp_path_factory):  # noqa: F811
     base, fts = family
     root = tmp_path_factory.mktemp("chunks")
     fewer = build_finetune(base, root / "fewer", seed=7)
-    weights = load_weights(fewer)
-    for name in (EMBED, HEAD):
-        weights[name] = weights[name][:-1].contiguous()
-    save_file(weights, fewer / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((fewer / "config.json").read_text())
-    (fewer / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] - 1}))
+    drop_last_row(fewer)
     added = build_finetune(base, root / "added", seed=8, added_tokens=("[PAD]",))
     return base, [*fts, fewer, added]
 

@@ -133,6 +133,30 @@ def test_union_equals_merging_hand_aligned_checkpoints(zoo, tmp_path, method):
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
+def drop_last_row(folder):
+    """Remove the last vocabulary row of a checkpoint (weights and config)."""
+    weights = load_weights(folder)
+    for name in (EMBED, HEAD):
+        weights[name] = weights[name][:-1].contiguous()
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] - 1}))
+
+
+def test_tokens_beyond_the_rows_are_dropped(zoo, tmp_path):
+    """Step 2: a tokenizer naming more added tokens than rows loses the surplus from its end."""
+    two = build_finetune(zoo["base"], tmp_path / "two", seed=6, added_tokens=("[PAD]", "<extra>"))
+    drop_last_row(two)
+    out = tmp_path / "out"
+    assert merge.main(["--method", "task_arithmetic", "--base_model", str(zoo["base"]),
+                       "--models_to_merge", f"{two},{zoo['angle']}", "--save_path", str(out),
+                       "--vocab", "union"]) == 0
+    tok = AutoTokenizer.from_pretrained(out)
+    v0 = load_weights(zoo["base"])[EMBED].shape[0]
+    assert len(tok) == v0 + 2 and "<extra>" not in tok.get_vocab()
+    assert tok.convert_tokens_to_ids(["[PAD]", "<pad>"]) == [v0, v0 + 1]
+
+
 def test_union_errors_exit_2(zoo, tmp_path, capsys):
     assert_user_error(capsys, union_merge(zoo, tmp_path / "e1", "bare_row"),
                       "--vocab union", "1 rows beyond the base vocabulary", "--vocab base")
@@ -144,12 +168,7 @@ def test_union_errors_exit_2(zoo, tmp_path, capsys):
                        "--vocab", "union"])
     assert_user_error(capsys, code, "--vocab union", "base tokenizer has")
     fewer = build_finetune(zoo["base"], tmp_path / "fewer", seed=5)
-    weights = load_weights(fewer)
-    for name in (EMBED, HEAD):
-        weights[name] = weights[name][:-1].contiguous()
-    save_file(weights, fewer / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((fewer / "config.json").read_text())
-    (fewer / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] - 1}))
+    drop_last_row(fewer)
     code = merge.main(["--method", "task_arithmetic", "--base_model", str(zoo["base"]),
                        "--models_to_merge", str(fewer), "--save_path", str(tmp_path / "e3"),
                        "--vocab", "union"])
