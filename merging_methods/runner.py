@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import logging
 import math
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -20,6 +21,7 @@ from merging_methods.checkpoint import (
     resolve_model_dir, staged_output,
 )
 from merging_methods.errors import UserError
+from merging_methods.overlap import IOThread
 from merging_methods.plan import MergePlan, TensorPlan, build_plan, input_embedding_rows
 from merging_methods.primitives import mask_generator
 from merging_methods.recipe import MergeRecipe
@@ -132,22 +134,68 @@ class TensorMerge:
             self.extra["generators"] = [mask_generator(seed, i, item.name)
                                         for i in range(len(self.models))]
 
-    def chunks(self):
-        return row_ranges(self.item.out.shape, splits_by_rows(self.spec, self.params))
+    def units(self) -> Iterator[tuple[RowRange | None, tuple[int, ...]]]:
+        """(rows, output shape of those rows) for each chunk this tensor is merged in."""
+        shape = self.item.out.shape
+        for rows in row_ranges(shape, splits_by_rows(self.spec, self.params)):
+            yield rows, shape if rows is None else (rows[1] - rows[0], *shape[1:])
 
-    def merge(self, rows: RowRange | None, device: torch.device,
-              out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Merge rows `rows` (None: a 0-d tensor); returns (merged float32, base) on `device`
-        (base in its stored dtype for methods that take it so); `out` is an optional float32
-        result buffer of the chunk's shape."""
-        keep = self.spec.stored_dtype_inputs
+    def read(self, rows: RowRange | None) -> list[torch.Tensor]:
+        """The stored rows of the base and of every model (vocab rows fitted), base first."""
         base_rows = self.base.get(rows)
-        others = [_to_device(m.get(rows, base_rows), m.reader.label, self.item.name, device, keep)
-                  for m in self.models]
-        base = _to_device(base_rows, self.inputs.base.label, self.item.name, device, keep)
-        del base_rows   # the stored copy; `base` may be a converted one
+        return [base_rows, *(m.get(rows, base_rows) for m in self.models)]
+
+    def merge(self, raw: list[torch.Tensor], device: torch.device,
+              out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Merge what `read` returned (emptied here, so each stored copy is freed as soon as it
+        is converted); returns (merged float32, base) on `device`, base in its stored dtype for
+        methods that take it so. `out` is an optional float32 result buffer of the rows' shape."""
+        keep, name = self.spec.stored_dtype_inputs, self.item.name
+        base = _to_device(raw.pop(0), self.inputs.base.label, name, device, keep)
+        others = [_to_device(raw.pop(0), m.reader.label, name, device, keep) for m in self.models]
         extra = {**self.extra, "out": out} if out is not None else self.extra
         return self.spec.fn(base, others, **self.params, **extra), base
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """Rows of one output tensor: merged by `job`, or copied from the base when job is None."""
+
+    name: str
+    rows: RowRange | None
+    shape: tuple[int, ...]
+    job: TensorMerge | None
+    nbytes: int   # the stored inputs read for it (the prefetch budget)
+
+
+def _work_units(spec: MethodSpec, recipe: MergeRecipe, inputs: OpenedInputs) -> list[WorkUnit]:
+    units = []
+    for item in inputs.plan.tensors:
+        if not item.merge:
+            units.append(WorkUnit(item.name, None, item.out.shape, None, item.out.nbytes))
+            continue
+        job = TensorMerge(spec, recipe.params, recipe.seed, item, inputs)
+        readers = [(inputs.base, item.name), *zip(inputs.models, item.sources)]
+        itemsizes = sum(reader.info[name].dtype.itemsize for reader, name in readers)
+        units += [WorkUnit(item.name, rows, shape, job, math.prod(shape) * itemsizes)
+                  for rows, shape in job.units()]
+    return units
+
+
+def _read_unit(base: CheckpointReader, unit: WorkUnit):
+    """The stored inputs of a unit (runs on the I/O thread)."""
+    return unit.job.read(unit.rows) if unit.job else base.get(unit.name)
+
+
+def _merge_unit(unit: WorkUnit, raw: list[torch.Tensor], device: torch.device,
+                results: ResultBuffer, post: TensorHook | None) -> torch.Tensor:
+    """The unit's rows merged, passed through `post` and cast to the output dtype (a tensor of
+    its own: the result buffer is reused by the next unit while this one is being written)."""
+    merged, base = unit.job.merge(raw, device, results.view(unit.shape))
+    if post is not None:
+        merged = post(unit.name, merged, base, unit.rows)
+    out = merged.to(unit.job.item.out.dtype)
+    return out.clone() if out.data_ptr() == merged.data_ptr() else out
 
 
 def run_merge(recipe: MergeRecipe, *, make_post: HookFactory | None = None) -> Path:
@@ -165,29 +213,19 @@ def run_merge(recipe: MergeRecipe, *, make_post: HookFactory | None = None) -> P
         log.warning(note)
     post, extra_record = make_post(inputs) if make_post else (None, {})
     save_path = Path(recipe.save_path)
-    merged_count = copied_count = 0
     results = ResultBuffer(device)
     with staged_output(save_path, recipe.overwrite) as tmp:
         writer = ShardedWriter(tmp, inputs.plan.out_infos, max_shard_bytes)
         total = sum(t.out.nbytes for t in inputs.plan.tensors)
-        with torch.inference_mode(), tqdm(total=total, unit="B", unit_scale=True,
-                                          desc=f"merge {recipe.method}") as bar:
-            for item in inputs.plan.tensors:
-                if not item.merge:
-                    writer.add(item.name, inputs.base.get(item.name))
-                    copied_count += 1
-                    bar.update(item.out.nbytes)
-                    continue
-                job = TensorMerge(spec, recipe.params, recipe.seed, item, inputs)
-                for rows in job.chunks():
-                    shape = item.out.shape if rows is None else (rows[1] - rows[0], *item.out.shape[1:])
-                    merged, base = job.merge(rows, device, results.view(shape))
-                    if post is not None:
-                        merged = post(item.name, merged, base, rows)
-                    out = merged.to(item.out.dtype)
-                    writer.add(item.name, out, rows[0] if rows else 0)
-                    bar.update(out.numel() * out.element_size())
-                merged_count += 1
+        with torch.inference_mode(), IOThread() as io, tqdm(
+                total=total, unit="B", unit_scale=True, desc=f"merge {recipe.method}") as bar:
+            units = _work_units(spec, recipe, inputs)
+            loads = ((partial(_read_unit, inputs.base, unit), unit.nbytes) for unit in units)
+            for unit, raw in zip(units, io.prefetch(loads)):
+                out = raw if unit.job is None else _merge_unit(unit, raw, device, results, post)
+                io.write(partial(writer.add, unit.name, out, unit.rows[0] if unit.rows else 0))
+                bar.update(out.numel() * out.element_size())
+            io.flush()
         writer.close()
         config_updates = dtype_config_update(inputs.base.config, inputs.out_dtype)
         if inputs.union:
@@ -198,7 +236,8 @@ def run_merge(recipe: MergeRecipe, *, make_post: HookFactory | None = None) -> P
         record = {"merge": recipe.as_record(), **extra_record}
         write_record(tmp, record)
         write_model_card(tmp, record)
+    merged_count = sum(t.merge for t in inputs.plan.tensors)
     log.info("merged %d tensors, copied %d non-float tensors from the base -> %s",
-             merged_count, copied_count, save_path)
+             merged_count, len(inputs.plan.tensors) - merged_count, save_path)
     return save_path
 

@@ -1,0 +1,62 @@
+"""The I/O thread: results in order, prefetch only within its budget, write errors surface."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from merging_methods import overlap
+from merging_methods.errors import UserError
+from merging_methods.overlap import IOThread
+
+
+def test_prefetch_yields_in_order_on_the_io_thread():
+    threads = set()
+
+    def load(i):
+        threads.add(threading.current_thread().name)
+        return i * i
+
+    with IOThread() as io:
+        got = list(io.prefetch(((lambda i=i: load(i)), 1) for i in range(6)))
+    assert got == [0, 1, 4, 9, 16, 25]
+    assert threads and all(name.startswith("merge-io") for name in threads)
+    with IOThread() as io:
+        assert list(io.prefetch([])) == []
+
+
+@pytest.mark.parametrize("sizes, ahead", [((10, 10, 10), [True, True]),
+                                          ((10, 95, 10), [False, False]),
+                                          ((95, 10, 1), [False, True])])
+def test_prefetch_reads_ahead_only_within_the_budget(monkeypatch, sizes, ahead):
+    """Unit k+1 is read before unit k is handed out iff size(k) + size(k+1) <= the budget."""
+    monkeypatch.setattr(overlap, "PREFETCH_BYTES", 100)
+    started: list[int] = []
+    loads = [((lambda i=i: started.append(i) or i), n) for i, n in enumerate(sizes)]
+    with IOThread() as io:
+        results = io.prefetch(loads)
+        seen = []
+        for k in range(len(sizes)):
+            assert next(results) == k
+            io.write(lambda: None)   # a barrier: the single I/O thread runs tasks in order
+            io.flush()
+            seen.append(k + 1 in started)   # was the next unit read ahead?
+    assert seen[:-1] == ahead
+
+
+def test_write_errors_surface_on_the_next_write_or_flush():
+    def fail():
+        raise UserError("disk full")
+
+    with IOThread() as io:
+        io.write(fail)
+        with pytest.raises(UserError, match="disk full"):
+            io.write(lambda: None)
+        io.write(fail)
+        with pytest.raises(UserError, match="disk full"):
+            io.flush()
+        order: list[int] = []
+        for i in range(5):
+            io.write(lambda i=i: order.append(i))
+        io.flush()
+    assert order == [0, 1, 2, 3, 4]
