@@ -38,9 +38,18 @@ def run_child(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
     return wall, usage.ru_maxrss / 2**20   # KiB -> GiB
 
 
-def input_bytes(family: Path, n_experts: int) -> int:
+def input_files(family: Path, n_experts: int) -> list[Path]:
     folders = [family / "base"] + [family / f"expert{i}" for i in range(1, n_experts + 1)]
-    return sum(f.stat().st_size for d in folders for f in d.glob("*.safetensors"))
+    return [f for d in folders for f in sorted(d.glob("*.safetensors"))]
+
+
+def warm_page_cache(files: list[Path]) -> None:
+    """Read every input once, so each tool starts from page cache (this machine's kernel
+    reclaims idle page cache proactively, so files read minutes ago may be gone)."""
+    for f in files:
+        with open(f, "rb") as handle:
+            while handle.read(64 << 20):
+                pass
 
 
 def ours_cmd(family: Path, method: str, experts: list[str], out: Path, density: float,
@@ -67,8 +76,6 @@ def mergekit_cmd(exe: str, family: Path, method: str, experts: list[str], out: P
         lines += [f"      {k}: {v}" for k, v in params.items()]
     config = work / f"mergekit_{method}.yml"
     config.write_text("\n".join(lines) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
     return [exe, str(config), str(out), "--out-shard-size", "5B", "--lazy-unpickle"]
 
 
@@ -88,24 +95,34 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     experts = [str(family / f"expert{i}") for i in range(1, args.experts + 1)]
-    gb_in = input_bytes(family, args.experts) / 1e9
+    files = input_files(family, args.experts)
+    gb_in = sum(f.stat().st_size for f in files) / 1e9
     print(f"family {family}: {gb_in:.2f} GB of input shards, {args.experts} experts, "
           f"density {args.density}, {os.cpu_count()} CPUs")
 
     runs: dict[tuple[str, str], list[tuple[float, float]]] = {}
+
+    def timed(tool: str, method: str, cmd: list[str], out: Path) -> None:
+        if out.exists():
+            shutil.rmtree(out)
+        warm_page_cache(files)
+        wall, rss = run_child(cmd)
+        runs.setdefault((tool, method), []).append((wall, rss))
+        print(f"  {tool} {method}: {wall:.1f} s, {rss:.2f} GiB", flush=True)
+
+    plain_out = work / "plain_out"
     plain = [sys.executable, str(REPO / "bench" / "plain_loop.py"), str(family / "base"),
-             *experts, str(work / "plain_out")]
+             *experts, str(plain_out)]
     for _ in range(args.repeats):
-        runs.setdefault(("plain loop", "task_arithmetic"), []).append(run_child(plain))
+        timed("plain loop", "task_arithmetic", plain, plain_out)
         for method in args.methods.split(","):
             out = work / f"ours_{method}"
-            runs.setdefault(("ours", method), []).append(
-                run_child(ours_cmd(family, method, experts, out, args.density, args.threads)))
+            timed("ours", method, ours_cmd(family, method, experts, out, args.density,
+                                           args.threads), out)
             if args.mergekit and method in MERGEKIT_METHODS:
                 out = work / f"mergekit_{method}"
-                cmd = mergekit_cmd(args.mergekit, family, method, experts, out, args.density,
-                                   work)
-                runs.setdefault(("mergekit", method), []).append(run_child(cmd))
+                timed("mergekit", method, mergekit_cmd(args.mergekit, family, method, experts,
+                                                       out, args.density, work), out)
 
     print(f"\n| tool | method | wall s | peak RSS GiB | input GB/s | wall ratio | RSS ratio |")
     print("|---|---|---|---|---|---|---|")
