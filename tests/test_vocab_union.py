@@ -9,6 +9,8 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import merge
+import performAIM
+from tests.test_aim_cli import CALIB
 from tests.test_merge_cli import assert_user_error, load_weights
 from tests.tiny_models import build_finetune, build_llama
 
@@ -174,3 +176,20 @@ def test_union_errors_exit_2(zoo, tmp_path, capsys):
                        "--vocab", "union"])
     assert_user_error(capsys, code, "fewer than the base's")
     assert not any((tmp_path / e).exists() for e in ("e1", "e2", "e3"))
+
+
+def test_aim_on_a_union_merge_inline_equals_post_hoc(zoo, tmp_path):
+    """The grown rows are relaxed toward the base's mean rows both inline and by performAIM."""
+    stats = ["--calib_data", "builtin", "--stats", str(tmp_path / "stats.safetensors"), *CALIB]
+    merged, post_hoc, inline = tmp_path / "merged", tmp_path / "post_hoc", tmp_path / "inline"
+    assert union_merge(zoo, merged, "pad", "angle") == 0
+    assert performAIM.main(["--merged_model", str(merged), "--pretrained_model_name",
+                            str(zoo["base"]), "--omega", "0.4", "--save_path", str(post_hoc),
+                            *stats]) == 0
+    assert merge.main(["--method", "task_arithmetic", "--base_model", str(zoo["base"]),
+                       "--models_to_merge", f"{zoo['pad']},{zoo['angle']}", "--save_path",
+                       str(inline), "--vocab", "union", "--aim", "--omega", "0.4", *stats]) == 0
+    got, want = load_weights(inline), load_weights(post_hoc)
+    assert got[HEAD].shape[0] == load_weights(zoo["base"])[HEAD].shape[0] + 2
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert not torch.equal(got[HEAD], load_weights(merged)[HEAD])   # the head was relaxed
