@@ -46,18 +46,23 @@ def grown(t: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([t.double(), mean_rows(t, rows - t.shape[0])])
 
 
+def union_reference(zoo, models: tuple[str, ...], rows: int) -> dict[str, torch.Tensor]:
+    """Dense float64 task arithmetic of embedding and head over the hand-grown matrices."""
+    b = load_weights(zoo["base"])
+    others = [load_weights(zoo[m]) for m in models]
+    return {name: grown(b[name], rows) + sum(grown(o[name], rows) - grown(b[name], rows)
+                                             for o in others) for name in (EMBED, HEAD)}
+
+
 def test_example_a_one_added_pad_token(zoo, tmp_path):
     """32001 vs 32000: the base and the plain fine-tune gain a mean row; the delta of the new
     row is (fine-tune's pad row) - (base mean row) + (plain's mean row - base mean row)."""
     out = tmp_path / "a"
     assert union_merge(zoo, out, "pad", "plain") == 0
-    b, p, q = (load_weights(zoo[k]) for k in ("base", "pad", "plain"))
     got = load_weights(out)
-    v0 = b[EMBED].shape[0]
-    for name in (EMBED, HEAD):
-        want = grown(b[name], v0 + 1) + (p[name].double() - grown(b[name], v0 + 1)) + (
-            grown(q[name], v0 + 1) - grown(b[name], v0 + 1))
-        assert got[name].shape == (v0 + 1, b[name].shape[1])
+    v0 = load_weights(zoo["base"])[EMBED].shape[0]
+    for name, want in union_reference(zoo, ("pad", "plain"), v0 + 1).items():
+        assert got[name].shape == want.shape
         torch.testing.assert_close(got[name].double(), want, rtol=1e-5, atol=1e-6)
     assert json.loads((out / "config.json").read_text())["vocab_size"] == v0 + 1
     tok = AutoTokenizer.from_pretrained(out)
@@ -77,13 +82,11 @@ def test_example_b_two_different_pad_tokens_align_by_position(zoo, tmp_path):
     b, p, a = (load_weights(zoo[k]) for k in ("base", "pad", "angle"))
     got = load_weights(out)
     v0 = b[EMBED].shape[0]
-    for name in (EMBED, HEAD):
-        base = grown(b[name], v0 + 2)
-        want = base + (grown(p[name], v0 + 2) - base) + (grown(a[name], v0 + 2) - base)
+    for name, want in union_reference(zoo, ("pad", "angle"), v0 + 2).items():
         torch.testing.assert_close(got[name].double(), want, rtol=1e-5, atol=1e-6)
         # row V0 holds [PAD] of one fine-tune and <pad> of the other
-        torch.testing.assert_close(got[name][v0].double(),
-                                   p[name][v0].double() + a[name][v0].double() - base[v0])
+        torch.testing.assert_close(got[name][v0].double(), p[name][v0].double()
+                                   + a[name][v0].double() - b[name].double().mean(0))
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.convert_tokens_to_ids(["[PAD]", "<pad>"]) == [v0, v0 + 1]
     assert tok.pad_token == "<pad>"   # each addition re-assigns the pad token, as the reference
