@@ -21,11 +21,11 @@ from torch import Tensor
 
 from merging_methods.errors import UserError
 from merging_methods.primitives import (
-    Deltas, RandomDrop, TopK, block_size, blocks, l1_factor, topk_count,
+    Deltas, PresetDrop, RandomDrop, TopK, block_size, blocks, l1_factor, topk_count,
 )
 
 SUM_EPS = 1e-8  # a weight sum closer to 0 than this is treated as 0 (§0.6 step 4, §1)
-Sparsifier = TopK | RandomDrop | None
+Sparsifier = TopK | RandomDrop | PresetDrop | None
 Plan = Callable[[int, Deltas], tuple[Sparsifier, float]]  # model index -> (sparsifier, ci)
 
 
@@ -144,8 +144,10 @@ def _topk_plan(density: Sequence[float], rescale: bool) -> Plan:
 
 
 def _dare_plan(density: Sequence[float], generators: list[torch.Generator] | None,
-               rescale: bool, rescale_mode: str) -> Plan:
-    """Random Bernoulli(density) keep-mask per model, rescaled by 1/density or L1 (§4.2)."""
+               rescale: bool, rescale_mode: str,
+               keep_masks: Sequence[Tensor | None] | None = None) -> Plan:
+    """Random Bernoulli(density) keep-mask per model, rescaled by 1/density or L1 (§4.2); the
+    mask comes from `keep_masks[i]` when drawn ahead, else from `generators[i]`."""
     if rescale_mode not in ("inverse_density", "l1"):
         raise ValueError(f"rescale_mode: unknown mode {rescale_mode!r}")
 
@@ -153,9 +155,12 @@ def _dare_plan(density: Sequence[float], generators: list[torch.Generator] | Non
         p = density[i]
         if p >= 1.0:
             return None, 1.0
-        if generators is None:
+        if keep_masks is not None and keep_masks[i] is not None:
+            drop = PresetDrop(keep_masks[i])
+        elif generators is None:
             raise ValueError("DARE with density < 1 needs one generator per model")
-        drop = RandomDrop(p, generators[i], min(deltas.size, deltas.n))
+        else:
+            drop = RandomDrop(p, generators[i], min(deltas.size, deltas.n))
         if not rescale:
             return drop, 1.0
         if rescale_mode == "inverse_density":
@@ -211,10 +216,12 @@ def dare_linear(base: Tensor, others: list[Tensor], *, weights: Sequence[float],
                 density: Sequence[float], scaling: float = 1.0, normalize: bool = False,
                 rescale: bool = True, rescale_mode: str = "inverse_density",
                 generators: list[torch.Generator] | None = None,
+                keep_masks: Sequence[Tensor | None] | None = None,
                 is_input_embedding: bool = False, out: Tensor | None = None) -> Tensor:
     """DARE + linear sum (§4.2): θ0 + λ·Σ wi·d̃i with d̃i the randomly dropped, rescaled δi."""
-    _check_lengths(others, density=density, generators=generators)
-    return _gta(base, others, weights, _dare_plan(density, generators, rescale, rescale_mode),
+    _check_lengths(others, density=density, generators=generators, keep_masks=keep_masks)
+    return _gta(base, others, weights,
+                _dare_plan(density, generators, rescale, rescale_mode, keep_masks),
                 consensus=False, normalize=normalize, scaling=scaling, out=out)
 
 
@@ -222,8 +229,10 @@ def dare_ties(base: Tensor, others: list[Tensor], *, weights: Sequence[float],
               density: Sequence[float], scaling: float = 1.0, normalize: bool = False,
               rescale: bool = True, rescale_mode: str = "inverse_density",
               generators: list[torch.Generator] | None = None,
+              keep_masks: Sequence[Tensor | None] | None = None,
               is_input_embedding: bool = False, out: Tensor | None = None) -> Tensor:
     """DARE + TIES sign consensus (§4.2): θ0 + λ·Σ agreeing wi·d̃i (a disjoint sum by default)."""
-    _check_lengths(others, density=density, generators=generators)
-    return _gta(base, others, weights, _dare_plan(density, generators, rescale, rescale_mode),
+    _check_lengths(others, density=density, generators=generators, keep_masks=keep_masks)
+    return _gta(base, others, weights,
+                _dare_plan(density, generators, rescale, rescale_mode, keep_masks),
                 consensus=True, normalize=normalize, scaling=scaling, out=out)

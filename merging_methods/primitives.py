@@ -289,7 +289,28 @@ class RandomDrop:
         self.generator.set_state(self._state)
 
 
-def l1_factor(deltas: Deltas, sparsifier: TopK | RandomDrop) -> float:
+def draw_keep_mask(density: float, generator: torch.Generator, n: int) -> Tensor:
+    """The keep-mask RandomDrop draws for n entries, all at once: float 1 where rand < density.
+
+    Lets the mask of a chunk be drawn ahead on another thread (the draw is the costliest step
+    of DARE on CPU)."""
+    return torch.rand(n, generator=generator).lt_(density)
+
+
+class PresetDrop:
+    """DARE drop with a keep-mask drawn ahead by `draw_keep_mask` (same masks as RandomDrop)."""
+
+    def __init__(self, keep: Tensor):
+        self.keep = keep.reshape(-1)
+
+    def apply_(self, delta: Tensor, start: int) -> Tensor:
+        return delta.mul_(self.keep[start:start + delta.numel()].to(delta.device))
+
+    def rewind(self) -> None:
+        """Nothing to reset: the mask is kept."""
+
+
+def l1_factor(deltas: Deltas, sparsifier: TopK | RandomDrop | PresetDrop) -> float:
     """‖δ‖₁ / ‖sparse(δ)‖₁, or 1 when either norm is below 1e-7 (L1 rescale of §3.2 and §4.2)."""
     total = kept = 0.0
     for start, delta in deltas:

@@ -23,7 +23,7 @@ from merging_methods.checkpoint import (
 from merging_methods.errors import UserError
 from merging_methods.overlap import IOThread
 from merging_methods.plan import MergePlan, TensorPlan, build_plan, input_embedding_rows
-from merging_methods.primitives import mask_generator
+from merging_methods.primitives import draw_keep_mask, mask_generator
 from merging_methods.recipe import MergeRecipe
 from merging_methods.record import write_model_card, write_record
 from merging_methods.registry import MethodSpec, get_method, method_warnings, splits_by_rows
@@ -133,6 +133,9 @@ class TensorMerge:
         if spec.stochastic:
             self.extra["generators"] = [mask_generator(seed, i, item.name)
                                         for i in range(len(self.models))]
+        # DARE on row chunks: the chunk's keep-masks are drawn with its inputs (on the I/O
+        # thread, in chunk order, so the generators give the whole tensor's masks)
+        self.masks_ahead = spec.stochastic and splits_by_rows(spec, params)
 
     def units(self) -> Iterator[tuple[RowRange | None, tuple[int, ...]]]:
         """(rows, output shape of those rows) for each chunk this tensor is merged in."""
@@ -140,10 +143,16 @@ class TensorMerge:
         for rows in row_ranges(shape, splits_by_rows(self.spec, self.params)):
             yield rows, shape if rows is None else (rows[1] - rows[0], *shape[1:])
 
-    def read(self, rows: RowRange | None) -> list[torch.Tensor]:
-        """The stored rows of the base and of every model (vocab rows fitted), base first."""
+    def read(self, rows: RowRange | None) -> list:
+        """The stored rows of the base and of every model (vocab rows fitted), base first, then
+        (DARE on row chunks) the models' keep-masks for these rows."""
         base_rows = self.base.get(rows)
-        return [base_rows, *(m.get(rows, base_rows) for m in self.models)]
+        raw = [base_rows, *(m.get(rows, base_rows) for m in self.models)]
+        if self.masks_ahead:
+            p = self.params
+            raw.append([draw_keep_mask(d, g, base_rows.numel()) if d < 1 and w != 0 else None
+                        for d, w, g in zip(p["density"], p["weights"], self.extra["generators"])])
+        return raw
 
     def merge(self, raw: list[torch.Tensor], device: torch.device,
               out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,7 +162,9 @@ class TensorMerge:
         keep, name = self.spec.stored_dtype_inputs, self.item.name
         base = _to_device(raw.pop(0), self.inputs.base.label, name, device, keep)
         others = [_to_device(raw.pop(0), m.reader.label, name, device, keep) for m in self.models]
-        extra = {**self.extra, "out": out} if out is not None else self.extra
+        extra = {**self.extra, "out": out} if out is not None else dict(self.extra)
+        if raw:
+            extra["keep_masks"] = raw.pop()
         return self.spec.fn(base, others, **self.params, **extra), base
 
 
