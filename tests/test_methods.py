@@ -365,6 +365,20 @@ def test_dare_mask_is_torch_rand_below_density(block):
     assert torch.equal(out, torch.where(kept, other, base))
 
 
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+@pytest.mark.parametrize("mode", ["inverse_density", "l1"])
+def test_keep_masks_drawn_ahead_equal_the_generators(method, mode, block):
+    """Masks drawn at once per model (the runner draws them on its I/O thread) give the result
+    of the per-block generator draws; a model with density 1 needs no mask."""
+    base, others = family(shape=(33, 31))
+    density = [0.4, 1.0, 0.7]
+    want, params = run(method, base, others, density=density, rescale_mode=mode)
+    masks = [primitives.draw_keep_mask(d, ref_generator(SEED, i, NAME), base.numel())
+             if d < 1 else None for i, d in enumerate(density)]
+    got = METHODS[method].fn(base, others, **params, keep_masks=masks)
+    assert torch.equal(got, want)
+
+
 def test_dare_kept_entries_equal_delta_over_density():
     delta = family(n=1)[1][0]
     zero = torch.zeros_like(delta)
