@@ -26,7 +26,7 @@ from merging_methods.checkpoint import (TOKENIZER_FILES, CheckpointReader, Shard
 from merging_methods.errors import UserError
 from merging_methods.plan import HEAD_SUFFIXES
 from merging_methods.record import TOOLKIT_VERSION, read_record, write_model_card, write_record
-from merging_methods.vocab import extend_rows_with_mean
+from merging_methods.rows import AlignedRows, row_ranges
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +210,14 @@ def check_same_tensors(merged: CheckpointReader, base: CheckpointReader) -> None
                             "pass the base the merge started from")
 
 
+def _base_rows_if_fewer(base: CheckpointReader, merged: CheckpointReader, name: str) -> int | None:
+    """The base tensor's row count when the merged one has more rows (a grown vocabulary)."""
+    if name not in base.info:
+        return None
+    rows = base.info[name].shape[:1]
+    return rows[0] if rows and rows[0] < merged.info[name].shape[0] else None
+
+
 def output_paths(save_path: str, omegas: tuple[float, ...]) -> list[Path]:
     """One output per omega: SAVE_PATH itself, or SAVE_PATH_omega<value> for several."""
     if len(omegas) == 1:
@@ -237,15 +245,19 @@ def relax_checkpoint(merged_id: str, base_id: str, save_path: str, settings: Aim
         folders = [stack.enter_context(staged_output(out, overwrite)) for out in outputs]
         writers = [ShardedWriter(f, infos, parse_size(max_shard_size)) for f in folders]
         for name in tqdm(merged.names, desc="AIM relax", unit="tensor"):
-            tensor = merged.get(name)
-            if name in relaxers[0]:
-                m = tensor.to(device, torch.float32)
-                b = extend_rows_with_mean(base.get(name), m.shape[0]).to(device, torch.float32)
-                results = [r(name, m, b) for r in relaxers]
-            else:
-                results = [tensor] * len(relaxers)
-            for writer, result in zip(writers, results):
-                writer.add(name, result.to(infos[name].dtype))
+            # row chunks (relaxation is per element); a base with fewer vocab rows than the
+            # merged model gets mean rows (ALGORITHMS.md §13.3), read chunk by chunk
+            base_rows = AlignedRows(base, name, _base_rows_if_fewer(base, merged, name), "mean")
+            for rows in row_ranges(infos[name].shape, split=True):
+                tensor = merged.get(name, rows)
+                if name in relaxers[0]:
+                    m = tensor.to(device, torch.float32)
+                    b = base_rows.get(rows).to(device, torch.float32)
+                    results = [r(name, m, b, rows) for r in relaxers]
+                else:
+                    results = [tensor] * len(relaxers)
+                for writer, result in zip(writers, results):
+                    writer.add(name, result.to(infos[name].dtype), rows[0] if rows else 0)
         for writer, folder, relaxer in zip(writers, folders, relaxers):
             writer.close()
             copy_model_files(merged.folder, folder,

@@ -105,13 +105,6 @@ def mean_row(chunks: Iterable[torch.Tensor]) -> torch.Tensor:
     return (total / count).to(dtype)
 
 
-def extend_rows_with_mean(tensor: torch.Tensor, rows: int) -> torch.Tensor:
-    """A vocab matrix grown to `rows` rows, every new row the mean of the existing ones (§13.1)."""
-    if tensor.ndim != 2 or tensor.shape[0] >= rows:
-        return tensor
-    return torch.cat([tensor, mean_row([tensor]).expand(rows - tensor.shape[0], -1)], dim=0)
-
-
 def vocab_config_update(config: dict, rows: int) -> dict:
     """config.json keys to set so the config declares `rows` tokens (top level or text_config)."""
     if "vocab_size" in config or not isinstance(config.get("text_config"), dict):

@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 import merge
+import performAIM
 from merging_methods import rows
 from merging_methods.checkpoint import ShardedWriter, TensorInfo
 from merging_methods.rows import row_ranges
@@ -106,3 +107,22 @@ def test_inline_aim_in_chunks_equals_whole(vocab_models, monkeypatch, tmp_path):
             "--calib_data", "builtin", "--stats", str(tmp_path / "stats.safetensors"), *CALIB]
     got, want = merge_both_ways(monkeypatch, tmp_path, args)
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_performaim_in_chunks_equals_whole(vocab_models, monkeypatch, tmp_path):
+    """performAIM relaxes row chunks; a merged model with a grown vocabulary gets the base's
+    mean rows chunk by chunk."""
+    base, models = vocab_models
+    added = next(m for m in models if m.name == "added")
+    merged = tmp_path / "merged"
+    assert merge.main(["--method", "task_arithmetic", "--base_model", str(base), "--models_to_merge",
+                       f"{models[0]},{added}", "--vocab", "union", "--save_path", str(merged)]) == 0
+    args = ["--merged_model", str(merged), "--pretrained_model_name", str(base), "--omega", "0.4",
+            "--calib_data", "builtin", "--stats", str(tmp_path / "stats.safetensors"), *CALIB]
+    whole, chunked = tmp_path / "whole", tmp_path / "chunked"
+    assert performAIM.main([*args, "--save_path", str(whole)]) == 0
+    monkeypatch.setattr(rows, "CHUNK_ELEMENTS", 1)
+    assert performAIM.main([*args, "--save_path", str(chunked)]) == 0
+    got, want = load_weights(chunked), load_weights(whole)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert got[HEAD].shape[0] == load_weights(base)[HEAD].shape[0] + 1
