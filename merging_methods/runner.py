@@ -1,15 +1,17 @@
-"""run_merge: preflight -> per-tensor merge loop -> sharded write -> side files.
+"""run_merge: preflight -> per-unit merge loop -> sharded write -> side files.
 
 This is the only code that loops over tensor names, chooses the device and dtypes, seeds
-randomness and decides what happens to tensors that are not merged. Peak memory is about
-(number of models + 2) x the largest tensor in float32, plus one output shard.
+randomness and decides what happens to tensors that are not merged. A unit of work is a chunk
+of rows of one tensor (rows.py; the whole tensor for top-k and WIDEN); an I/O thread reads the
+next unit and writes the previous one while the current one is merged (overlap.py). Peak memory
+is a few chunks for per-element methods and about (models + 2) x the largest tensor otherwise.
 """
 from __future__ import annotations
 
 import logging
 import math
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
