@@ -19,7 +19,7 @@ import torch
 from merging_methods.checkpoint import CheckpointReader
 from merging_methods.vocab import mean_row
 
-CHUNK_ELEMENTS = 1 << 23  # 32 MiB of float32 per chunk and per model
+CHUNK_ELEMENTS = 1 << 22  # 16 MiB of float32 per chunk and per model
 RowRange = tuple[int, int]
 
 

@@ -23,13 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TINY_ARGS = ["--preset", "ci", "--steps-scale", "0.05", "--eval-size", "4", "--ppl-docs", "2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run several times faster on one thread than on two on a 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- corpus and tokenizer -------------------------------------------------------------------
