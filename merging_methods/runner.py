@@ -88,16 +88,19 @@ def open_inputs(recipe: MergeRecipe) -> OpenedInputs:
     return OpenedInputs(base, models, plan, out_dtype, union)
 
 
-def _to_device(tensor: torch.Tensor, label: str, name: str, device: torch.device,
-               keep_dtype: bool = False) -> torch.Tensor:
-    """An input tensor on `device`, as float32 unless `keep_dtype` (then as stored, if it is
-    a float type); non-finite values are a UserError."""
-    wanted = tensor.dtype if keep_dtype and tensor.dtype.is_floating_point else torch.float32
-    tensor = tensor.to(device=device, dtype=wanted)
+def _checked(tensor: torch.Tensor, label: str, name: str) -> torch.Tensor:
+    """`tensor` itself; NaN or inf in it is a UserError (runs on the I/O thread)."""
     if not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
         raise UserError(f"{label}: tensor {name} contains NaN or inf; the checkpoint is "
                         "corrupt or was saved in too narrow a dtype")
     return tensor
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device, keep_dtype: bool) -> torch.Tensor:
+    """An input tensor on `device`, as float32 unless `keep_dtype` (then as stored, if it is
+    a float type)."""
+    wanted = tensor.dtype if keep_dtype and tensor.dtype.is_floating_point else torch.float32
+    return tensor.to(device=device, dtype=wanted)
 
 
 class ResultBuffer:
@@ -146,10 +149,12 @@ class TensorMerge:
             yield rows, shape if rows is None else (rows[1] - rows[0], *shape[1:])
 
     def read(self, rows: RowRange | None) -> list:
-        """The stored rows of the base and of every model (vocab rows fitted), base first, then
-        (DARE on row chunks) the models' keep-masks for these rows."""
-        base_rows = self.base.get(rows)
-        raw = [base_rows, *(m.get(rows, base_rows) for m in self.models)]
+        """The stored rows of the base and of every model (vocab rows fitted, checked finite),
+        base first, then (DARE on row chunks) the models' keep-masks for these rows."""
+        name = self.item.name
+        base_rows = _checked(self.base.get(rows), self.inputs.base.label, name)
+        raw = [base_rows, *(_checked(m.get(rows, base_rows), m.reader.label, name)
+                            for m in self.models)]
         if self.masks_ahead:
             p = self.params
             raw.append([draw_keep_mask(d, g, base_rows.numel()) if d < 1 and w != 0 else None
@@ -161,9 +166,9 @@ class TensorMerge:
         """Merge what `read` returned (emptied here, so each stored copy is freed as soon as it
         is converted); returns (merged float32, base) on `device`, base in its stored dtype for
         methods that take it so. `out` is an optional float32 result buffer of the rows' shape."""
-        keep, name = self.spec.stored_dtype_inputs, self.item.name
-        base = _to_device(raw.pop(0), self.inputs.base.label, name, device, keep)
-        others = [_to_device(raw.pop(0), m.reader.label, name, device, keep) for m in self.models]
+        keep = self.spec.stored_dtype_inputs
+        base = _to_device(raw.pop(0), device, keep)
+        others = [_to_device(raw.pop(0), device, keep) for _ in self.models]
         extra = {**self.extra, "out": out} if out is not None else dict(self.extra)
         if raw:
             extra["keep_masks"] = raw.pop()
