@@ -212,27 +212,24 @@ def ties(base: Tensor, others: list[Tensor], *, weights: Sequence[float],
                 normalize=normalize, scaling=scaling, out=out)
 
 
-def dare_linear(base: Tensor, others: list[Tensor], *, weights: Sequence[float],
-                density: Sequence[float], scaling: float = 1.0, normalize: bool = False,
-                rescale: bool = True, rescale_mode: str = "inverse_density",
-                generators: list[torch.Generator] | None = None,
-                keep_masks: Sequence[Tensor | None] | None = None,
-                is_input_embedding: bool = False, out: Tensor | None = None) -> Tensor:
-    """DARE + linear sum (§4.2): θ0 + λ·Σ wi·d̃i with d̃i the randomly dropped, rescaled δi."""
-    _check_lengths(others, density=density, generators=generators, keep_masks=keep_masks)
-    return _gta(base, others, weights,
-                _dare_plan(density, generators, rescale, rescale_mode, keep_masks),
-                consensus=False, normalize=normalize, scaling=scaling, out=out)
+def _dare_method(consensus: bool, doc: str) -> Callable[..., Tensor]:
+    """dare_linear (no consensus) or dare_ties (sum-elected signs): one body, two methods."""
+    def method(base: Tensor, others: list[Tensor], *, weights: Sequence[float],
+               density: Sequence[float], scaling: float = 1.0, normalize: bool = False,
+               rescale: bool = True, rescale_mode: str = "inverse_density",
+               generators: list[torch.Generator] | None = None,
+               keep_masks: Sequence[Tensor | None] | None = None,
+               is_input_embedding: bool = False, out: Tensor | None = None) -> Tensor:
+        _check_lengths(others, density=density, generators=generators, keep_masks=keep_masks)
+        return _gta(base, others, weights,
+                    _dare_plan(density, generators, rescale, rescale_mode, keep_masks),
+                    consensus=consensus, normalize=normalize, scaling=scaling, out=out)
+
+    method.__doc__ = doc
+    return method
 
 
-def dare_ties(base: Tensor, others: list[Tensor], *, weights: Sequence[float],
-              density: Sequence[float], scaling: float = 1.0, normalize: bool = False,
-              rescale: bool = True, rescale_mode: str = "inverse_density",
-              generators: list[torch.Generator] | None = None,
-              keep_masks: Sequence[Tensor | None] | None = None,
-              is_input_embedding: bool = False, out: Tensor | None = None) -> Tensor:
-    """DARE + TIES sign consensus (§4.2): θ0 + λ·Σ agreeing wi·d̃i (a disjoint sum by default)."""
-    _check_lengths(others, density=density, generators=generators, keep_masks=keep_masks)
-    return _gta(base, others, weights,
-                _dare_plan(density, generators, rescale, rescale_mode, keep_masks),
-                consensus=True, normalize=normalize, scaling=scaling, out=out)
+dare_linear = _dare_method(
+    False, "DARE + linear sum (§4.2): θ0 + λ·Σ wi·d̃i with d̃i the randomly dropped, rescaled δi.")
+dare_ties = _dare_method(
+    True, "DARE + TIES sign consensus (§4.2): θ0 + λ·Σ agreeing wi·d̃i (a disjoint sum by default).")
