@@ -45,10 +45,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.aim:
             from aim.pipeline import inline_hook_factory, settings_from_args
 
+            from merging_methods.output import check_output_path
+
             settings = settings_from_args(args)
             if len(settings.omegas) > 1:
                 raise UserError("--omega: merge.py --aim takes one value; use performAIM.py on "
                                 "the merged model for several")
+            check_output_path(args.save_path, args.overwrite, (settings.stats, settings.calib_data))
             make_post = inline_hook_factory(settings, resolve_device(args.device))
         out = run_merge(recipe, make_post=make_post)
         print(f"saved merged model to {out}")

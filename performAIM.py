@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def work() -> int:
         from aim.pipeline import output_paths, relax_checkpoint, settings_from_args
-        from merging_methods.checkpoint import check_output_path, parse_dtype, parse_size
+        from merging_methods.checkpoint import parse_dtype, parse_size
+        from merging_methods.output import prepare_output
         from merging_methods.runner import resolve_device
 
         args = build_parser().parse_args(argv)
@@ -50,8 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.dtype:
             parse_dtype(args.dtype)
         parse_size(args.max_shard_size)
+        inputs = (args.merged_model, args.pretrained_model_name, settings.stats, settings.calib_data)
         for out in output_paths(args.save_path, settings.omegas):   # fail before calibrating
-            check_output_path(out.resolve(), args.overwrite)
+            prepare_output(out, args.overwrite, inputs)
         written = relax_checkpoint(args.merged_model, args.pretrained_model_name, args.save_path,
                                    settings, device, out_dtype=args.dtype,
                                    max_shard_size=args.max_shard_size, overwrite=args.overwrite)

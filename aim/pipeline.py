@@ -22,8 +22,9 @@ from aim.stats_io import (ActivationStats, StatsKey, base_fingerprint, file_sha2
 from merging_methods.checkpoint import (TOKENIZER_FILES, CheckpointReader, ShardedWriter,
                                         TensorInfo, copy_model_files, dtype_config_update,
                                         dtype_name, has_tokenizer, parse_dtype, parse_size,
-                                        resolve_model_dir, staged_output)
+                                        resolve_model_dir)
 from merging_methods.errors import UserError
+from merging_methods.output import staged_output
 from merging_methods.plan import HEAD_SUFFIXES
 from merging_methods.record import TOOLKIT_VERSION, read_record, write_model_card, write_record
 from merging_methods.rows import AlignedRows, row_ranges
@@ -84,6 +85,9 @@ def settings_from_args(args: argparse.Namespace) -> AimSettings:
         raise UserError(f"--omega: expected numbers like 0.4 or 0.2,0.4, got {args.omega!r}")
     if not omegas:
         raise UserError("--omega: give at least one value")
+    if len(set(omegas)) < len(omegas):
+        log.info("--omega: %s repeats a value; each distinct value is written once", args.omega)
+        omegas = tuple(dict.fromkeys(omegas))
     bad = [w for w in omegas if not 0.0 <= w <= 1.0]
     if bad:
         raise UserError(f"--omega: {bad[0]} is outside [0, 1]; 1 keeps the merged model, 0 "
@@ -222,7 +226,11 @@ def output_paths(save_path: str, omegas: tuple[float, ...]) -> list[Path]:
     """One output per omega: SAVE_PATH itself, or SAVE_PATH_omega<value> for several."""
     if len(omegas) == 1:
         return [Path(save_path)]
-    return [Path(f"{save_path}_omega{w:g}") for w in omegas]
+    paths = [Path(f"{save_path}_omega{w:g}") for w in omegas]
+    if len(set(paths)) < len(paths):
+        raise UserError(f"--omega: values {', '.join(map(repr, omegas))} give the same output "
+                        "folder name (6 significant digits); give values that differ there")
+    return paths
 
 
 def relax_checkpoint(merged_id: str, base_id: str, save_path: str, settings: AimSettings,
@@ -242,7 +250,8 @@ def relax_checkpoint(merged_id: str, base_id: str, save_path: str, settings: Aim
     infos = {n: TensorInfo(i.shape, dtype if i.dtype.is_floating_point else i.dtype)
              for n, i in merged.info.items()}
     with ExitStack() as stack, torch.inference_mode():
-        folders = [stack.enter_context(staged_output(out, overwrite)) for out in outputs]
+        inputs = [merged.folder, base.folder, settings.stats, settings.calib_data]
+        folders = [stack.enter_context(staged_output(out, overwrite, inputs)) for out in outputs]
         writers = [ShardedWriter(f, infos, parse_size(max_shard_size)) for f in folders]
         for name in tqdm(merged.names, desc="AIM relax", unit="tensor"):
             # row chunks (relaxation is per element); a base with fewer vocab rows than the

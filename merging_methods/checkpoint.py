@@ -7,24 +7,20 @@
   `pytorch_model*.bin` through `torch.load(mmap=True, weights_only=True)`.
 * `ShardedWriter` plans shards from known sizes, writes each shard's header first and every
   tensor at its planned offset the moment it arrives (nothing is held in memory), then the index.
-* `staged_output` writes into a temporary sibling folder and renames it at the end, so an
-  interrupted run never leaves a half-written model under the output path.
+Output folders (checks, staging, crash leftovers) are in `merging_methods.output`.
 """
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
 import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
-from merging_methods.errors import UserError
+from merging_methods.errors import UserError, first_line, writing
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +184,7 @@ class CheckpointReader:
             except UserError:
                 raise
             except Exception as err:  # noqa: BLE001 - corrupt/unreadable file -> one line
-                raise UserError(f"{self.label}: cannot read {path} ({_first_line(err)}); "
+                raise UserError(f"{self.label}: cannot read {path} ({first_line(err)}); "
                                 "re-download the file")
         return self._handles[fname]
 
@@ -218,7 +214,7 @@ class CheckpointReader:
             return handle.read(name, rows)
         except Exception as err:  # noqa: BLE001
             raise UserError(f"{self.label}: cannot read tensor {name} from "
-                            f"{self.folder / self._file_of[name]} ({_first_line(err)}); "
+                            f"{self.folder / self._file_of[name]} ({first_line(err)}); "
                             "re-download the file")
 
     @property
@@ -304,11 +300,6 @@ def _load_bin_lazily(path: Path) -> dict[str, torch.Tensor]:
         log.warning("%s is in the legacy pickle format and cannot be memory-mapped; "
                     "loading it whole", path.name)
         return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:200] if text else type(err).__name__
 
 
 # ----------------------------------------------------------------------------------------
@@ -422,16 +413,10 @@ class ShardedWriter:
         k = self._shard_of[name]
         path = self.folder / self.file_names[k]
         row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
-        try:
+        with writing(path):
             if k not in self._files:
                 self._files[k] = _ShardFile(path, {n: self.infos[n] for n in self._shard_names[k]})
             self._files[k].write(name, tensor, row_start * row_bytes)
-        except OSError as err:
-            if err.errno == errno.ENOSPC:
-                raise UserError(f"disk full while writing {path}; free space there or choose "
-                                "another --save_path")
-            raise UserError(f"cannot write {path} ({_first_line(err)}); check permissions and "
-                            "free space")
 
     def close(self) -> None:
         missing = sorted(set(self.infos) - {n for f in self._files.values()
@@ -445,50 +430,6 @@ class ShardedWriter:
                 "weight_map": {n: self.file_names[k] for n, k in self._shard_of.items()},
             }
             (self.folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-
-
-# ----------------------------------------------------------------------------------------
-# Output folders
-
-
-def check_output_path(save_path: Path, overwrite: bool, flag: str = "--save_path") -> None:
-    """Refuse an existing non-empty output unless `overwrite` (call before any heavy work)."""
-    if save_path.exists() and not save_path.is_dir():
-        raise UserError(f"{flag}: {save_path} is a file; choose a folder path")
-    if save_path.is_dir() and any(save_path.iterdir()) and not overwrite:
-        raise UserError(f"{flag}: {save_path} already exists and is not empty; choose another "
-                        "path or pass --overwrite")
-
-
-@contextmanager
-def staged_output(save_path: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces `save_path` atomically.
-
-    On any exception (including Ctrl-C) the temporary folder is removed and `save_path` is
-    left as it was.
-    """
-    save_path = Path(save_path).resolve()
-    check_output_path(save_path, overwrite)
-    try:
-        save_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = save_path.parent / f".{save_path.name}.partial-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    except OSError as err:
-        raise UserError(f"--save_path: cannot create {save_path.parent} ({_first_line(err)})")
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if save_path.exists():
-        old = save_path.parent / f".{save_path.name}.old-{os.getpid()}"
-        save_path.rename(old)
-        tmp.rename(save_path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(save_path)
 
 
 def has_tokenizer(folder: Path) -> bool:
@@ -513,11 +454,12 @@ def copy_model_files(src: Path, dst: Path, *, names: tuple[str, ...] = MODEL_SID
         source = Path(src) / name
         if not source.exists():
             continue
-        if name == "config.json" and config_updates:
-            config = json.loads(source.read_text())
-            config.update(config_updates)
-            (Path(dst) / name).write_text(json.dumps(config, indent=2) + "\n")
-        else:
-            shutil.copyfile(source, Path(dst) / name)
+        with writing(Path(dst) / name):
+            if name == "config.json" and config_updates:
+                config = json.loads(source.read_text())
+                config.update(config_updates)
+                (Path(dst) / name).write_text(json.dumps(config, indent=2) + "\n")
+            else:
+                shutil.copyfile(source, Path(dst) / name)
         copied.append(name)
     return copied

@@ -7,13 +7,35 @@ instead of a traceback.
 """
 from __future__ import annotations
 
+import errno
 import signal
 import sys
-from typing import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
 
 
 class UserError(Exception):
     """A problem with the user's input; printed as one line, exit code 2."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (at most 200 characters), or its type name."""
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
+@contextmanager
+def writing(path: Path | str, flag: str = "--save_path") -> Iterator[None]:
+    """Turn an OSError raised while writing `path` (disk full, permissions) into a UserError."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"disk full while writing {path}; free space there or choose "
+                            f"another {flag}") from None
+        raise UserError(f"cannot write {path} ({first_line(err)}); check permissions and free "
+                        f"space, or choose another {flag}") from None
 
 
 def _raise_keyboard_interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
@@ -24,7 +46,7 @@ def exit_code_for_user_errors(work: Callable[[], int]) -> int:
     """Run `work`; map UserError to exit 2 and Ctrl-C / SIGTERM to exit 130, one line each.
 
     SIGTERM is turned into KeyboardInterrupt so that staged output folders are cleaned up
-    (see `checkpoint.staged_output`) when a job scheduler stops the run.
+    (see `output.staged_output`) when a job scheduler stops the run.
     """
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:

@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from merging_methods.checkpoint import parse_dtype, parse_size
 from merging_methods.errors import UserError
+from merging_methods.output import check_output_path
 from merging_methods.registry import FLAGS as PARAM_FLAGS
 from merging_methods.registry import METHODS, get_method, validate_params
 
@@ -133,8 +133,7 @@ def recipe_from_args(args: argparse.Namespace) -> MergeRecipe:
     if args.dtype is not None:
         parse_dtype(args.dtype)
     parse_size(args.max_shard_size)
-    if Path(args.save_path).resolve() in {Path(m).resolve() for m in (*models, args.base_model)}:
-        raise UserError("--save_path: must differ from the input model folders")
+    check_output_path(args.save_path, args.overwrite, (*models, args.base_model))
     return MergeRecipe(method=args.method, base_model=args.base_model, models=models,
                        save_path=args.save_path, params=params, seed=args.seed,
                        vocab=args.vocab, dtype=args.dtype, device=args.device,

@@ -20,9 +20,10 @@ from tqdm import tqdm
 
 from merging_methods.checkpoint import (
     CheckpointReader, ShardedWriter, copy_model_files, dtype_config_update, parse_dtype, parse_size,
-    resolve_model_dir, staged_output,
+    resolve_model_dir,
 )
 from merging_methods.errors import UserError
+from merging_methods.output import staged_output
 from merging_methods.overlap import IOThread
 from merging_methods.plan import MergePlan, TensorPlan, build_plan, input_embedding_rows
 from merging_methods.primitives import draw_keep_mask, mask_generator
@@ -232,7 +233,8 @@ def run_merge(recipe: MergeRecipe, *, make_post: HookFactory | None = None) -> P
     post, extra_record = make_post(inputs) if make_post else (None, {})
     save_path = Path(recipe.save_path)
     results = ResultBuffer(device)
-    with staged_output(save_path, recipe.overwrite) as tmp:
+    folders = [inputs.base.folder, *(m.folder for m in inputs.models)]
+    with staged_output(save_path, recipe.overwrite, folders) as tmp:
         writer = ShardedWriter(tmp, inputs.plan.out_infos, max_shard_bytes)
         total = sum(t.out.nbytes for t in inputs.plan.tensors)
         with torch.inference_mode(), IOThread() as io, tqdm(

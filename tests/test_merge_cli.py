@@ -219,6 +219,7 @@ def test_existing_output_needs_overwrite(family, tmp_path, capsys):
             "--save_path", out]
     assert_user_error(capsys, run_merge_cli(*args), "--save_path", "--overwrite")
     assert (out / "keep.txt").read_text() == "precious"
+    (out / "merge_recipe.yaml").write_text("an earlier output of this toolkit")
     assert run_merge_cli(*args, "--overwrite") == 0
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
     assert not list(tmp_path.glob(".o.*"))      # no staging folder left behind
