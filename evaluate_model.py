@@ -110,6 +110,7 @@ def benchmark_list(args: argparse.Namespace) -> list[str]:
 
 def run_report(args: argparse.Namespace) -> int:
     from evaluation.report import make_report
+    from merging_methods.errors import writing
 
     population = [f for item in args.population for f in _names(item)]
     if not population:
@@ -124,7 +125,7 @@ def run_report(args: argparse.Namespace) -> int:
         raise UserError(f"--report: {err}") from err
     print(text)
     if args.report_md:
-        with open(args.report_md, "w") as fh:
+        with writing(args.report_md, "--report_md"), open(args.report_md, "w") as fh:
             fh.write(text + "\n")
     if plot:
         print(f"\nPareto plot: {plot}")
@@ -134,7 +135,12 @@ def run_report(args: argparse.Namespace) -> int:
 def run_evaluation(args: argparse.Namespace) -> int:
     from evaluation.results import save_results
     from evaluation.runner import evaluate
+    from merging_methods.errors import check_writable, writing
 
+    if args.limit is not None and not 0 < args.limit < float("inf"):
+        raise UserError(f"--limit: must be a positive number of examples or a fraction below 1, "
+                        f"got {args.limit}")
+    check_writable(args.save_path, "--save_path")   # before the evaluation, not after
     record = evaluate(
         args.model, benchmark_list(args), label=args.label, backend=args.backend,
         device=args.device, dtype=args.dtype, batch_size=args.batch_size,
@@ -143,7 +149,6 @@ def run_evaluation(args: argparse.Namespace) -> int:
         apply_chat_template=args.apply_chat_template, gen_kwargs=args.gen_kwargs,
         bootstrap_iters=args.bootstrap_iters, log_samples=args.log_samples,
         tasks_dirs=tuple(d for item in args.tasks_dir for d in _names(item)))
-    path = save_results(record, args.save_path)
     print(f"\n{record['label']}")
     for note in record["notes"]:
         print(f"note: {note}")
@@ -151,6 +156,8 @@ def run_evaluation(args: argparse.Namespace) -> int:
         print(f"  {name:<16} {head['value']:.4f}  ({head['task']}: {head['metric']})")
     for line in record["errors"].values():
         print(f"error: {line}", file=sys.stderr)
+    with writing(args.save_path):   # the scores are printed above even if this fails
+        path = save_results(record, args.save_path)
     print(f"results: {path}")
     return 2 if record["errors"] else 0
 

@@ -28,6 +28,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def refuse_aim_flags_without_aim(args: argparse.Namespace) -> None:
+    """An AIM flag given without --aim would silently give a plain merge: refuse it."""
+    from aim.pipeline import add_aim_arguments
+    from merging_methods.errors import UserError
+
+    aim_only = argparse.ArgumentParser(add_help=False)
+    add_aim_arguments(aim_only, several_omegas=False)
+    given = [name for name, default in vars(aim_only.parse_args([])).items()
+             if getattr(args, name) != default]
+    if given:
+        raise UserError(f"--{given[0]} applies only with --aim; add --aim to relax the merge, or "
+                        "drop the flag")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
@@ -37,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         from merging_methods.runner import resolve_device, run_merge
 
         args = build_parser().parse_args(argv)
+        if args.threads < 1:
+            raise UserError(f"--threads: must be at least 1, got {args.threads}")
+        if not args.aim:
+            refuse_aim_flags_without_aim(args)
         import torch
 
         torch.set_num_threads(args.threads)

@@ -21,9 +21,9 @@ from aim.stats_io import (ActivationStats, StatsKey, base_fingerprint, file_sha2
                           save_stats)
 from merging_methods.checkpoint import (TOKENIZER_FILES, CheckpointReader, ShardedWriter,
                                         TensorInfo, copy_model_files, dtype_config_update,
-                                        dtype_name, has_tokenizer, parse_dtype, parse_size,
-                                        resolve_model_dir)
-from merging_methods.errors import UserError
+                                        dtype_name, finite, has_tokenizer, non_finite_parameters,
+                                        parse_dtype, parse_size, resolve_model_dir)
+from merging_methods.errors import UserError, check_writable, writing
 from merging_methods.output import staged_output
 from merging_methods.plan import HEAD_SUFFIXES
 from merging_methods.record import TOOLKIT_VERSION, read_record, write_model_card, write_record
@@ -129,11 +129,14 @@ def obtain_stats(base_dir: Path, base_id: str, settings: AimSettings,
         log.info("AIM: reusing statistics from %s (%s blocks)", settings.stats, metadata.get("n_blocks"))
         return stats, {**record, "stats_file": str(settings.stats),
                        "stats_sha256": file_sha256(settings.stats), "n_blocks": metadata.get("n_blocks")}
+    if settings.stats:
+        check_writable(Path(settings.stats).parent, "--stats")
     stats, blocks = _calibrate(base_dir, settings, device, dtype)
     record["n_blocks"] = int(blocks.shape[0])
     if settings.stats:
-        save_stats(settings.stats, stats, key, base_model=base_id, blocks=blocks,
-                   toolkit_version=TOOLKIT_VERSION)
+        with writing(settings.stats, "--stats"):
+            save_stats(settings.stats, stats, key, base_model=base_id, blocks=blocks,
+                       toolkit_version=TOOLKIT_VERSION)
         record.update(stats_file=str(settings.stats), stats_sha256=file_sha256(settings.stats))
     return stats, record
 
@@ -158,6 +161,10 @@ def _calibrate(base_dir: Path, settings: AimSettings, device: torch.device,
     blocks = build_blocks(texts, tokenizer, n_samples=settings.calib_samples,
                           block_size=settings.block_size, seed=settings.calib_seed)
     model = load_base_for_calibration(str(base_dir), device, dtype)
+    bad = non_finite_parameters(model)
+    if bad:
+        raise UserError(f"--pretrained_model_name {base_dir}: tensor {bad[0]} contains NaN or inf; "
+                        "the checkpoint is corrupt or was saved in too narrow a dtype")
     try:
         stats = collect_stats(model, blocks, batch_size=settings.batch_size)
     finally:
@@ -175,6 +182,11 @@ class Relaxer:
         if missing:
             raise UserError(f"--stats: statistics name {missing[0]} which the merged model lacks; "
                             "they belong to another architecture")
+        bad = sorted(n for n, s in by_name.items() if not torch.isfinite(s).all())
+        if bad:
+            raise UserError(f"AIM statistics of {bad[0]} contain NaN or inf (the calibration "
+                            "overflowed in --calib_dtype, or a bad --stats file); calibrate in "
+                            "float32 with a new --stats path")
         self.axes = axes
         self.factors = relaxation_factors(by_name, shapes, axes, omega, mode)
         self.omega = omega
@@ -258,10 +270,10 @@ def relax_checkpoint(merged_id: str, base_id: str, save_path: str, settings: Aim
             # merged model gets mean rows (ALGORITHMS.md §13.3), read chunk by chunk
             base_rows = AlignedRows(base, name, _base_rows_if_fewer(base, merged, name), "mean")
             for rows in row_ranges(infos[name].shape, split=True):
-                tensor = merged.get(name, rows)
+                tensor = finite(merged.get(name, rows), merged.label, name)
                 if name in relaxers[0]:
                     m = tensor.to(device, torch.float32)
-                    b = base_rows.get(rows).to(device, torch.float32)
+                    b = finite(base_rows.get(rows), base.label, name).to(device, torch.float32)
                     results = [r(name, m, b, rows) for r in relaxers]
                 else:
                     results = [tensor] * len(relaxers)
@@ -283,7 +295,7 @@ def relax_checkpoint(merged_id: str, base_id: str, save_path: str, settings: Aim
             write_model_card(folder, record)
     log.info("AIM: relaxed %d tensors, %d passed through unchanged; %s",
              relaxers[0].relaxed, len(merged.names) - relaxers[0].relaxed,
-             stats.unrelaxed_summary() if stats.unrelaxed else "every hooked module relaxed")
+             stats.relaxation_summary(settings.relax_tied_lm_head))
     return outputs
 
 

@@ -60,6 +60,15 @@ class ActivationStats:
             stats[target], axes[target] = stat, self.axes[name]
         return stats, axes
 
+    def relaxation_summary(self, relax_tied_lm_head: bool) -> str:
+        """One line on the hooked modules that were not relaxed (or that every one was)."""
+        parts = [self.unrelaxed_summary()] if self.unrelaxed else []
+        if self.tied and not relax_tied_lm_head:
+            parts.append(f"{', '.join(sorted(self.tied))} not relaxed: tied to "
+                         f"{', '.join(sorted(set(self.tied.values())))} (--aim_relax_tied_lm_head "
+                         "relaxes both)")
+        return "; ".join(parts) or "every hooked module relaxed"
+
     def unrelaxed_summary(self, examples: int = 2) -> str:
         """One line: how many parameters stay as merged, grouped by reason, with example names."""
         by_reason: dict[str, list[str]] = {}

@@ -119,6 +119,19 @@ def _folder_texts(folder: Path, text_field: str) -> list[str]:
 
 
 def _file_texts(path: Path, text_field: str) -> list[str]:
+    """The documents of one local file; unreadable or empty files are UserErrors."""
+    try:
+        texts = _read_file_texts(path, text_field)
+    except UnicodeDecodeError as err:
+        raise UserError(f"--calib_data {path}: not UTF-8 text (byte {err.start} cannot be decoded); "
+                        "pass a text file or convert it to UTF-8") from None
+    if not texts:
+        what = "the file is empty" if path.stat().st_size == 0 else "it holds no documents"
+        raise UserError(f"--calib_data {path}: {what}; pass a file with calibration text")
+    return texts
+
+
+def _read_file_texts(path: Path, text_field: str) -> list[str]:
     suffix = path.suffix.lower()
     if suffix == ".txt":
         return split_paragraphs(path.read_text(encoding="utf-8"))
@@ -169,10 +182,16 @@ def _json_texts(path: Path, text_field: str) -> list[str]:
 
 
 def _parquet_texts(path: Path, text_field: str) -> list[str]:
+    import pyarrow
     import pyarrow.parquet as pq
 
-    schema = pq.read_schema(path)
-    if text_field not in schema.names:
-        raise UserError(f"--calib_data {path}: no column {text_field!r} (columns: {', '.join(schema.names)})")
-    column = pq.read_table(path, columns=[text_field]).column(text_field).to_pylist()
+    try:
+        schema = pq.read_schema(path)
+        if text_field not in schema.names:
+            raise UserError(f"--calib_data {path}: no column {text_field!r} (columns: "
+                            f"{', '.join(schema.names)})")
+        column = pq.read_table(path, columns=[text_field]).column(text_field).to_pylist()
+    except pyarrow.ArrowException as err:
+        raise UserError(f"--calib_data {path}: not a readable parquet file "
+                        f"({str(err).strip()[:160]}); re-create it or use .jsonl") from None
     return [_field(value, text_field, f"{path} row {i}") for i, value in enumerate(column)]

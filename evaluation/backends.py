@@ -65,6 +65,10 @@ def check_model(model: str) -> None:
     """Fail early on a model that is neither an existing folder nor shaped like a hub id."""
     if not Path(model).exists() and (model.startswith((".", "/", "~")) or model.count("/") != 1):
         raise UserError(f"--model {model}: no such folder, and not a hub id of the form org/name")
+    if Path(model).is_dir():   # headers and file sizes: the checks merge.py makes on its inputs
+        from merging_methods.checkpoint import CheckpointReader
+
+        CheckpointReader(Path(model), f"--model {model}")
 
 
 def build_lm(model: str, *, backend: str, device: str, dtype: str, batch_size: int | str,

@@ -74,7 +74,14 @@ def save_results(record: dict, save_path: str | Path) -> Path:
 
 def load_results(path: str | Path) -> dict:
     """Read one result JSON written by `save_results` (checks the format tag)."""
-    record = json.loads(Path(path).read_text())
-    if record.get("format") != FORMAT:
-        raise ValueError(f"{path}: not an evaluate_model.py result file (format {record.get('format')!r})")
+    try:
+        record = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        found = (repr(record.get("format")) if isinstance(record, dict)
+                 else f"a JSON {type(record).__name__}")
+        raise ValueError(f"{path}: not an evaluate_model.py result file (format {found})")
     return record

@@ -135,14 +135,36 @@ def _fewshot(settings: EvalSettings, bench: Benchmark) -> int | None:
     return settings.num_fewshot if settings.num_fewshot is not None else bench.num_fewshot
 
 
-def _evaluate_one(lm, tm, bench: Benchmark, tasks: list, settings: EvalSettings) -> dict:
+def fitted_gen_kwargs(lm, tasks: list, gen_kwargs: str | None) -> tuple[dict | None, int | None]:
+    """`gen_kwargs` as a dict, with `max_gen_toks` capped to half the model's context when a
+    generative task asks for all of it or more (lm-eval stops there on an assertion), and the
+    number of tokens asked for when it was capped."""
+    from lm_eval.utils import simple_parse_args_string
+
+    kwargs = simple_parse_args_string(gen_kwargs) if gen_kwargs else {}
+    context = getattr(lm, "max_length", None)
+    asked = [int(kwargs.get("max_gen_toks") or (t.config.generation_kwargs or {}).get(
+                 "max_gen_toks", getattr(lm, "max_gen_toks", 256)))
+             for t in _leaf_tasks(tasks) if getattr(t, "OUTPUT_TYPE", None) == "generate_until"]
+    if not isinstance(context, int) or not asked or max(asked) < context:
+        return kwargs or None, None
+    return {**kwargs, "max_gen_toks": context // 2}, max(asked)
+
+
+def _evaluate_one(lm, tm, bench: Benchmark, tasks: list, settings: EvalSettings,
+                  notes: list[str]) -> dict:
     import lm_eval
 
+    gen_kwargs, asked = fitted_gen_kwargs(lm, tasks, settings.gen_kwargs)
+    if asked:
+        notes.append(f"{bench.name}: generation capped at {gen_kwargs['max_gen_toks']} tokens "
+                     f"(half the model's {lm.max_length}-token context) instead of {asked}")
+        log.warning(notes[-1])
     return lm_eval.simple_evaluate(
         model=lm, tasks=tasks, task_manager=tm, num_fewshot=_fewshot(settings, bench),
         limit=settings.limit, bootstrap_iters=settings.bootstrap_iters,
         log_samples=settings.log_samples, apply_chat_template=settings.apply_chat_template,
-        fewshot_as_multiturn=settings.apply_chat_template, gen_kwargs=settings.gen_kwargs,
+        fewshot_as_multiturn=settings.apply_chat_template, gen_kwargs=gen_kwargs,
         random_seed=settings.seed, numpy_random_seed=settings.seed,
         torch_random_seed=settings.seed, fewshot_random_seed=settings.seed,
         confirm_run_unsafe_code=any(getattr(t, "UNSAFE_CODE", False)
@@ -197,19 +219,20 @@ def _env_info_once():
 
 
 def _run_all(lm, tm, runnable: list[Benchmark], loaded: dict, cfg: EvalSettings,
-             errors: dict) -> tuple[dict, dict]:
+             errors: dict, notes: list[str]) -> tuple[dict, dict]:
     """Evaluate the loaded benchmarks one by one: ({name: headline}, {name: lm-eval result})."""
     with _env_info_once():
-        return _run_each(lm, tm, [b for b in runnable if b.name in loaded], loaded, cfg, errors)
+        return _run_each(lm, tm, [b for b in runnable if b.name in loaded], loaded, cfg, errors,
+                         notes)
 
 
 def _run_each(lm, tm, todo: list[Benchmark], loaded: dict, cfg: EvalSettings,
-              errors: dict) -> tuple[dict, dict]:
+              errors: dict, notes: list[str]) -> tuple[dict, dict]:
     heads, full = {}, {}
     for i, bench in enumerate(todo, start=1):
         log.info("[%d/%d] %s (lm-eval task %s)", i, len(todo), bench.name, bench.task)
         try:
-            full[bench.name] = _evaluate_one(lm, tm, bench, loaded[bench.name], cfg)
+            full[bench.name] = _evaluate_one(lm, tm, bench, loaded[bench.name], cfg, notes)
             heads[bench.name] = headline(bench, full[bench.name])
         except Exception as err:  # noqa: BLE001
             log.debug("evaluating %s failed", bench.name, exc_info=True)
@@ -217,6 +240,25 @@ def _run_each(lm, tm, todo: list[Benchmark], loaded: dict, cfg: EvalSettings,
             errors[bench.name] = describe_failure(bench, err)
             log.error(errors[bench.name])
     return heads, full
+
+
+def non_finite_notes(lm) -> list[str]:
+    """A warning (as a one-item list) when the loaded hf model has NaN or inf weights: its
+    scores would be meaningless, but evaluating a broken model can be the point."""
+    import torch
+
+    from merging_methods.checkpoint import non_finite_parameters
+
+    model = getattr(lm, "model", None)
+    if not isinstance(model, torch.nn.Module):
+        return []
+    bad = non_finite_parameters(model)
+    if not bad:
+        return []
+    note = (f"{len(bad)} weight tensors contain NaN or inf (e.g. {bad[0]}); the scores of this "
+            "model are not meaningful")
+    log.warning(note)
+    return [note]
 
 
 def _free_memory() -> None:
@@ -270,7 +312,8 @@ def evaluate(model: str | object, benchmarks: list[str], *, label: str | None = 
             model, backend=cfg.backend, device=cfg.device, dtype=cfg.dtype,
             batch_size=cfg.batch_size, max_model_len=cfg.max_model_len, n_gpu=cfg.n_gpu,
             vllm_parallel=cfg.vllm_parallel, seed=cfg.seed)
-        heads, full = _run_all(lm, tm, runnable, loaded, cfg, errors)
+        notes += non_finite_notes(lm)
+        heads, full = _run_all(lm, tm, runnable, loaded, cfg, errors, notes)
         del lm
         _free_memory()
     name = model if isinstance(model, str) else type(model).__name__

@@ -266,6 +266,10 @@ class SafetensorsFile:
                 raise ValueError(f"tensor {name} has unsupported dtype {meta['dtype']}")
             begin, end = meta["data_offsets"]
             self.entries[name] = (TensorInfo(tuple(meta["shape"]), dtype), begin, end)
+        expected = self.data_start + max((end for _, _, end in self.entries.values()), default=0)
+        size = self.path.stat().st_size
+        if size < expected:
+            raise ValueError(f"file is truncated: {size} bytes, its header needs {expected}")
         self._fd = os.open(self.path, os.O_RDONLY)
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
@@ -288,6 +292,19 @@ class SafetensorsFile:
     def __del__(self):
         if getattr(self, "_fd", None) is not None:
             os.close(self._fd)
+
+
+def finite(tensor: torch.Tensor, label: str, name: str) -> torch.Tensor:
+    """`tensor` itself; NaN or inf in it is a UserError naming the checkpoint and tensor."""
+    if not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
+        raise UserError(f"{label}: tensor {name} contains NaN or inf; the checkpoint is "
+                        "corrupt or was saved in too narrow a dtype")
+    return tensor
+
+
+def non_finite_parameters(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters of a loaded model that hold NaN or inf."""
+    return [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
 
 
 def _load_bin_lazily(path: Path) -> dict[str, torch.Tensor]:

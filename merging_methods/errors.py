@@ -8,6 +8,7 @@ instead of a traceback.
 from __future__ import annotations
 
 import errno
+import os
 import signal
 import sys
 from contextlib import contextmanager
@@ -36,6 +37,17 @@ def writing(path: Path | str, flag: str = "--save_path") -> Iterator[None]:
                             f"another {flag}") from None
         raise UserError(f"cannot write {path} ({first_line(err)}); check permissions and free "
                         f"space, or choose another {flag}") from None
+
+
+def check_writable(folder: Path | str, flag: str) -> None:
+    """Create `folder` if needed and a file in it, now, so that an unwritable output fails
+    before hours of work instead of after."""
+    folder = Path(folder)
+    with writing(folder, flag):
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
 
 
 def _raise_keyboard_interrupt(signum, frame):  # noqa: ARG001 - signal handler signature

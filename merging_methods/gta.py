@@ -78,6 +78,7 @@ def _consensus_sum(base: Tensor, sources: list[Deltas], sparsifiers: list[Sparsi
     out = output_buffer(base, out)
     size = min(block_size(base.device), flat.numel())
     elected = torch.empty(size, dtype=torch.float32, device=flat.device)
+    product = torch.empty_like(elected)
     divisor = torch.empty_like(elected) if normalize else None
     coeffs = [w * c for w, c in zip(weights, factors)]
     for start, stop in blocks(flat.numel(), size):
@@ -88,7 +89,9 @@ def _consensus_sum(base: Tensor, sources: list[Deltas], sparsifiers: list[Sparsi
         sign = elected[: stop - start]
         torch.mul(deltas[0], coeffs[0], out=sign)
         for delta, coeff in zip(deltas[1:], coeffs[1:]):
-            sign.add_(delta, alpha=coeff)
+            # each ui rounded to float32 before it is added: add_(alpha=) may fuse the multiply
+            # and add, and a sum that is exactly 0 (elects +1) would come out as ±tiny
+            sign.add_(torch.mul(delta, coeff, out=product[: stop - start]))
         sign.ge_(0).mul_(2).sub_(1)  # +1 where Σ ui >= 0 (a zero sum elects +1), else -1
         acc = out[start:stop].zero_()
         div = divisor[: stop - start].zero_() if divisor is not None else None

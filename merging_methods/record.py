@@ -8,6 +8,8 @@ from pathlib import Path
 
 import yaml
 
+from merging_methods.errors import writing
+
 RECIPE_FILE = "merge_recipe.yaml"
 TOOLKIT_VERSION = "0.1.0"
 
@@ -28,7 +30,8 @@ def write_record(folder: Path, record: dict) -> Path:
     full = {**record, "versions": package_versions(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     path = Path(folder) / RECIPE_FILE
-    path.write_text(yaml.safe_dump(full, sort_keys=False))
+    with writing(path):
+        path.write_text(yaml.safe_dump(full, sort_keys=False))
     return path
 
 
@@ -52,5 +55,6 @@ def write_model_card(folder: Path, record: dict) -> Path:
                   f"(mode `{aim.get('mode', 'aim')}`), base `{aim.get('base_model')}`.", ""]
     lines += [f"The full resolved recipe is in `{RECIPE_FILE}`.", ""]
     path = Path(folder) / "README.md"
-    path.write_text("\n".join(lines))
+    with writing(path):
+        path.write_text("\n".join(lines))
     return path

@@ -19,8 +19,8 @@ import torch
 from tqdm import tqdm
 
 from merging_methods.checkpoint import (
-    CheckpointReader, ShardedWriter, copy_model_files, dtype_config_update, parse_dtype, parse_size,
-    resolve_model_dir,
+    CheckpointReader, ShardedWriter, copy_model_files, dtype_config_update, finite, parse_dtype,
+    parse_size, resolve_model_dir,
 )
 from merging_methods.errors import UserError
 from merging_methods.output import staged_output
@@ -89,14 +89,6 @@ def open_inputs(recipe: MergeRecipe) -> OpenedInputs:
     return OpenedInputs(base, models, plan, out_dtype, union)
 
 
-def _checked(tensor: torch.Tensor, label: str, name: str) -> torch.Tensor:
-    """`tensor` itself; NaN or inf in it is a UserError (runs on the I/O thread)."""
-    if not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
-        raise UserError(f"{label}: tensor {name} contains NaN or inf; the checkpoint is "
-                        "corrupt or was saved in too narrow a dtype")
-    return tensor
-
-
 def _to_device(tensor: torch.Tensor, device: torch.device, keep_dtype: bool) -> torch.Tensor:
     """An input tensor on `device`, as float32 unless `keep_dtype` (then as stored, if it is
     a float type)."""
@@ -150,11 +142,11 @@ class TensorMerge:
             yield rows, shape if rows is None else (rows[1] - rows[0], *shape[1:])
 
     def read(self, rows: RowRange | None) -> list:
-        """The stored rows of the base and of every model (vocab rows fitted, checked finite),
-        base first, then (DARE on row chunks) the models' keep-masks for these rows."""
+        """The stored rows of the base and of every model (vocab rows fitted, checked finite on
+        the I/O thread), base first, then (DARE on row chunks) the models' keep-masks for these rows."""
         name = self.item.name
-        base_rows = _checked(self.base.get(rows), self.inputs.base.label, name)
-        raw = [base_rows, *(_checked(m.get(rows, base_rows), m.reader.label, name)
+        base_rows = finite(self.base.get(rows), self.inputs.base.label, name)
+        raw = [base_rows, *(finite(m.get(rows, base_rows), m.reader.label, name)
                             for m in self.models)]
         if self.masks_ahead:
             p = self.params

@@ -357,6 +357,22 @@ def test_negative_weights_cancel_under_ties_normalize():
     assert torch.equal(plus, minus)
 
 
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_an_exactly_zero_sign_sum_elects_plus_one(method):
+    """§0.6 with weights 0.6 and bf16 deltas d, -d: each product 0.6*d is rounded to float32, so
+    the sum is exactly 0 and elects +1 (the positive delta wins). A fused multiply-add gave
+    ±tiny sums and elected -1 for about half the elements."""
+    torch.manual_seed(0)
+    d = torch.randn(4096).bfloat16().float()
+    base = torch.zeros_like(d)
+    params = {"density": [1.0, 1.0], "weights": [0.6, 0.6], "normalize": True}
+    if method == "dare_ties":
+        params["generators"] = [mask_generator(0, i, "t") for i in range(2)]
+    out = get_method(method).fn(base, [base + d, base - d], **params)
+    assert (out >= 0).all()
+    torch.testing.assert_close(out, d.abs(), rtol=1e-6, atol=0)
+
+
 # ----------------------------------------------------------------------------- DARE
 def test_dare_mask_is_torch_rand_below_density(block):
     base, (other,) = family(n=1, shape=(33, 31))
