@@ -17,27 +17,10 @@ import performAIM
 from evaluation import runner
 from merging_methods import checkpoint
 from tests.test_merge_cli import assert_user_error
-from tests.test_output_safety import tree_hashes
+from tests.test_output_safety import merge_args, models, tree_hashes  # noqa: F401 (fixture)
 from tests.tiny_models import build_finetune, build_llama
 
 AIM = ["--calib_samples", "4", "--block_size", "128"]
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """models/{base, ft1, merged} plus a calibration text file."""
-    root = tmp_path_factory.mktemp("errors") / "models"
-    base = build_llama(root / "base", seed=0)
-    ft = build_finetune(base, root / "ft1", seed=1, scale=0.2)
-    merged = root / "merged"
-    assert merge.main(["--method", "task_arithmetic", "--base_model", str(base),
-                       "--models_to_merge", str(ft), "--save_path", str(merged)]) == 0
-    return dict(root=root, base=base, ft=ft, merged=merged)
-
-
-def merge_args(m: dict, save_path, *extra: str) -> list[str]:
-    return ["--method", "task_arithmetic", "--base_model", str(m["base"]),
-            "--models_to_merge", str(m["ft"]), "--save_path", str(save_path), *extra]
 
 
 def aim_args(m: dict, save_path, *extra: str) -> list[str]:

@@ -45,9 +45,9 @@ def models(tmp_path_factory):
     return dict(root=root, base=base, ft=ft, merged=merged)
 
 
-def merge_args(m: dict, save_path) -> list[str]:
+def merge_args(m: dict, save_path, *extra: str) -> list[str]:
     return ["--method", "task_arithmetic", "--base_model", str(m["base"]),
-            "--models_to_merge", str(m["ft"]), "--save_path", str(save_path)]
+            "--models_to_merge", str(m["ft"]), "--save_path", str(save_path), *extra]
 
 
 def aim_args(m: dict, save_path, *extra: str) -> list[str]:
