@@ -11,7 +11,8 @@ sum per module. With `batch_size > 1` the mean is still taken per block, so resu
 Which modules (§12.2): every module with a `weight` tensor that is not an embedding (its name
 contains "embed", or it is an `nn.Embedding`, e.g. GPT-2's `wte`/`wpe`). Axis of the weight that
 holds the input channels: `nn.Linear` the last axis, transformers `Conv1D` axis 0, 1-D weights
-(norms) elementwise; for other module types the last axis whose size equals the observed input
+(norms) elementwise (Gemma's per-head q_norm/k_norm: one statistic per head_dim channel, averaged
+over tokens and heads); for other module types the last axis whose size equals the observed input
 width. A module whose weight has no such axis, that never runs, or whose input is not a float
 tensor is not relaxed and is listed in `ActivationStats.unrelaxed` with the reason, as are
 parameters the hooks cannot see (>= 2-D parameters that are not a module `weight`, such as the
@@ -145,6 +146,8 @@ class InputStatistics:
             means = tokens.abs().mean(0, dtype=torch.float32)
         elif tokens.shape[0] == blocks * seq:
             means = tokens.view(blocks, seq, -1).abs().mean(1, dtype=torch.float32).sum(0)
+        elif x.ndim >= 3 and x.shape[0] == blocks:   # [blocks, seq, heads, head_dim]: q/k norms
+            means = x.detach().reshape(blocks, -1, x.shape[-1]).abs().mean(1, dtype=torch.float32).sum(0)
         else:
             raise UserError(f"module {key} saw {tokens.shape[0]} tokens in a batch of {blocks} blocks of "
                             f"{seq} (e.g. MoE routing), so per-block means are undefined; use --batch_size 1")

@@ -92,6 +92,28 @@ def build_llama(
     return out_dir
 
 
+def build_gemma3(out_dir: Path, *, seed: int = 0) -> Path:
+    """Save a random tiny `Gemma3ForCausalLM` (+ tokenizer): tied, q/k norms, four norms per
+    layer scaling by 1 + weight, one sliding-window and one full-attention layer."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    out_dir = Path(out_dir)
+    tok = build_tokenizer(out_dir)
+    cfg = Gemma3TextConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
+        sliding_window=8, layer_types=["sliding_attention", "full_attention"], bos_token_id=1,
+        eos_token_id=2, pad_token_id=0, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(cfg)
+    with torch.no_grad():   # Gemma initialises its norm weights to 0 (scale 1 + 0); vary them
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.normal_(0.0, 0.5)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
 def _save_legacy_bin(model, out_dir: Path, max_shard_size: str | None) -> None:
     """Write pytorch_model.bin (or two shards + index) the way transformers 4.x did."""
     model.config.save_pretrained(out_dir)
