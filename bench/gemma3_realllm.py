@@ -112,7 +112,7 @@ def main() -> None:
                             str(base), "--models_to_merge", f"{fts[0]},{fts[1]}", "--save_path",
                             str(merged), "--overwrite"], rows)
     stats = work / "stats.safetensors"
-    timed("performAIM.py (calibrate 32 x 256)", [
+    timed("performAIM.py (calibrate 64 documents of <= 256 tokens, relax)", [
         "performAIM.py", "--merged_model", str(merged), "--pretrained_model_name", str(base),
         "--save_path", str(out), "--omega", "0.4", "--calib_data", "builtin", "--calib_samples",
         "64", "--block_size", "256", "--stats", str(stats), "--overwrite"], rows)
