@@ -170,17 +170,13 @@ def test_fast_lm_eval_renders_like_lm_eval_and_restores_it():
 # ---- the quick study end to end on a CI-size zoo ---------------------------------------------
 
 @pytest.fixture(scope="module")
-def quick_study(tmp_path_factory):
-    """The toy zoo's CI-size zoo and `python -m study --quick` on it."""
+def quick_study(ci_zoo, tmp_path_factory):
+    """`python -m study --quick` on the session's CI-size zoo."""
     from study.__main__ import main
-    from toy_zoo.build import ensure_zoo
-    from toy_zoo.train import ZooRecipe
 
-    zoo = tmp_path_factory.getbasetemp() / "ci_zoo"  # ensure_zoo: built once per session
-    ensure_zoo(zoo, ZooRecipe.ci())
     out = tmp_path_factory.mktemp("study") / "out"
-    code = main(["--quick", "--zoo", str(zoo), "--out", str(out), "--keep-models"])
-    return code, zoo, out
+    code = main(["--quick", "--zoo", str(ci_zoo), "--out", str(out), "--keep-models"])
+    return code, ci_zoo, out
 
 
 def test_quick_study_runs_and_experts_beat_the_base(quick_study):
