@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=Formatter)
     p.add_argument("--quick", action="store_true",
                    help="task_arithmetic on the 3-expert merge only, omegas 0.2 and 0.4")
-    p.add_argument("--out", type=Path, default=Path("study_out"), help="output folder")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: study_out/quick with --quick, else study_out/full)")
     p.add_argument("--zoo", type=Path, default=Path("zoo"), help="toy zoo folder (built if missing)")
     p.add_argument("--outliers", action="store_true",
                    help="also run the ablation on the zoo whose base has planted outlier channels")
@@ -194,7 +195,8 @@ def _write_zoo(res, zoo: Path, out: Path, omega: float, hv_margin: float) -> tup
     from toy_zoo.build import ZOO_FILE
 
     table = main_table(res, omega, hv_margin)
-    pareto_plot(table, out / "pareto.png")
+    pareto_plot(table, f"{res.name} ({zoo}): skill mean vs perplexity, merges without and with "
+                       f"AIM (ω = {omega:g})", out / "pareto.png")
     points = sweep_points(res)
     if points:
         omega_sweep_plot(points, f"{res.name}: AIM and controls vs omega", out / "omega_sweep.png")
@@ -233,6 +235,17 @@ def _markdown(summary: dict, sections: dict, omega: float) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def where_written(out: Path, zoos: list[str]) -> str:
+    """The closing lines: where the tables, plots and result files are."""
+    lines = [f"results in {out}/:", f"  {out / 'study.md'}  every table (also printed above)"]
+    for name in zoos:
+        folder = out / name
+        lines += [f"  {folder}/table.md, effect.md, ablation.md, controls.md  tables of {name}",
+                  f"  {folder}/pareto.png, omega_sweep.png  plots of {name}",
+                  f"  {folder}/results/*.json  one result file per evaluated model"]
+    return "\n".join(lines)
+
+
 def _run_zoos(args, plans, say) -> dict:
     """Every zoo's plan, with lm-eval sped up, library noise silenced (unless --verbose) and
     a temporary work folder for the models."""
@@ -252,6 +265,7 @@ def _run_zoos(args, plans, say) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.out = args.out or Path("study_out") / ("quick" if args.quick else "full")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
 
@@ -287,8 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "study.md").write_text(text)
         (args.out / MARKER).write_text(json.dumps(summary, indent=1) + "\n")
         say(text)
-        say(f"wrote {args.out / 'study.md'} (all tables), {args.out}/<zoo>/pareto.png, "
-            "omega_sweep.png and results/*.json")
+        say(where_written(args.out, list(written)))
         return 0
 
     return exit_code_for_user_errors(work)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from evaluation.report import split_aim
 from merging_methods.recipe import add_merge_arguments, recipe_from_args
 from study.grid import (METHODS, MODES, MergeJob, Variant, combinations, merge_jobs, study_plan,
                         weight_matters)
+from study.__main__ import where_written
 from study.run import BENCHMARKS, POPULATION, ZooResults
 from study.tables import (ablation_markdown, control_summary_markdown, main_table, stat_ratios,
                           top_channels)
@@ -237,6 +239,8 @@ def test_quick_study_tables_and_plots_parse(quick_study):
         path = out / "zoo" / name
         assert path.read_bytes()[:8] == PNG_SIGNATURE
         assert plt.imread(path).ndim == 3
+    named = re.findall(r"(/\S+\.(?:md|png))", where_written(out, ["zoo"]))  # the closing lines
+    assert len(named) == 3 and all(Path(p).is_file() for p in named)
 
 
 def test_study_refuses_to_mix_with_an_earlier_study(quick_study, capsys):

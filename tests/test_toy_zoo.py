@@ -191,6 +191,8 @@ def test_ci_zoo_folders_load_as_hf_llama(ci_zoo):
         assert type(model).__name__ == "LlamaForCausalLM" and (ci_zoo / name / "model.safetensors").is_file()
         assert tok.decode(tok("23+58=")["input_ids"]) == "23+58="
     assert len(_rows(ci_zoo, "toy_math")) == 40 and len(_rows(ci_zoo, "toy_ppl")) == 20
+    built = json.loads((ci_zoo / ZOO_FILE).read_text())["built"]  # what bit-identity depends on
+    assert built["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
 
 def test_ci_zoo_experts_beat_the_base_on_their_own_skill(ci_zoo):
