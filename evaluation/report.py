@@ -218,7 +218,7 @@ def plot_pareto(table: Table, x: str, y: str, path: str | Path, title: str | Non
                         arrowprops={"arrowstyle": "->", "color": "tab:orange", "alpha": 0.6})
     sx, sy = (1 if higher[x] else -1), (1 if higher[y] else -1)
     front = pareto_front([(sx * r.values[x], sy * r.values[y]) for r in models])
-    if front:
+    if len(front) > 1:  # one point is a front of itself, drawn already
         ax.step([sx * p[0] for p in front], [sy * p[1] for p in front], where="pre",
                 color="black", linestyle="--", linewidth=1, label="Pareto front", zorder=2)
     ax.set_xlabel(f"{x} ({'higher' if higher[x] else 'lower'} is better)")

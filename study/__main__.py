@@ -195,8 +195,9 @@ def _write_zoo(res, zoo: Path, out: Path, omega: float, hv_margin: float) -> tup
     from toy_zoo.build import ZOO_FILE
 
     table = main_table(res, omega, hv_margin)
-    pareto_plot(table, f"{res.name} ({zoo}): skill mean vs perplexity, merges without and with "
-                       f"AIM (ω = {omega:g})", out / "pareto.png")
+    where = res.name if zoo.name == res.name else f"{res.name} ({zoo})"
+    pareto_plot(table, f"{where}: skill mean vs perplexity, merges without and with AIM "
+                       f"(ω = {omega:g})", out / "pareto.png")
     points = sweep_points(res)
     if points:
         omega_sweep_plot(points, f"{res.name}: AIM and controls vs omega", out / "omega_sweep.png")
