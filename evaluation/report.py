@@ -181,7 +181,7 @@ def markdown_table(rows: list[Row], columns: list[str], higher: dict[str, bool])
     return "\n".join(lines)
 
 
-MAX_LABELLED = 12  # above this many models, only the population and the Pareto front are named
+MAX_LABELLED = 20  # above this many models, only the population and the Pareto front are named
 
 
 def plot_pareto(table: Table, x: str, y: str, path: str | Path, title: str | None = None) -> Path:
