@@ -1,14 +1,17 @@
 """The offline AIM study on the toy zoo, end to end, in one command.
 
+    python -m study --quick              # one method, one combination (make demo)
     python -m study                      # full grid on zoo/ (built first if needed)
-    python -m study --quick              # one method, one combination: well under 2 minutes
     python -m study --outliers           # also the ablation on the outlier zoo (zoo_outliers/)
+
+Building zoo/ takes 4-10 min on one CPU thread (a progress bar counts its steps); the README
+gives measured timings of each command.
 
 Builds the zoo if needed, calibrates the base once, merges every method on every 2- and
 3-expert combination (weight 1.0 = the AIM paper's setting, and a tuned weight), applies AIM
 at omega 0.4, runs AIM and its controls (channel_blind, uniform) over an omega sweep on the
 merges of --sweep-sizes experts, evaluates everything in process, and writes the tables,
-plots and result files into --out (study.md holds every table).
+plots and result files into --out (study.md holds every table) and lists them at the end.
 """
 from __future__ import annotations
 
@@ -158,7 +161,7 @@ def _ensure_zoos(args, plans, say) -> float:
     start = time.time()
     main_recipe = None
     for name, (zoo, _) in plans.items():
-        say(f"zoo {zoo}: checking (building if needed; a full build takes minutes)")
+        say(f"zoo {zoo}: checking (building it if needed takes 4-10 min)")
         recipe = _zoo_recipe(zoo, args, outliers=name == "zoo_outliers", like=main_recipe)
         built = ensure_zoo(zoo, recipe)
         main_recipe = main_recipe or recipe
