@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="task_arithmetic on the 3-expert merge only, omegas 0.2 and 0.4")
     p.add_argument("--out", type=Path, default=None,
-                   help="output folder (default: study_out/quick with --quick, else study_out/full)")
+                   help="output folder; unset (%(default)s): study_out/quick with --quick, "
+                        "else study_out/full")
     p.add_argument("--zoo", type=Path, default=Path("zoo"), help="toy zoo folder (built if missing)")
     p.add_argument("--outliers", action="store_true",
                    help="also run the ablation on the zoo whose base has planted outlier channels")
