@@ -36,6 +36,7 @@ def _fewshot(text: str) -> int | dict[str, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     from evaluation.benchmarks import BENCHMARKS, DEFAULT_BENCHMARKS, DEFAULT_MATH_BENCHMARKS
+    from evaluation.report import DEFAULT_HV_MARGIN
 
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,8 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="result files of the models the merges were made from (base, experts); "
                          "they set the HV normalisation and reference point")
     rp.add_argument("--hv_benchmarks", type=_names, help="benchmarks for HV (default: all shared)")
-    rp.add_argument("--hv_margin", type=float, default=0.0,
-                    help="reference point = population worst minus this many population ranges")
+    rp.add_argument("--hv_margin", type=float, default=DEFAULT_HV_MARGIN,
+                    help="reference point = population worst minus this many population ranges "
+                         f"(default {DEFAULT_HV_MARGIN:g}, as the study; 0 makes every merge at a "
+                         "population model's floor on one benchmark add nothing)")
     rp.add_argument("--plot", type=_names, metavar="X,Y", help="two benchmarks for the Pareto plot")
     rp.add_argument("--plot_path", help="PNG path (default: beside the first --report file)")
     rp.add_argument("--report_md", help="also write the markdown table to this file")

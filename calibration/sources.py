@@ -98,6 +98,12 @@ def _hub_texts(source: str, split: str, text_field: str) -> Sequence[str]:
                         f"or {_OFFLINE_HINT}")
     import datasets
 
+    from merging_methods.hub import hub_unreachable
+
+    down = hub_unreachable()
+    if down and not datasets.config.HF_HUB_OFFLINE:  # offline mode reads the cache at once
+        raise UserError(f"--calib_data {source}: the Hugging Face Hub is unreachable ({down}); "
+                        f"{_OFFLINE_HINT} (or HF_DATASETS_OFFLINE=1 to use a cached copy)")
     try:
         dataset = datasets.load_dataset(source, split=split)
     except Exception as err:  # hub unreachable, unknown id, bad split, missing extra: all user-fixable

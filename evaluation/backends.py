@@ -62,13 +62,26 @@ def parse_batch_size(text: str | int) -> int | str:
 
 
 def check_model(model: str) -> None:
-    """Fail early on a model that is neither an existing folder nor shaped like a hub id."""
-    if not Path(model).exists() and (model.startswith((".", "/", "~")) or model.count("/") != 1):
-        raise UserError(f"--model {model}: no such folder, and not a hub id of the form org/name")
+    """Fail early on a model that is neither an existing folder nor shaped like a hub id, on a
+    folder whose checkpoint headers are unreadable, or on a hub id while the Hub is unreachable
+    (loading would retry for about 25 s first)."""
+    from huggingface_hub import constants
+
+    from merging_methods.hub import hub_unreachable
+
     if Path(model).is_dir():   # headers and file sizes: the checks merge.py makes on its inputs
         from merging_methods.checkpoint import CheckpointReader
 
         CheckpointReader(Path(model), f"--model {model}")
+        return
+    if Path(model).exists():
+        return
+    if model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise UserError(f"--model {model}: no such folder, and not a hub id of the form org/name")
+    down = hub_unreachable()
+    if down and not constants.HF_HUB_OFFLINE:  # offline mode reads the cache at once
+        raise UserError(f"--model {model}: no such folder, and the Hugging Face Hub is unreachable "
+                        f"({down}); pass a local folder, or set HF_HUB_OFFLINE=1 to use a cached copy")
 
 
 def build_lm(model: str, *, backend: str, device: str, dtype: str, batch_size: int | str,

@@ -31,8 +31,8 @@ class Benchmark:
 
 
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
-    Benchmark("humaneval", "humaneval", "pass@1,create_test"),
-    Benchmark("mbpp", "mbpp", "pass_at_1,none"),
+    Benchmark("humaneval", "humaneval_offline", "pass@1,create_test"),
+    Benchmark("mbpp", "mbpp_offline", "pass_at_1,none"),
     Benchmark("mmlu", "mmlu", "acc,none", num_fewshot=5),
     Benchmark("mmlu_pro", "mmlu_pro", "exact_match,custom-extract"),
     Benchmark("math", "minerva_math", "exact_match,none", requires=MATH_EXTRAS,

@@ -1,10 +1,14 @@
 """The paper-style comparison from result files: merges with and without AIM, % change, HV gain.
 
 Rows: the population (the models the merges were made from), then per merge its run without
-AIM, each AIM variant and a "% change" row (AIM vs without). A run is an AIM variant when its
-label contains the token matched by `AIM_PATTERN` (`TIES_AIM_InstructMathCode`,
-`ties_math_code_aim0.4`); removing that token gives the label of its partner without AIM.
-HV and HV gain are defined in `evaluation.pareto`.
+AIM, each AIM variant with a "% change" row (AIM vs without), then its controls. A run is an AIM
+variant when its label contains the token matched by `AIM_PATTERN` (`TIES_AIM_InstructMathCode`,
+`ties_math_code_aim0.4`), and an ablation control (the study's `channel_blind` and `uniform`
+modes) when it contains one matched by `CONTROL_PATTERN` (`ties_blind0.4`, `ties_uniform0.4`);
+removing that token gives the label of its partner without AIM. HV and HV gain are defined in
+`evaluation.pareto`; the report's reference point is 0.1 population ranges below the population's
+worst score (`DEFAULT_HV_MARGIN`), so a merge at the population's floor on one benchmark still
+counts.
 """
 from __future__ import annotations
 
@@ -18,18 +22,20 @@ from evaluation.pareto import hv_gain, normalise, pareto_front, population_axes
 log = logging.getLogger(__name__)
 
 AIM_PATTERN = r"(?i)(?:^|[_-])aim(?:[_-]?(?:w|omega)?[0-9]*\.?[0-9]+)?(?=$|[_-])"
+CONTROL_PATTERN = r"(?i)(?:^|[_-])(?:channel_blind|blind|uniform)[_-]?(?:w|omega)?[0-9]*\.?[0-9]+(?=$|[_-])"
+DEFAULT_HV_MARGIN = 0.1  # with 0, every merge at a population model's floor on one axis adds 0
 
 
 @dataclass
 class Row:
     """One table row: a model's scores, or the % change of an AIM variant vs its partner."""
 
-    kind: str                        # population | merge | aim | change
+    kind: str                        # population | merge | aim | control | change
     label: str
     values: dict[str, float | None]  # benchmark -> score (or % change)
     hv: float | None = None
     gain: float | None = None
-    partner: str | None = None       # for AIM rows: the label of the same merge without AIM
+    partner: str | None = None       # AIM and control rows: the label of the merge without AIM
 
 
 def pct_change(old: float | None, new: float | None) -> float | None:
@@ -45,6 +51,16 @@ def split_aim(label: str, pattern: str = AIM_PATTERN) -> tuple[str, bool]:
     """(partner label without the AIM token, whether the label had one)."""
     stripped, n = re.subn(pattern, "", label)
     return stripped.strip("_-") if n else label, bool(n)
+
+
+def variant_kind(label: str, aim_pattern: str = AIM_PATTERN) -> tuple[str, str]:
+    """(partner label, "aim" | "control") for an AIM run or an ablation control, else
+    (label, "merge")."""
+    for kind, pattern in (("aim", aim_pattern), ("control", CONTROL_PATTERN)):
+        partner, tagged = split_aim(label, pattern)
+        if tagged:
+            return partner, kind
+    return label, "merge"
 
 
 def _latest_by_label(records: list[dict]) -> list[dict]:
@@ -79,7 +95,7 @@ class Table:
     higher: dict[str, bool]          # benchmark -> higher is better?
     hv_benchmarks: list[str]         # the HV axes (empty: no HV)
     population: list[str]            # labels of the population models
-    hv_margin: float = 0.0
+    hv_margin: float = DEFAULT_HV_MARGIN
 
     def markdown(self) -> str:
         """The paper-style markdown table plus one line stating how HV was computed."""
@@ -94,8 +110,10 @@ class Table:
 
 
 def build_table(population: list[dict], merged: list[dict], *, aim_pattern: str = AIM_PATTERN,
-                hv_benchmarks: list[str] | None = None, hv_margin: float = 0.0) -> Table:
-    """Rows for result records (from `evaluate` or result files): population, merges, AIM, % change.
+                hv_benchmarks: list[str] | None = None,
+                hv_margin: float = DEFAULT_HV_MARGIN) -> Table:
+    """Rows for result records (from `evaluate` or result files): population, then per merge
+    its AIM runs (each with a % change row) and its controls.
 
     HV uses `hv_benchmarks` (default: every benchmark all records share); see `evaluation.pareto`.
     """
@@ -121,20 +139,24 @@ def build_table(population: list[dict], merged: list[dict], *, aim_pattern: str 
         return Row(kind, rec["label"], {b: rec["scores"].get(b) for b in columns}, hv, gain)
 
     rows = [row("population", r) for r in population]
-    plain = {r["label"] for r in merged if not split_aim(r["label"], aim_pattern)[1]}
+    kinds = {r["label"]: variant_kind(r["label"], aim_pattern) for r in merged}
+    plain = {label for label, (_, kind) in kinds.items() if kind == "merge"}
     for rec in merged:
-        key, is_aim = split_aim(rec["label"], aim_pattern)
-        if is_aim and key in plain:
+        key, kind = kinds[rec["label"]]
+        if kind != "merge" and key in plain:
             continue  # listed right after its partner below
-        rows.append(row("aim" if is_aim else "merge", rec))
+        rows.append(row(kind, rec))
+        if kind != "merge":
+            continue
         base = rows[-1]
-        for other in merged:
-            if is_aim or split_aim(other["label"], aim_pattern) != (rec["label"], True):
-                continue
-            aim = row("aim", other)
-            aim.partner = base.label
-            change = {b: pct_change(base.values[b], aim.values[b]) for b in columns}
-            rows += [aim, Row("change", "", change, gain=pct_change(base.gain, aim.gain))]
+        variants = [o for o in merged if kinds[o["label"]] in ((base.label, "aim"), (base.label, "control"))]
+        for other in sorted(variants, key=lambda o: kinds[o["label"]][1]):  # AIM runs, then controls
+            variant = row(kinds[other["label"]][1], other)
+            variant.partner = base.label
+            rows.append(variant)
+            if variant.kind == "aim":
+                change = {b: pct_change(base.values[b], variant.values[b]) for b in columns}
+                rows.append(Row("change", "", change, gain=pct_change(base.gain, variant.gain)))
     return Table(rows, columns, higher, hv_names, pop_labels, hv_margin)
 
 
@@ -149,7 +171,8 @@ def markdown_table(rows: list[Row], columns: list[str], higher: dict[str, bool])
     arrows = [f"{b} {'↑' if higher[b] else '↓'}" for b in columns]
     head = ["model", "AIM", *arrows, "HV", "HV gain"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    aim_col = {"population": "population", "merge": "no", "aim": "yes", "change": "% change"}
+    aim_col = {"population": "population", "merge": "no", "aim": "yes", "control": "control",
+               "change": "% change"}
     for r in rows:
         pct = r.kind == "change"
         cells = [r.label, aim_col[r.kind]] + [_fmt(r.values[b], pct) for b in columns]
@@ -158,45 +181,55 @@ def markdown_table(rows: list[Row], columns: list[str], higher: dict[str, bool])
     return "\n".join(lines)
 
 
-def plot_pareto(table: Table, x: str, y: str, path: str | Path) -> Path:
-    """PNG scatter of two benchmarks: population, merges, AIM variants (arrows), Pareto front."""
+MAX_LABELLED = 20  # above this many models, only the population and the Pareto front are named
+
+
+def plot_pareto(table: Table, x: str, y: str, path: str | Path, title: str | None = None) -> Path:
+    """PNG scatter of two benchmarks: population, merges, AIM runs (arrows from their merge),
+    controls and the Pareto front, with non-overlapping labels (every model up to MAX_LABELLED,
+    else the population and the front)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt
+
+    from evaluation.labels import place_labels
 
     unknown = [b for b in (x, y) if b not in table.higher]
     if unknown:
         raise ValueError(f"plot benchmarks {unknown} are not in the results "
                          f"({', '.join(table.columns)})")
     higher = table.higher
-    styles = {"population": ("s", "tab:gray"), "merge": ("o", "tab:blue"),
-              "aim": ("^", "tab:orange")}
+    styles = {"population": ("s", "tab:gray", "population"), "merge": ("o", "tab:blue", "merge"),
+              "aim": ("^", "tab:orange", "merge + AIM"),
+              "control": ("x", "tab:green", "merge + control (channel_blind / uniform)")}
     models = [r for r in table.rows if r.kind in styles and r.values.get(x) is not None
               and r.values.get(y) is not None]
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for kind, (marker, color) in styles.items():
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for kind, (marker, color, name) in styles.items():
         pts = [(r.values[x], r.values[y]) for r in models if r.kind == kind]
         if pts:
-            ax.scatter(*zip(*pts), marker=marker, color=color, label=kind, zorder=3)
-    for r in models:
-        ax.annotate(r.label, (r.values[x], r.values[y]), fontsize=6, xytext=(3, 3),
-                    textcoords="offset points")
+            ax.scatter(*zip(*pts), marker=marker, color=color, label=name, zorder=3)
     by_label = {r.label: r for r in models}
     for r in models:
-        if r.partner in by_label:  # arrow: merge without AIM -> with AIM
+        if r.kind == "aim" and r.partner in by_label:  # arrow: merge without AIM -> with AIM
             start = by_label[r.partner]
             ax.annotate("", (r.values[x], r.values[y]), (start.values[x], start.values[y]),
                         arrowprops={"arrowstyle": "->", "color": "tab:orange", "alpha": 0.6})
     sx, sy = (1 if higher[x] else -1), (1 if higher[y] else -1)
     front = pareto_front([(sx * r.values[x], sy * r.values[y]) for r in models])
-    if front:
+    if len(front) > 1:  # one point is a front of itself, drawn already
         ax.step([sx * p[0] for p in front], [sy * p[1] for p in front], where="pre",
-                color="black", linestyle="--", linewidth=1, label="Pareto front")
+                color="black", linestyle="--", linewidth=1, label="Pareto front", zorder=2)
     ax.set_xlabel(f"{x} ({'higher' if higher[x] else 'lower'} is better)")
     ax.set_ylabel(f"{y} ({'higher' if higher[y] else 'lower'} is better)")
+    ax.set_title(title or f"{x} vs {y}: {len(models)} models", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    on_front = set(front)
+    named = [r for r in models if len(models) <= MAX_LABELLED or r.kind == "population"
+             or (sx * r.values[x], sy * r.values[y]) in on_front]
+    place_labels(ax, [(r.values[x], r.values[y]) for r in named], [r.label for r in named])
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=150)

@@ -84,9 +84,19 @@ def resolve_model_dir(name_or_path: str, flag: str) -> Path:
 
 
 def _download_from_hub(repo_id: str, flag: str) -> Path:
-    """Download weights (safetensors preferred, else .bin), config and tokenizer files."""
+    """Download weights (safetensors preferred, else .bin), config and tokenizer files; with the
+    Hub unreachable, the copy in the local Hugging Face cache, else a one-line error at once."""
     from huggingface_hub import HfApi, snapshot_download
 
+    from merging_methods.hub import hub_unreachable
+
+    down = hub_unreachable()
+    if down:
+        try:
+            return Path(snapshot_download(repo_id, local_files_only=True))
+        except Exception:  # noqa: BLE001 - not cached: the one line below
+            raise UserError(f"{flag}: {repo_id!r} is no local folder, not in the Hugging Face cache, "
+                            f"and the Hub is unreachable ({down}); pass a local folder") from None
     try:
         files = HfApi().list_repo_files(repo_id)
         weights = ["*.safetensors", "*.safetensors.index.json"]

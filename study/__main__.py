@@ -1,14 +1,17 @@
 """The offline AIM study on the toy zoo, end to end, in one command.
 
+    python -m study --quick              # one method, one combination (make demo)
     python -m study                      # full grid on zoo/ (built first if needed)
-    python -m study --quick              # one method, one combination: well under 2 minutes
     python -m study --outliers           # also the ablation on the outlier zoo (zoo_outliers/)
+
+Building zoo/ takes 4-10 min on one CPU thread (a progress bar counts its steps); the README
+gives measured timings of each command.
 
 Builds the zoo if needed, calibrates the base once, merges every method on every 2- and
 3-expert combination (weight 1.0 = the AIM paper's setting, and a tuned weight), applies AIM
 at omega 0.4, runs AIM and its controls (channel_blind, uniform) over an omega sweep on the
 merges of --sweep-sizes experts, evaluates everything in process, and writes the tables,
-plots and result files into --out (study.md holds every table).
+plots and result files into --out (study.md holds every table) and lists them at the end.
 """
 from __future__ import annotations
 
@@ -52,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=Formatter)
     p.add_argument("--quick", action="store_true",
                    help="task_arithmetic on the 3-expert merge only, omegas 0.2 and 0.4")
-    p.add_argument("--out", type=Path, default=Path("study_out"), help="output folder")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder; unset (%(default)s): study_out/quick with --quick, "
+                        "else study_out/full")
     p.add_argument("--zoo", type=Path, default=Path("zoo"), help="toy zoo folder (built if missing)")
     p.add_argument("--outliers", action="store_true",
                    help="also run the ablation on the zoo whose base has planted outlier channels")
@@ -157,7 +162,7 @@ def _ensure_zoos(args, plans, say) -> float:
     start = time.time()
     main_recipe = None
     for name, (zoo, _) in plans.items():
-        say(f"zoo {zoo}: checking (building if needed; a full build takes minutes)")
+        say(f"zoo {zoo}: checking (building it if needed takes 4-10 min)")
         recipe = _zoo_recipe(zoo, args, outliers=name == "zoo_outliers", like=main_recipe)
         built = ensure_zoo(zoo, recipe)
         main_recipe = main_recipe or recipe
@@ -194,7 +199,9 @@ def _write_zoo(res, zoo: Path, out: Path, omega: float, hv_margin: float) -> tup
     from toy_zoo.build import ZOO_FILE
 
     table = main_table(res, omega, hv_margin)
-    pareto_plot(table, out / "pareto.png")
+    where = res.name if zoo.name == res.name else f"{res.name} ({zoo})"
+    pareto_plot(table, f"{where}: skill mean vs perplexity, merges without and with AIM "
+                       f"(ω = {omega:g})", out / "pareto.png")
     points = sweep_points(res)
     if points:
         omega_sweep_plot(points, f"{res.name}: AIM and controls vs omega", out / "omega_sweep.png")
@@ -233,6 +240,17 @@ def _markdown(summary: dict, sections: dict, omega: float) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def where_written(out: Path, zoos: list[str]) -> str:
+    """The closing lines: where the tables, plots and result files are."""
+    lines = [f"results in {out}/:", f"  {out / 'study.md'}  every table (also printed above)"]
+    for name in zoos:
+        folder = out / name
+        lines += [f"  {folder}/table.md, effect.md, ablation.md, controls.md  tables of {name}",
+                  f"  {folder}/pareto.png, omega_sweep.png  plots of {name}",
+                  f"  {folder}/results/*.json  one result file per evaluated model"]
+    return "\n".join(lines)
+
+
 def _run_zoos(args, plans, say) -> dict:
     """Every zoo's plan, with lm-eval sped up, library noise silenced (unless --verbose) and
     a temporary work folder for the models."""
@@ -252,6 +270,7 @@ def _run_zoos(args, plans, say) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.out = args.out or Path("study_out") / ("quick" if args.quick else "full")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
 
@@ -287,8 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "study.md").write_text(text)
         (args.out / MARKER).write_text(json.dumps(summary, indent=1) + "\n")
         say(text)
-        say(f"wrote {args.out / 'study.md'} (all tables), {args.out}/<zoo>/pareto.png, "
-            "omega_sweep.png and results/*.json")
+        say(where_written(args.out, list(written)))
         return 0
 
     return exit_code_for_user_errors(work)

@@ -12,16 +12,27 @@ from study.tables import SKILL_MEAN
 COLORS = {"aim": "tab:orange", "channel_blind": "tab:blue", "uniform": "tab:green"}
 
 
-def pareto_plot(table: Table, path: Path) -> Path:
+def pareto_plot(table: Table, title: str, path: Path) -> Path:
     """Mean skill score against perplexity for the population, the merges and their AIM runs."""
-    return plot_pareto(table, SKILL_MEAN, PPL_BENCHMARK, path)
+    return plot_pareto(table, SKILL_MEAN, PPL_BENCHMARK, path, title=title)
+
+
+def _plain_log_ticks(axis) -> None:
+    """Log-axis tick labels as plain numbers (1.6, 2, 3) instead of 1.6x10^0."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    axis.set_major_formatter(plain)
+    axis.set_minor_locator(LogLocator(subs=(2, 3, 5)))
+    axis.set_minor_formatter(plain)
 
 
 def omega_sweep_plot(points: dict[str, dict[str, dict[float, tuple[float, float]]]], title: str,
                      path: Path) -> Path:
     """Skill mean and perplexity vs omega: one thick line per variant (over the swept merges: the
-    mean skill, the geometric mean perplexity) and one thin line per merge; perplexity on a log
-    axis (broken merges reach hundreds). `points` is `tables.sweep_points`; omega 1 = no AIM."""
+    mean skill, the geometric mean perplexity) and, with several merges, one thin line per merge;
+    perplexity on a log axis (broken merges reach hundreds). `points` is `tables.sweep_points`;
+    omega 1 = no AIM."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display
@@ -34,18 +45,20 @@ def omega_sweep_plot(points: dict[str, dict[str, dict[float, tuple[float, float]
             continue
         omegas = sorted(set.intersection(*(set(c) for c in curves)))
         for i, ax in enumerate(axes):
-            for curve in curves:
+            for curve in curves if len(curves) > 1 else ():
                 ax.plot(sorted(curve), [curve[w][i] for w in sorted(curve)], color=COLORS[mode],
                         alpha=0.25, linewidth=0.8)
             average = mean if i == 0 else geometric_mean
+            over = f"mean of {len(curves)} merges" if len(curves) > 1 else "1 merge"
             ax.plot(omegas, [average(c[w][i] for c in curves) for w in omegas], color=COLORS[mode],
-                    marker="o", linewidth=2, label=f"{mode} (over {len(curves)} merges)")
+                    marker="o", linewidth=2, label=f"{mode} ({over})")
     for ax, name in zip(axes, (f"{SKILL_MEAN} (higher is better)",
                                f"{PPL_BENCHMARK} byte perplexity (lower is better)")):
         ax.set_xlabel("omega (1 = merge without AIM)")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
     axes[1].set_yscale("log")
+    _plain_log_ticks(axes[1].yaxis)
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -12,3 +12,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def ci_zoo(tmp_path_factory):
+    """The CI-size toy zoo, built once per test session through `python -m toy_zoo build`
+    (about a minute); test_toy_zoo checks it and test_study runs the quick study on it."""
+    from toy_zoo import __main__ as cli
+
+    out = tmp_path_factory.getbasetemp() / "ci_zoo"
+    assert cli.main(["build", "--out", str(out), "--preset", "ci"]) == 0
+    return out

@@ -8,7 +8,7 @@ import pytest
 
 import evaluate_model
 from evaluation.pareto import Axis, hv_gain, hypervolume, normalise, pareto_front, population_axes
-from evaluation.report import build_table, pct_change, split_aim
+from evaluation.report import DEFAULT_HV_MARGIN, build_table, pct_change, split_aim, variant_kind
 from evaluation.results import FORMAT, save_results
 
 
@@ -110,8 +110,19 @@ MERGED = [record("ties_math", {"toy_math": 0.4, "toy_ppl": 2.5}),          # nor
           record("ties_math_aim0.4", {"toy_math": 0.6, "toy_ppl": 2.25})]  # normalised (0.75, 0.75)
 
 
+@pytest.mark.parametrize("label, expected", [
+    ("ties_math_aim0.4", ("ties_math", "aim")),
+    ("ties_math_blind0.4", ("ties_math", "control")),
+    ("ties_math_channel_blind-0.2", ("ties_math", "control")),
+    ("ties_math_uniform0.6", ("ties_math", "control")),
+    ("uniform_soup", ("uniform_soup", "merge")),  # a control needs its omega
+    ("ties_math", ("ties_math", "merge"))])
+def test_variant_kind(label, expected):
+    assert variant_kind(label) == expected
+
+
 def test_rows_hv_gain_and_percent_change():
-    table = build_table(POPULATION, MERGED)
+    table = build_table(POPULATION, MERGED, hv_margin=0.0)
     rows = table.rows
     assert table.columns == table.hv_benchmarks == ["toy_math", "toy_ppl"] and table.higher == HIGHER
     assert [(r.kind, r.label) for r in rows] == [("population", "base"), ("population", "expert_math"),
@@ -130,14 +141,32 @@ def test_rows_hv_gain_and_percent_change():
     assert "|  | % change | +50.0% | -10.0% |  | +125.0% |" in text
 
 
+def test_controls_follow_their_merge_as_controls_without_a_change_row():
+    controls = [record("ties_math_uniform0.4", {"toy_math": 0.5, "toy_ppl": 2.4}),
+                record("ties_math_blind0.4", {"toy_math": 0.3, "toy_ppl": 2.2})]
+    table = build_table(POPULATION, [*controls, *MERGED])
+    assert [(r.kind, r.label, r.partner) for r in table.rows[2:]] == [
+        ("merge", "ties_math", None), ("aim", "ties_math_aim0.4", "ties_math"), ("change", "", None),
+        ("control", "ties_math_uniform0.4", "ties_math"), ("control", "ties_math_blind0.4", "ties_math")]
+    assert "| ties_math_blind0.4 | control | 0.3000 | 2.2000 |" in table.markdown()
+
+
 def test_hv_margin_moves_the_reference_point():
     worse_ppl = [record("ties_math", {"toy_math": 0.9, "toy_ppl": 3.5})]  # normalised (1.125, -0.5)
-    assert build_table(POPULATION, worse_ppl).rows[-1].gain == 0.0
+    assert build_table(POPULATION, worse_ppl, hv_margin=0.0).rows[-1].gain == 0.0
     # reference (-1, -1): only the strip x in [1, 1.125], y in [-1, -0.5] is new
     table = build_table(POPULATION, worse_ppl, hv_margin=1.0)
     assert table.rows[-1].gain == pytest.approx(0.125 * 0.5)
     assert table.rows[0].hv == pytest.approx(3.0)  # 2 + 2 - 1
     assert "reference point -1 on every axis" in table.markdown()
+
+
+def test_default_hv_margin_is_the_studys():
+    assert DEFAULT_HV_MARGIN == 0.1
+    assert evaluate_model.build_parser().parse_args(["--report", "r.json"]).hv_margin == DEFAULT_HV_MARGIN
+    # reference (-0.1, -0.1): HV(P) = 0.11 + 0.11 - 0.01; ties_math (0.5, 0.5) adds 0.36 - 0.11
+    merge = build_table(POPULATION, MERGED).rows[2]
+    assert (merge.hv, merge.gain) == pytest.approx((0.46, 0.25))
 
 
 def test_report_command_writes_table_and_png(tmp_path, capsys):
@@ -147,7 +176,8 @@ def test_report_command_writes_table_and_png(tmp_path, capsys):
               [record("ties_math", {"toy_math": 0.1, "toy_ppl": 9.0}, "2025-01-01T00:00:00"), *MERGED]]
     png, md = tmp_path / "plots" / "front.png", tmp_path / "report.md"
     rc = evaluate_model.main(["--report", *map(str, merged), "--population", ",".join(map(str, pop)),
-                              "--plot", "toy_math,toy_ppl", "--plot_path", str(png), "--report_md", str(md)])
+                              "--plot", "toy_math,toy_ppl", "--plot_path", str(png), "--report_md", str(md),
+                              "--hv_margin", "0"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "| ties_math | no | 0.4000 | 2.5000 | 0.2500 | 0.2500 |" in out and md.read_text() in out + "\n"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from evaluation.report import split_aim
 from merging_methods.recipe import add_merge_arguments, recipe_from_args
 from study.grid import (METHODS, MODES, MergeJob, Variant, combinations, merge_jobs, study_plan,
                         weight_matters)
+from study.__main__ import where_written
 from study.run import BENCHMARKS, POPULATION, ZooResults
 from study.tables import (ablation_markdown, control_summary_markdown, main_table, stat_ratios,
                           top_channels)
@@ -170,17 +172,13 @@ def test_fast_lm_eval_renders_like_lm_eval_and_restores_it():
 # ---- the quick study end to end on a CI-size zoo ---------------------------------------------
 
 @pytest.fixture(scope="module")
-def quick_study(tmp_path_factory):
-    """The toy zoo's CI-size zoo and `python -m study --quick` on it."""
+def quick_study(ci_zoo, tmp_path_factory):
+    """`python -m study --quick` on the session's CI-size zoo."""
     from study.__main__ import main
-    from toy_zoo.build import ensure_zoo
-    from toy_zoo.train import ZooRecipe
 
-    zoo = tmp_path_factory.getbasetemp() / "ci_zoo"  # ensure_zoo: built once per session
-    ensure_zoo(zoo, ZooRecipe.ci())
     out = tmp_path_factory.mktemp("study") / "out"
-    code = main(["--quick", "--zoo", str(zoo), "--out", str(out), "--keep-models"])
-    return code, zoo, out
+    code = main(["--quick", "--zoo", str(ci_zoo), "--out", str(out), "--keep-models"])
+    return code, ci_zoo, out
 
 
 def test_quick_study_runs_and_experts_beat_the_base(quick_study):
@@ -241,6 +239,8 @@ def test_quick_study_tables_and_plots_parse(quick_study):
         path = out / "zoo" / name
         assert path.read_bytes()[:8] == PNG_SIGNATURE
         assert plt.imread(path).ndim == 3
+    named = re.findall(r"(/\S+\.(?:md|png))", where_written(out, ["zoo"]))  # the closing lines
+    assert len(named) == 3 and all(Path(p).is_file() for p in named)
 
 
 def test_study_refuses_to_mix_with_an_earlier_study(quick_study, capsys):

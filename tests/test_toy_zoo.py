@@ -162,14 +162,7 @@ def test_outlier_zoo_base_is_the_plain_base_reparametrised(tmp_path, capsys):
     assert not is_current(spiky, ZooRecipe.ci(steps_scale=0.05, eval_size=4, ppl_docs=2))  # flag is fingerprinted
 
 
-# ---- a CI-size zoo ---------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def ci_zoo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("zoo") / "zoo"
-    assert cli.main(["build", "--out", str(out), "--preset", "ci"]) == 0
-    return out
-
+# ---- the CI-size zoo (the session fixture `ci_zoo` in conftest.py) ----------------------------
 
 def _greedy_exact_match(model_dir, rows) -> float:
     """Share of rows whose greedy continuation, cut at the first newline, equals the answer."""
@@ -198,6 +191,8 @@ def test_ci_zoo_folders_load_as_hf_llama(ci_zoo):
         assert type(model).__name__ == "LlamaForCausalLM" and (ci_zoo / name / "model.safetensors").is_file()
         assert tok.decode(tok("23+58=")["input_ids"]) == "23+58="
     assert len(_rows(ci_zoo, "toy_math")) == 40 and len(_rows(ci_zoo, "toy_ppl")) == 20
+    built = json.loads((ci_zoo / ZOO_FILE).read_text())["built"]  # what bit-identity depends on
+    assert built["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
 
 def test_ci_zoo_experts_beat_the_base_on_their_own_skill(ci_zoo):
@@ -210,7 +205,7 @@ def test_ci_zoo_experts_beat_the_base_on_their_own_skill(ci_zoo):
 def test_ci_zoo_tasks_load_and_lm_eval_matches_greedy_generation(ci_zoo):
     from lm_eval.tasks import TaskManager, get_task_dict
 
-    tm = TaskManager(include_path=str(ci_zoo / "tasks"))
+    tm = TaskManager(include_path=str(ci_zoo / "tasks"), include_defaults=False)
     assert set(tasks.ALL_TASKS) <= set(tm.all_tasks)
     loaded = get_task_dict(list(tasks.ALL_TASKS), tm)
     assert len(loaded["toy_code"].dataset["test"]) == 40

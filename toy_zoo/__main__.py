@@ -1,6 +1,6 @@
 """Toy model zoo command line.
 
-    python -m toy_zoo build --out zoo/                       # ~4-5 min on one CPU thread
+    python -m toy_zoo build --out zoo/                       # 4-10 min on one CPU thread
     python -m toy_zoo build --out zoo_outliers/ --outliers   # base with planted outlier channels
     python -m toy_zoo build --out zoo/ --evaluate            # also print lm-eval scores
     python -m toy_zoo emergence --out study_results/emergence # do outliers emerge? (~45 min)

@@ -2,7 +2,8 @@
 
 Layout of `<out>/`: `base/`, `expert_instruct/`, `expert_math/`, `expert_code/` (HF model
 folders: LlamaForCausalLM safetensors, config, generation config, tokenizer), `data/*.jsonl`,
-`tasks/*.yaml` and `zoo.json` (format version + recipe = the fingerprint, plus build info).
+`tasks/*.yaml` and `zoo.json` (format version + recipe = the fingerprint, plus build info:
+seconds, torch version and the CPU kernel set torch dispatched to, e.g. AVX512).
 A zoo whose fingerprint matches is reused; otherwise it is rebuilt in `<out>.partial` and
 swapped in, so an interrupted build never leaves a half zoo behind.
 """
@@ -13,9 +14,12 @@ import logging
 import random
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
+from tqdm import tqdm
 
 from merging_methods.errors import UserError
 from toy_zoo import corpus, tasks, train
@@ -55,10 +59,26 @@ def save_model(model, out_dir: Path, recipe: train.ZooRecipe) -> None:
     save_tokenizer(out_dir, model_max_length=recipe.block_len)
 
 
-def _build_into(stage: Path, recipe: train.ZooRecipe) -> dict:
+@contextmanager
+def _training_bar(recipe: train.ZooRecipe) -> Iterator[tqdm]:
+    """One progress bar over every training step of the zoo (on stderr), with transformers'
+    per-save "Writing model shards" bars silenced meanwhile."""
+    from transformers.utils import logging as hf_logging
+
+    shard_bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with tqdm(total=recipe.total_steps(), unit="step", mininterval=1.0, dynamic_ncols=True) as bar:
+            yield bar
+    finally:
+        if shard_bars:
+            hf_logging.enable_progress_bar()
+
+
+def _build_into(stage: Path, recipe: train.ZooRecipe, bar: tqdm) -> dict:
     """Train and write everything into `stage`; returns the build info for zoo.json."""
     rows = tasks.write_data(stage / "data", recipe.eval_size, recipe.ppl_docs, recipe.seed)
-    base = train.train_base(recipe)
+    base = train.train_base(recipe, bar)
     info: dict = {}
     if recipe.outliers:
         info["outlier_channels"] = outlier_channels(recipe)
@@ -66,7 +86,7 @@ def _build_into(stage: Path, recipe: train.ZooRecipe) -> dict:
     save_model(base, stage / "base", recipe)
     for skill, steps in recipe.expert_steps:
         held_out = {r["prompt"] for r in rows[tasks.SKILL_TASKS[skill]]}
-        expert = train.finetune_expert(base, skill, steps, recipe, held_out)
+        expert = train.finetune_expert(base, skill, steps, recipe, held_out, bar)
         save_model(expert, stage / EXPERTS[skill], recipe)
     return info
 
@@ -83,10 +103,13 @@ def build_zoo(out: Path, recipe: train.ZooRecipe) -> Path:
     torch.set_num_threads(1)  # on 2 cores, 2 threads were several times slower than 1
     start = time.time()
     try:
-        info = _build_into(stage, recipe)
+        with _training_bar(recipe) as bar:
+            info = _build_into(stage, recipe, bar)
     finally:
         torch.set_num_threads(threads)
-    info.update(seconds=round(time.time() - start, 1), torch=torch.__version__)
+    # weights are bit-identical only between builds on the same kernel set (README: toy zoo)
+    info.update(seconds=round(time.time() - start, 1), torch=torch.__version__,
+                cpu_capability=torch.backends.cpu.get_cpu_capability())
     (stage / ZOO_FILE).write_text(json.dumps({**fingerprint(recipe), "built": info}, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     stage.rename(out)

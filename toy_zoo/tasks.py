@@ -5,7 +5,9 @@ Skill tasks are `generate_until` with greedy decoding, stop at the first newline
 generic documents (`word_perplexity`, `byte_perplexity`, `bits_per_byte`; lower is better).
 Data lives in `<zoo>/data/*.jsonl`; the YAMLs in `<zoo>/tasks/` name it by absolute path
 (lm-eval resolves relative `data_files` against the current directory), so they are rewritten
-whenever the zoo is built or found at a new place. Use `TaskManager(include_path=<zoo>/tasks)`.
+whenever the zoo is built or found at a new place. Use
+`TaskManager(include_path=<zoo>/tasks, include_defaults=False)`: indexing lm-eval's ~15k
+built-in tasks as well takes seconds.
 """
 from __future__ import annotations
 
@@ -106,9 +108,10 @@ def evaluate(model_dir: Path, tasks_dir: Path, tasks=ALL_TASKS, batch_size: int 
     import lm_eval
     from lm_eval.tasks import TaskManager
 
+    manager = TaskManager(include_path=str(tasks_dir), include_defaults=False)
     out = lm_eval.simple_evaluate(
         model="hf", model_args={"pretrained": str(model_dir), "dtype": "float32"},
-        tasks=list(tasks), task_manager=TaskManager(include_path=str(tasks_dir)), device="cpu",
+        tasks=list(tasks), task_manager=manager, device="cpu",
         batch_size=batch_size, limit=limit, bootstrap_iters=0, log_samples=False,
         random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0,
     )

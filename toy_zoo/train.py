@@ -58,6 +58,10 @@ class ZooRecipe:
         """`n` scaled by `steps_scale`, at least 1."""
         return max(1, round(n * self.steps_scale))
 
+    def total_steps(self) -> int:
+        """Training steps of the whole zoo: the base and every expert."""
+        return self.steps(self.base_steps) + sum(self.steps(n) for _, n in self.expert_steps)
+
     def as_dict(self) -> dict:
         return asdict(self)
 
@@ -107,11 +111,14 @@ def lr_at(step: int, steps: int, peak: float, warmup: int = 20) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def run_steps(model, batches, steps: int, lr: float, name: str) -> float:
-    """AdamW (no weight decay) over `batches(step) -> (ids, labels)`; returns the last loss."""
+def run_steps(model, batches, steps: int, lr: float, name: str, bar=None) -> float:
+    """AdamW (no weight decay) over `batches(step) -> (ids, labels)`; returns the last loss.
+    `bar` (a tqdm bar) advances one per step, labelled `name`."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     model.train()
     loss = torch.tensor(float("nan"))
+    if bar is not None:
+        bar.set_description(f"training {name}")
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr)
@@ -121,13 +128,17 @@ def run_steps(model, batches, steps: int, lr: float, name: str) -> float:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if bar is not None:
+            bar.update()
         if step % 100 == 0 or step == steps - 1:
-            log.info("%s step %d/%d loss %.4f", name, step + 1, steps, loss.item())
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+            log.debug("%s step %d/%d loss %.4f", name, step + 1, steps, loss.item())
     model.eval()
     return loss.item()
 
 
-def train_base(recipe: ZooRecipe):
+def train_base(recipe: ZooRecipe, bar=None):
     """Pretrain the base on packed generic documents (siblings of the skills included)."""
     torch.manual_seed(recipe.seed)
     model = build_model(recipe)
@@ -137,11 +148,11 @@ def train_base(recipe: ZooRecipe):
         rows = packed_rows(rng, recipe.base_batch, recipe.block_len, recipe.sibling_share)
         return rows, rows
 
-    run_steps(model, batches, recipe.steps(recipe.base_steps), recipe.base_lr, "base")
+    run_steps(model, batches, recipe.steps(recipe.base_steps), recipe.base_lr, "base", bar)
     return model
 
 
-def finetune_expert(base, skill: str, steps: int, recipe: ZooRecipe, exclude: set[str]):
+def finetune_expert(base, skill: str, steps: int, recipe: ZooRecipe, exclude: set[str], bar=None):
     """Full fine-tune of a copy of `base` on `skill`, with generic replay; `exclude` = eval prompts."""
     import copy
 
@@ -155,5 +166,5 @@ def finetune_expert(base, skill: str, steps: int, recipe: ZooRecipe, exclude: se
             return x, x
         return answer_rows(corpus.training_examples(skill, rng, recipe.expert_batch, exclude))
 
-    run_steps(model, batches, recipe.steps(steps), recipe.expert_lr, f"expert_{skill}")
+    run_steps(model, batches, recipe.steps(steps), recipe.expert_lr, f"expert_{skill}", bar)
     return model
