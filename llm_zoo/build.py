@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import os
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -44,7 +45,7 @@ class ZooRecipe:
 
     seed: int = 0
     experts: tuple[tuple[str, int, float], ...] = (("instruct", 150, 3e-4), ("math", 160, 3e-4),
-                                                    ("code", 80, 3e-4))  # (skill, steps, peak lr)
+                                                    ("code", 120, 3e-4))  # (skill, steps, peak lr)
     batch: int = 16
     replay_rows: int = 2
     replay_len: int = 128
@@ -70,9 +71,14 @@ def stage_fingerprint(recipe: ZooRecipe) -> dict:
     return {"format": ZOO_FORMAT, "recipe": {k: v for k, v in recipe.as_dict().items() if k != "experts"}}
 
 
+def expert_record(skill: str, recipe: ZooRecipe) -> dict:
+    """What an expert depends on besides the base: its fine-tuning recipe and its data's version."""
+    return {**recipe.finetune(skill).as_dict(), "task_version": tasks.VERSIONS[skill]}
+
+
 def expert_done(stage: Path, skill: str, recipe: ZooRecipe) -> bool:
     record = stage / EXPERTS[skill] / FINETUNE_FILE
-    return record.is_file() and json.loads(record.read_text()) == recipe.finetune(skill).as_dict()
+    return record.is_file() and json.loads(record.read_text()) == expert_record(skill, recipe)
 
 
 def is_current(out: Path, recipe: ZooRecipe) -> bool:
@@ -81,8 +87,9 @@ def is_current(out: Path, recipe: ZooRecipe) -> bool:
     if not meta.is_file():
         return False
     stored = json.loads(meta.read_text())
-    complete = all((Path(out) / d / "model.safetensors").is_file() for d in MODEL_DIRS)
-    return complete and {k: stored.get(k) for k in ("format", "recipe")} == fingerprint(recipe)
+    experts = all(expert_done(Path(out), skill, recipe) for skill in tasks.SKILLS)
+    base = (Path(out) / "base" / "model.safetensors").is_file()
+    return experts and base and {k: stored.get(k) for k in ("format", "recipe")} == fingerprint(recipe)
 
 
 def write_data(stage: Path, recipe: ZooRecipe) -> None:
@@ -129,7 +136,7 @@ def train_expert(stage: Path, skill: str, recipe: ZooRecipe, position: int = 0) 
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / FINETUNE_FILE).write_text(json.dumps(plan.as_dict()) + "\n")
+    (tmp / FINETUNE_FILE).write_text(json.dumps(expert_record(skill, recipe)) + "\n")
     shutil.rmtree(stage / EXPERTS[skill], ignore_errors=True)
     tmp.rename(stage / EXPERTS[skill])
     return {"seconds": round(time.time() - start, 1), "final_loss": round(losses[-1], 4) if losses else None}
@@ -169,8 +176,12 @@ def build_zoo(out: Path, recipe: ZooRecipe, wheel: Path | None = None, jobs: int
         raise UserError(f"--out {out} exists and is not a SmolLM2 zoo; choose an empty or new folder")
     stage = out.with_name(out.name + ".partial")
     if not stage.exists() and (out / ZOO_FILE).is_file():  # an older zoo: keep what still matches
-        shutil.copytree(out, stage)
-        (stage / ZOO_FILE).rename(stage / STAGE_FILE)
+        old = json.loads((out / ZOO_FILE).read_text())
+        if old.get("format") == ZOO_FORMAT and {**old.get("recipe", {}), "experts": None} == {
+                **recipe.as_dict(), "experts": None}:
+            shutil.copytree(out, stage, copy_function=os.link)  # hard links: no copy of the weights
+            (stage / ZOO_FILE).unlink()
+            BuildLog(stage / STAGE_FILE, old.get("built", {})).save(recipe)
     built = BuildLog.open(stage, recipe)
     start = time.time()
     if not (stage / "base" / "model.safetensors").is_file():

