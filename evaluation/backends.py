@@ -103,3 +103,27 @@ def build_lm(model: str, *, backend: str, device: str, dtype: str, batch_size: i
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"--model {model}: could not load it ({first}); when offline, pass a "
                         "local folder") from err
+
+
+def autocast_generation(lm, dtype: str | None, device: str):
+    """Make `lm.generate_until` run under `torch.autocast(dtype)` (returns `lm`).
+
+    Generation's matmuls then run in `dtype` (bf16 is ~6x faster than fp32 on CPUs with
+    AVX512-BF16, and the prompt's forward pass dominates short answers), while the weights stay
+    as loaded and loglikelihood / perplexity requests are scored in full precision.
+    """
+    if not dtype:
+        return lm
+    import functools
+
+    import torch
+
+    original = lm.generate_until
+
+    @functools.wraps(original)
+    def generate_until(*args, **kwargs):
+        with torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype)):
+            return original(*args, **kwargs)
+
+    lm.generate_until = generate_until
+    return lm

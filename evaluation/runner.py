@@ -14,8 +14,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from evaluation.backends import (build_lm, check_model, parse_batch_size, resolve_device,
-                                 select_backend)
+from evaluation.backends import (autocast_generation, build_lm, check_model, parse_batch_size,
+                                 resolve_device, select_backend)
 from evaluation.benchmarks import BENCHMARKS, Benchmark, headline, resolve
 from evaluation.results import FORMAT, model_label, versions
 from merging_methods.errors import UserError
@@ -49,6 +49,7 @@ class EvalSettings:
     bootstrap_iters: int = 1000
     log_samples: bool = False
     tasks_dirs: tuple[str, ...] = field(default_factory=tuple)
+    generation_autocast: str | None = None  # e.g. "bfloat16": greedy generation's matmuls only
 
 
 def task_dirs(extra: tuple[str, ...] = ()) -> list[Path]:
@@ -313,6 +314,7 @@ def evaluate(model: str | object, benchmarks: list[str], *, label: str | None = 
             batch_size=cfg.batch_size, max_model_len=cfg.max_model_len, n_gpu=cfg.n_gpu,
             vllm_parallel=cfg.vllm_parallel, seed=cfg.seed)
         notes += non_finite_notes(lm)
+        autocast_generation(lm, cfg.generation_autocast, cfg.device)
         heads, full = _run_all(lm, tm, runnable, loaded, cfg, errors, notes)
         del lm
         _free_memory()

@@ -3,6 +3,7 @@
     python -m study --quick              # one method, one combination (make demo)
     python -m study                      # full grid on zoo/ (built first if needed)
     python -m study --outliers           # also the ablation on the outlier zoo (zoo_outliers/)
+    python -m study --zoo smollm2        # the real SmolLM2-135M zoo (zoo_smollm2/, llm_zoo)
 
 Building zoo/ takes 4-10 min on one CPU thread (a progress bar counts its steps); the README
 gives measured timings of each command.
@@ -58,7 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None,
                    help="output folder; unset (%(default)s): study_out/quick with --quick, "
                         "else study_out/full")
-    p.add_argument("--zoo", type=Path, default=Path("zoo"), help="toy zoo folder (built if missing)")
+    p.add_argument("--zoo", default="toy",
+                   help="zoo family: toy (folder zoo/) or smollm2 (folder zoo_smollm2/, the real "
+                        "SmolLM2-135M and its experts); or the folder of a toy zoo (built if missing)")
+    p.add_argument("--dare-seeds", type=_ints, default=(0, 1),
+                   help="mask seeds of the DARE merges (each seed is its own merge)")
     p.add_argument("--outliers", action="store_true",
                    help="also run the ablation on the zoo whose base has planted outlier channels")
     p.add_argument("--outlier-zoo", type=Path, default=Path("zoo_outliers"),
@@ -82,12 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "on any skill, e.g. every 2-expert merge on the third skill, adds 0)")
     p.add_argument("--sweep", type=_floats, default=(0.2, 0.6),
                    help="omegas of the ablation sweep")
+    p.add_argument("--merge-sizes", type=_ints, default=(2, 3),
+                   help="merge sizes (experts per merge) in the grid, e.g. 3 for the 3-expert merges only")
     p.add_argument("--sweep-sizes", type=_ints, default=(2, 3),
                    help="merge sizes (experts) that get the sweep and the controls, e.g. 2,3")
     p.add_argument("--calib-samples", type=int, default=256, help="calibration documents")
     p.add_argument("--limit", type=int, default=None,
                    help="prompts/documents per benchmark; unset: all of the zoo's")
     p.add_argument("--batch-size", type=int, default=128, help="evaluation batch size")
+    p.add_argument("--generation-dtype", choices=("float32", "bfloat16"), default=None,
+                   help="matmul dtype of greedy generation (weights and perplexity stay float32); "
+                        "unset: the family's (toy float32, smollm2 bfloat16)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1 was fastest for these tiny models on 2 cores)")
     p.add_argument("--keep-models", action="store_true",
@@ -108,8 +118,17 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
     (out / MARKER).write_text(json.dumps({"status": "running"}) + "\n")
 
 
-def _plans(args) -> dict[str, tuple[Path, list]]:
-    """{output name: (zoo folder, [(job, variants)])} for the zoos this run covers."""
+def _zoo_choice(text: str):
+    """(family, folder) of `--zoo`: a family name, or the folder of a toy zoo."""
+    from study.families import FAMILIES, TOY
+
+    family = FAMILIES.get(text)
+    return (family, family.default_dir) if family else (TOY, Path(text))
+
+
+def _plans(args) -> dict[str, tuple]:
+    """{output name: (family, zoo folder, [(job, variants)])} for the zoos this run covers."""
+    from study.families import TOY
     from study.grid import METHODS, SKILLS, combinations, study_plan
 
     methods = ("task_arithmetic",) if args.quick else args.methods
@@ -117,17 +136,23 @@ def _plans(args) -> dict[str, tuple[Path, list]]:
     if unknown or not methods:
         raise UserError(f"--methods: {', '.join(unknown) or 'none given'}; choose from "
                         f"{', '.join(METHODS)}")
-    combos = [SKILLS] if args.quick else combinations()
+    if not set(args.merge_sizes) <= {2, 3}:
+        raise UserError(f"--merge-sizes: choose from 2 and 3, got {args.merge_sizes}")
+    combos = [SKILLS] if args.quick else combinations(sizes=args.merge_sizes)
     weights, sweep = ((1.0,), (0.2,)) if args.quick else (args.weights, args.sweep)
     if not weights or not all(w > 0 for w in weights):
         raise UserError(f"--weights: give one or more positive values, got {args.weights}")
     if not all(0.0 <= w <= 1.0 for w in (*sweep, args.omega)):
         raise UserError("--omega and --sweep: values must be in [0, 1]")
     common = dict(methods=methods, weights=weights, density=args.density, omega=args.omega,
-                  sweep=sweep, sweep_sizes=(3,) if args.quick else args.sweep_sizes, combos=combos)
-    plans = {"zoo": (args.zoo, study_plan(**common))}
+                  sweep=sweep, sweep_sizes=(3,) if args.quick else args.sweep_sizes, combos=combos,
+                  seeds=args.dare_seeds[:1] if args.quick else args.dare_seeds)
+    family, zoo = _zoo_choice(args.zoo)
+    if args.outliers and family is not TOY:
+        raise UserError(f"--outliers: the outlier zoo is a toy zoo; drop it or use --zoo toy")
+    plans = {"zoo" if family is TOY else family.name: (family, zoo, study_plan(**common))}
     if args.outliers:
-        plans["zoo_outliers"] = (args.outlier_zoo, study_plan(**common, only_swept=True))
+        plans["zoo_outliers"] = (TOY, args.outlier_zoo, study_plan(**common, only_swept=True))
     return plans
 
 
@@ -157,11 +182,20 @@ def _zoo_recipe(zoo: Path, args, outliers: bool, like=None):
 
 
 def _ensure_zoos(args, plans, say) -> float:
+    from study.families import SMOLLM2
     from toy_zoo.build import ensure_zoo
 
     start = time.time()
     main_recipe = None
-    for name, (zoo, _) in plans.items():
+    for name, (family, zoo, _) in plans.items():
+        if family is SMOLLM2:
+            from llm_zoo.build import ZooRecipe as SmolRecipe
+            from llm_zoo.build import ensure_zoo as ensure_smollm2_zoo
+
+            say(f"zoo {zoo}: checking (building it if needed takes about 40 min on 2 cores)")
+            built = ensure_smollm2_zoo(zoo, SmolRecipe(seed=args.seed or 0))
+            say(f"zoo {zoo}: {'built' if built else 'up to date'}")
+            continue
         say(f"zoo {zoo}: checking (building it if needed takes 4-10 min)")
         recipe = _zoo_recipe(zoo, args, outliers=name == "zoo_outliers", like=main_recipe)
         built = ensure_zoo(zoo, recipe)
@@ -170,19 +204,20 @@ def _ensure_zoos(args, plans, say) -> float:
     return time.time() - start
 
 
-def _run_zoo(name: str, zoo: Path, plan: list, args, say, work_root: Path):
+def _run_zoo(name: str, family, zoo: Path, plan: list, args, say, work_root: Path):
     from aim.pipeline import AimSettings
-    from study.run import POPULATION, EvalConfig, ZooRunner, write_calibration_texts
+    from study.run import EvalConfig, ZooRunner
 
     out = args.out / name
-    calib = write_calibration_texts(out / "calib.jsonl")
-    context = json.loads((zoo / "base" / "config.json").read_text())["max_position_embeddings"]
-    aim = AimSettings(calib_data=str(calib.resolve()), calib_samples=args.calib_samples,
-                      block_size=context, stats=str((out / "stats.safetensors").resolve()))
-    total = len(POPULATION) + sum(1 + len(v) for _, v in plan)
+    calib, block_size = family.calibration(zoo, out)
+    aim = AimSettings(calib_data=str(calib), calib_samples=args.calib_samples,
+                      block_size=block_size, stats=str((out / "stats.safetensors").resolve()))
+    total = len(family.population) + sum(1 + len(v) for _, v in plan)
     work = out / "models" if args.keep_models else work_root / name
     work.mkdir(parents=True, exist_ok=True)
-    runner = ZooRunner(zoo, out, work, aim, EvalConfig(args.limit, args.batch_size), say, total)
+    dtype = args.generation_dtype or family.generation_autocast or "float32"
+    config = EvalConfig(args.limit, args.batch_size, None if dtype == "float32" else dtype)
+    runner = ZooRunner(zoo, out, work, aim, config, say, total, family)
     say(f"== {name}: {len(plan)} merges, {total} evaluations")
     runner.calibrate()
     runner.evaluate_population()
@@ -195,18 +230,21 @@ def _write_zoo(res, zoo: Path, out: Path, omega: float, hv_margin: float) -> tup
     """Tables and plots of one zoo; returns its markdown sections and its summary."""
     from study.plots import omega_sweep_plot, pareto_plot
     from study.tables import (ablation_markdown, aim_effect_markdown, control_summary_markdown,
-                              main_table, planted_line, stat_ratios, sweep_points, top_channels)
+                              main_table, planted_line, scores_markdown, stat_ratios, sweep_points,
+                              top_channels)
     from toy_zoo.build import ZOO_FILE
 
     table = main_table(res, omega, hv_margin)
     where = res.name if zoo.name == res.name else f"{res.name} ({zoo})"
-    pareto_plot(table, f"{where}: skill mean vs perplexity, merges without and with AIM "
+    pareto_plot(table, res.family, f"{where}: skill mean vs perplexity, merges without and with AIM "
                        f"(ω = {omega:g})", out / "pareto.png")
     points = sweep_points(res)
     if points:
-        omega_sweep_plot(points, f"{res.name}: AIM and controls vs omega", out / "omega_sweep.png")
+        omega_sweep_plot(points, res.family, f"{res.name}: AIM and controls vs omega",
+                         out / "omega_sweep.png")
     sections = {"table": table.markdown(), "effect": aim_effect_markdown(res, table, omega),
-                "ablation": ablation_markdown(res), "controls": control_summary_markdown(res)}
+                "ablation": ablation_markdown(res), "controls": control_summary_markdown(res),
+                "scores": scores_markdown(res)}
     for key, text in sections.items():
         (out / f"{key}.md").write_text(text + "\n")
     planted = json.loads((zoo / ZOO_FILE).read_text()).get("built", {}).get("outlier_channels")
@@ -223,15 +261,16 @@ def _markdown(summary: dict, sections: dict, omega: float) -> str:
     from study.tables import stats_markdown
 
     env = summary["environment"]
-    parts = [f"# AIM study on the toy zoo\n\nCommand: `{summary['command']}`  \n"
+    parts = [f"# AIM study\n\nCommand: `{summary['command']}`  \n"
              f"Machine: {env['cpus']} CPU cores, {env['platform']}, torch threads {env['threads']}  \n"
              f"Time: {summary['seconds']['total']:.0f} s in all (zoo check/build "
              f"{summary['seconds']['zoo']:.0f} s, study {summary['seconds']['study']:.0f} s)"]
     for name, s in sections.items():
         parts += [f"## {name}: merges without and with AIM (ω = {omega:g})", s["table"],
                   f"### {name}: AIM effect by method, weight and merge size", s["effect"],
-                  f"### {name}: ablation (skill mean / toy_ppl per ω)", s["ablation"],
-                  f"### {name}: AIM minus control at equal ω", s["controls"]]
+                  f"### {name}: ablation (skill mean / perplexity per ω)", s["ablation"],
+                  f"### {name}: AIM minus control at equal ω", s["controls"],
+                  f"### {name}: every score, pass/fail rates ± 1 standard error", s["scores"]]
     ratios = {name: zoo["stat_ratios"] for name, zoo in summary["zoos"].items()}
     parts += ["## Base activation statistic per module: max / median over input channels",
               stats_markdown(ratios)]
@@ -245,7 +284,7 @@ def where_written(out: Path, zoos: list[str]) -> str:
     lines = [f"results in {out}/:", f"  {out / 'study.md'}  every table (also printed above)"]
     for name in zoos:
         folder = out / name
-        lines += [f"  {folder}/table.md, effect.md, ablation.md, controls.md  tables of {name}",
+        lines += [f"  {folder}/table.md, effect.md, ablation.md, controls.md, scores.md  tables of {name}",
                   f"  {folder}/pareto.png, omega_sweep.png  plots of {name}",
                   f"  {folder}/results/*.json  one result file per evaluated model"]
     return "\n".join(lines)
@@ -264,8 +303,8 @@ def _run_zoos(args, plans, say) -> dict:
         from study.run import fast_lm_eval
 
         stack.enter_context(fast_lm_eval())
-        return {name: _run_zoo(name, zoo, plan, args, say, work_root)
-                for name, (zoo, plan) in plans.items()}
+        return {name: _run_zoo(name, family, zoo, plan, args, say, work_root)
+                for name, (family, zoo, plan) in plans.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -293,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
             results = _run_zoos(args, plans, say)
         finally:
             torch.set_num_threads(threads)
-        written = {n: _write_zoo(r, plans[n][0], args.out / n, args.omega, args.hv_margin)
+        written = {n: _write_zoo(r, plans[n][1], args.out / n, args.omega, args.hv_margin)
                    for n, r in results.items()}
         summary = {"status": "done", "command": " ".join(["python -m study", *(argv or sys.argv[1:])]),
                    "environment": {"cpus": os.cpu_count(), "platform": platform.platform(),

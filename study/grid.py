@@ -35,17 +35,19 @@ class MergeJob:
     experts: tuple[str, ...]
     weight: float | None = None
     density: float | None = None
+    seed: int = 0              # the random masks' seed (DARE); other methods ignore it
 
     @property
     def label(self) -> str:
         regime = "" if self.weight is None else f"_w{self.weight:g}"
-        return f"{self.method}{regime}_{''.join(s.capitalize() for s in self.experts)}"
+        seed = f"_s{self.seed}" if self.seed else ""
+        return f"{self.method}{regime}_{''.join(s.capitalize() for s in self.experts)}{seed}"
 
-    def merge_argv(self, zoo: str, save_path: str, seed: int = 0) -> list[str]:
+    def merge_argv(self, zoo: str, save_path: str) -> list[str]:
         """Arguments of `merge.py` for this job."""
         models = ",".join(f"{zoo}/expert_{s}" for s in self.experts)
         argv = ["--method", self.method, "--base_model", f"{zoo}/base", "--models_to_merge", models,
-                "--save_path", save_path, "--seed", str(seed), "--overwrite"]
+                "--save_path", save_path, "--seed", str(self.seed), "--overwrite"]
         if self.weight is not None:
             argv += ["--weights", f"{self.weight:g}"]
         if self.density is not None:
@@ -70,18 +72,20 @@ def combinations(skills: tuple[str, ...] = SKILLS, sizes: tuple[int, ...] = (2, 
 
 
 def merge_jobs(methods: tuple[str, ...], combos: list[tuple[str, ...]], weights: tuple[float, ...],
-               density: float | None) -> list[MergeJob]:
-    """The grid: per method, per weight (when it matters), per combination.
+               density: float | None, seeds: tuple[int, ...] = (0,)) -> list[MergeJob]:
+    """The grid: per method, per weight (when it matters), per combination, and per seed for
+    the methods with random masks (DARE).
 
     `density` goes to the methods that take one (TIES and DARE), None leaves their default.
     """
     jobs = []
     for method in methods:
-        takes_density = "density" in get_method(method).params
+        spec = get_method(method)
         for weight in (weights if weight_matters(method) else (None,)):
             for combo in combos:
-                jobs.append(MergeJob(method, tuple(combo), weight,
-                                     density if takes_density else None))
+                for seed in (seeds if spec.stochastic else (0,)):
+                    jobs.append(MergeJob(method, tuple(combo), weight,
+                                         density if "density" in spec.params else None, seed))
     return jobs
 
 
@@ -95,11 +99,12 @@ def variants(omega: float, sweep: tuple[float, ...], modes: tuple[str, ...], ful
 
 def study_plan(methods: tuple[str, ...], weights: tuple[float, ...], density: float | None,
                omega: float, sweep: tuple[float, ...], sweep_sizes: tuple[int, ...],
-               combos: list[tuple[str, ...]], only_swept: bool = False) -> list[tuple[MergeJob, list[Variant]]]:
+               combos: list[tuple[str, ...]], only_swept: bool = False,
+               seeds: tuple[int, ...] = (0,)) -> list[tuple[MergeJob, list[Variant]]]:
     """Every merge with its variants: AIM at `omega`, plus all modes x `sweep` for merges of
     `sweep_sizes` experts. `only_swept` keeps just those merges (the outlier zoo's ablation)."""
     plan = []
-    for job in merge_jobs(methods, combos, weights, density):
+    for job in merge_jobs(methods, combos, weights, density, seeds):
         full = len(job.experts) in sweep_sizes
         if full or not only_swept:
             plan.append((job, variants(omega, sweep, MODES, full)))

@@ -6,15 +6,15 @@ from statistics import geometric_mean, mean
 
 from evaluation.report import Table, plot_pareto
 from study.grid import MODES
-from study.run import PPL_BENCHMARK
+from study.families import Family
 from study.tables import SKILL_MEAN
 
 COLORS = {"aim": "tab:orange", "channel_blind": "tab:blue", "uniform": "tab:green"}
 
 
-def pareto_plot(table: Table, title: str, path: Path) -> Path:
+def pareto_plot(table: Table, family: Family, title: str, path: Path) -> Path:
     """Mean skill score against perplexity for the population, the merges and their AIM runs."""
-    return plot_pareto(table, SKILL_MEAN, PPL_BENCHMARK, path, title=title)
+    return plot_pareto(table, SKILL_MEAN, family.ppl, path, title=title)
 
 
 def _plain_log_ticks(axis) -> None:
@@ -27,8 +27,8 @@ def _plain_log_ticks(axis) -> None:
     axis.set_minor_formatter(plain)
 
 
-def omega_sweep_plot(points: dict[str, dict[str, dict[float, tuple[float, float]]]], title: str,
-                     path: Path) -> Path:
+def omega_sweep_plot(points: dict[str, dict[str, dict[float, tuple[float, float]]]], family: Family,
+                     title: str, path: Path) -> Path:
     """Skill mean and perplexity vs omega: one thick line per variant (over the swept merges: the
     mean skill, the geometric mean perplexity) and, with several merges, one thin line per merge;
     perplexity on a log axis (broken merges reach hundreds). `points` is `tables.sweep_points`;
@@ -53,7 +53,7 @@ def omega_sweep_plot(points: dict[str, dict[str, dict[float, tuple[float, float]
             ax.plot(omegas, [average(c[w][i] for c in curves) for w in omegas], color=COLORS[mode],
                     marker="o", linewidth=2, label=f"{mode} ({over})")
     for ax, name in zip(axes, (f"{SKILL_MEAN} (higher is better)",
-                               f"{PPL_BENCHMARK} byte perplexity (lower is better)")):
+                               f"{family.ppl} {family.ppl_metric} (lower is better)")):
         ax.set_xlabel("omega (1 = merge without AIM)")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)

@@ -23,12 +23,9 @@ import torch
 
 from aim.pipeline import AimSettings, obtain_stats, relax_checkpoint
 from merging_methods.errors import UserError
+from study.families import TOY, Family
 from study.grid import MergeJob, Variant
 
-SKILL_BENCHMARKS = ("toy_instruct", "toy_math", "toy_code")
-PPL_BENCHMARK = "toy_ppl"
-BENCHMARKS = (*SKILL_BENCHMARKS, PPL_BENCHMARK)
-POPULATION = ("base", "expert_instruct", "expert_math", "expert_code")
 CALIB_DOC_CHARS = 120  # as toy_ppl's documents: one document fits one 128-token block
 
 
@@ -38,6 +35,7 @@ class EvalConfig:
 
     limit: int | None = None   # prompts/documents per benchmark; None: all of them
     batch_size: int = 128
+    generation_autocast: str | None = None  # "bfloat16": generation matmuls in bf16 (ppl stays fp32)
 
 
 @dataclass
@@ -45,6 +43,7 @@ class ZooResults:
     """What one zoo's run produced: result records by label and how they relate."""
 
     name: str
+    family: Family = TOY
     population: list[dict] = field(default_factory=list)
     records: dict[str, dict] = field(default_factory=dict)          # merge and variant labels
     jobs: dict[str, MergeJob] = field(default_factory=dict)         # merge label -> job
@@ -95,10 +94,10 @@ class ZooRunner:
     """Merges, relaxes and evaluates models of one zoo; records go to `results`."""
 
     def __init__(self, zoo: Path, out: Path, work: Path, aim: AimSettings, cfg: EvalConfig,
-                 progress: Callable[[str], None], total: int):
+                 progress: Callable[[str], None], total: int, family: Family = TOY):
         self.zoo, self.out, self.work, self.aim, self.cfg = zoo.resolve(), out, work, aim, cfg
-        self.progress, self.total, self.done = progress, total, 0
-        self.results = ZooResults(out.name, stats_path=Path(aim.stats))
+        self.progress, self.total, self.done, self.family = progress, total, 0, family
+        self.results = ZooResults(out.name, family, stats_path=Path(aim.stats))
 
     def calibrate(self) -> None:
         """Compute the base's activation statistics once (saved to `aim.stats`)."""
@@ -109,25 +108,26 @@ class ZooRunner:
                       f"({time.time() - start:.1f} s)")
 
     def evaluate(self, model: Path, label: str) -> dict:
-        """Evaluate one model folder on the zoo's four benchmarks and save its result file."""
+        """Evaluate one model folder on the zoo's benchmarks and save its result file."""
         from evaluation.results import save_results
         from evaluation.runner import evaluate
 
         start = time.time()
-        record = evaluate(str(model), list(BENCHMARKS), label=label, backend="hf", device="cpu",
+        record = evaluate(str(model), list(self.family.benchmarks), label=label, backend="hf", device="cpu",
                           dtype="float32", batch_size=self.cfg.batch_size, limit=self.cfg.limit,
+                          generation_autocast=self.cfg.generation_autocast,
                           bootstrap_iters=0, tasks_dirs=(str(self.zoo / "tasks"),))
         if record["errors"]:
             raise UserError(f"evaluating {label} failed: {'; '.join(record['errors'].values())}")
         save_results(record, self.out / "results")
         self.results.add_time("evaluate", time.time() - start)
         self.done += 1
-        scores = "  ".join(f"{b.removeprefix('toy_')} {record['scores'][b]:.3f}" for b in BENCHMARKS)
+        scores = "  ".join(f"{self.family.short(b)} {record['scores'][b]:.3f}" for b in self.family.benchmarks)
         self.progress(f"[{self.done}/{self.total}] {label:44s} {scores}  ({time.time() - start:.1f} s)")
         return record
 
     def evaluate_population(self) -> None:
-        self.results.population = [self.evaluate(self.zoo / name, name) for name in POPULATION]
+        self.results.population = [self.evaluate(self.zoo / name, name) for name in self.family.population]
 
     def merge(self, job: MergeJob) -> Path:
         """Run `job` with merge.py's flags; returns the merged folder."""

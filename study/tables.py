@@ -14,15 +14,16 @@ from pathlib import Path
 from statistics import geometric_mean, mean
 
 from evaluation.report import Table, build_table, pct_change
+from study.families import Family
 from study.grid import MODES, Variant
-from study.run import PPL_BENCHMARK, SKILL_BENCHMARKS, ZooResults
+from study.run import ZooResults
 
 SKILL_MEAN = "skill_mean"
 
 
-def with_skill_mean(record: dict) -> dict:
-    """A copy of a result record with a `skill_mean` score (mean of the skill benchmarks)."""
-    value = mean(record["scores"][b] for b in SKILL_BENCHMARKS)
+def with_skill_mean(record: dict, skills: tuple[str, ...]) -> dict:
+    """A copy of a result record with a `skill_mean` score (mean of the `skills` benchmarks)."""
+    value = mean(record["scores"][b] for b in skills)
     head = {"task": SKILL_MEAN, "metric": "mean exact_match", "value": value,
             "higher_is_better": True, "n_shot": 0, "n_samples": 0}
     return {**record, "scores": {**record["scores"], SKILL_MEAN: value},
@@ -35,14 +36,15 @@ def main_table(res: ZooResults, omega: float, hv_margin: float = 0.0) -> Table:
     for label, rows in res.variants.items():
         merged.append(res.records[label])
         merged += [res.records[v_label] for v, v_label in rows if v == Variant("aim", omega)]
-    return build_table([with_skill_mean(r) for r in res.population],
-                       [with_skill_mean(r) for r in merged], hv_benchmarks=list(SKILL_BENCHMARKS),
+    skills = res.family.skills
+    return build_table([with_skill_mean(r, skills) for r in res.population],
+                       [with_skill_mean(r, skills) for r in merged], hv_benchmarks=list(skills),
                        hv_margin=hv_margin)
 
 
-def _point(record: dict) -> tuple[float, float]:
+def _point(record: dict, family: Family) -> tuple[float, float]:
     """(skill mean, perplexity) of a result record."""
-    return with_skill_mean(record)["scores"][SKILL_MEAN], record["scores"][PPL_BENCHMARK]
+    return with_skill_mean(record, family.skills)["scores"][SKILL_MEAN], record["scores"][family.ppl]
 
 
 def aim_effect_markdown(res: ZooResults, table: Table, omega: float) -> str:
@@ -55,11 +57,11 @@ def aim_effect_markdown(res: ZooResults, table: Table, omega: float) -> str:
             if variant == Variant("aim", omega):
                 groups.setdefault((job.method, job.weight, len(job.experts)), []).append((label, v_label))
     lines = [f"| method | weight | experts | merges | skill mean: no AIM → AIM {omega:g} | "
-             f"{PPL_BENCHMARK} (geo. mean): no AIM → AIM | HV gain: no AIM → AIM |",
+             f"{res.family.ppl} (geo. mean): no AIM → AIM | HV gain: no AIM → AIM |",
              "|---|---|---|---|---|---|---|"]
     for (method, weight, size), pairs in groups.items():
-        plain = [_point(res.records[p]) for p, _ in pairs]
-        aimed = [_point(res.records[a]) for _, a in pairs]
+        plain = [_point(res.records[p], res.family) for p, _ in pairs]
+        aimed = [_point(res.records[a], res.family) for _, a in pairs]
         lines.append(f"| {method} | {'-' if weight is None else f'{weight:g}'} | {size} | {len(pairs)} | "
                      f"{mean(s for s, _ in plain):.3f} → {mean(s for s, _ in aimed):.3f} | "
                      f"{geometric_mean(p for _, p in plain):.3f} → "
@@ -77,10 +79,10 @@ def sweep_points(res: ZooResults) -> dict[str, dict[str, dict[float, tuple[float
     for label, rows in res.variants.items():
         if len(rows) < 2:
             continue
-        plain = _point(res.records[label])
+        plain = _point(res.records[label], res.family)
         out[label] = {}
         for variant, v_label in rows:
-            out[label].setdefault(variant.mode, {1.0: plain})[variant.omega] = _point(res.records[v_label])
+            out[label].setdefault(variant.mode, {1.0: plain})[variant.omega] = _point(res.records[v_label], res.family)
     return out
 
 
@@ -107,7 +109,7 @@ def control_summary_markdown(res: ZooResults) -> str:
     if not points:
         return "(no merge ran with the controls)"
     omegas = sorted({w for modes in points.values() for w in modes.get("aim", {}) if w != 1.0})
-    lines = ["| ω | control | merges | Δ skill mean (AIM − control) | toy_ppl AIM / control "
+    lines = [f"| ω | control | merges | Δ skill mean (AIM − control) | {res.family.ppl} AIM / control "
              "(geo. mean) | AIM better on both | control better on both |",
              "|---|---|---|---|---|---|---|"]
     for control in (m for m in MODES if m != "aim"):
@@ -165,4 +167,23 @@ def stats_markdown(ratios: dict[str, dict[str, float]]) -> str:
     for module in modules:
         cells = [f"{ratios[z][module]:.1f}" if module in ratios[z] else "" for z in zoos]
         lines.append(f"| {short_module(module)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def standard_error(p: float, n: int) -> float:
+    """Standard error of a share `p` of `n` independent pass/fail prompts."""
+    return (p * (1 - p) / n) ** 0.5 if n else float("nan")
+
+
+def scores_markdown(res: ZooResults) -> str:
+    """Every evaluated model's scores, each pass/fail score with its standard error (± 1 SE)."""
+    family = res.family
+    rates = (*family.skills, *family.general)
+    lines = ["| model | " + " | ".join(rates) + f" | {family.ppl} |", "|---|" + "---|" * (len(rates) + 1)]
+    for record in [*res.population, *res.records.values()]:
+        cells = []
+        for bench in rates:
+            p, n = record["scores"][bench], record["headline"][bench]["n_samples"]
+            cells.append(f"{p:.3f} ± {standard_error(p, n):.3f}")
+        lines.append(f"| {record['label']} | " + " | ".join(cells) + f" | {record['scores'][family.ppl]:.3f} |")
     return "\n".join(lines)

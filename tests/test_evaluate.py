@@ -286,3 +286,24 @@ def test_results_are_never_overwritten(tmp_path):
     assert "samples" not in load_results(first)["lm_eval"]["a"]
     assert json.loads((tmp_path / load_results(first)["sample_files"]["a"]).read_text()) == {"doc_id": 0}
     assert record["lm_eval"]["a"]["samples"]  # the caller's record is left as it was
+
+
+def test_generation_autocast_covers_generation_only():
+    """With generation_autocast, generate_until runs under bf16 autocast; loglikelihood does not."""
+    import torch
+
+    from evaluation.backends import autocast_generation
+
+    class Recorder:
+        def generate_until(self, requests):
+            return [(torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))]
+
+        def loglikelihood_rolling(self, requests):
+            return [torch.is_autocast_enabled("cpu")]
+
+    plain = autocast_generation(Recorder(), None, "cpu")
+    assert plain.generate_until([])[0][0] is False
+    lm = autocast_generation(Recorder(), "bfloat16", "cpu")
+    assert lm.generate_until([]) == [(True, torch.bfloat16)]
+    assert lm.loglikelihood_rolling([]) == [False]
+    assert not torch.is_autocast_enabled("cpu")  # the context closed again

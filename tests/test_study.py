@@ -14,7 +14,10 @@ from merging_methods.recipe import add_merge_arguments, recipe_from_args
 from study.grid import (METHODS, MODES, MergeJob, Variant, combinations, merge_jobs, study_plan,
                         weight_matters)
 from study.__main__ import where_written
-from study.run import BENCHMARKS, POPULATION, ZooResults
+from study.families import POPULATION, TOY
+from study.run import ZooResults
+
+BENCHMARKS = TOY.benchmarks
 from study.tables import (ablation_markdown, control_summary_markdown, main_table, stat_ratios,
                           top_channels)
 
@@ -55,6 +58,26 @@ def test_merge_argv_resolves_to_the_intended_recipe(tmp_path):
     assert recipe.models == ("Z/expert_instruct", "Z/expert_math", "Z/expert_code")
     assert recipe.params["weights"] == [0.7, 0.7, 0.7]
     assert recipe.params["density"] == [0.5, 0.5, 0.5]
+
+
+def test_dare_merges_run_once_per_seed_and_carry_it_to_merge_py(tmp_path):
+    import argparse
+
+    jobs = merge_jobs(("ties", "dare_linear"), [("math", "code")], (1.0,), 0.5, seeds=(0, 3))
+    assert [(j.method, j.seed, j.label) for j in jobs] == [
+        ("ties", 0, "ties_MathCode"), ("dare_linear", 0, "dare_linear_w1_MathCode"),
+        ("dare_linear", 3, "dare_linear_w1_MathCode_s3")]
+    parser = argparse.ArgumentParser()
+    add_merge_arguments(parser)
+    assert recipe_from_args(parser.parse_args(jobs[2].merge_argv("Z", str(tmp_path / "o")))).seed == 3
+
+
+def test_standard_error_of_a_pass_rate():
+    from study.tables import standard_error
+
+    assert standard_error(0.5, 100) == 0.05
+    assert standard_error(0.0, 200) == 0.0 and standard_error(1.0, 7) == 0.0
+    assert abs(standard_error(0.9, 400) - 0.015) < 1e-12
 
 
 def test_variant_labels_pair_with_the_report():
