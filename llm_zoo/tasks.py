@@ -156,59 +156,62 @@ def follows_instruction(example: dict, response: str) -> bool:
 
 # ---------------------------------------------------------------- math (GSM8K-like)
 
+OPS: dict[str, Callable[[int, int], int]] = {"+": lambda a, b: a + b, "-": lambda a, b: a - b,
+                                            "*": lambda a, b: a * b}
+
+
+def _worked(question: str, *steps: tuple[int | None, str, int]) -> dict:
+    """A problem whose reference answer shows every `a op b = c` step and ends "The answer is N.";
+    an operand None is the previous step's result."""
+    shown, result = [], 0
+    for a, op, b in steps:
+        a = result if a is None else a
+        result = OPS[op](a, b)
+        shown.append(f"{a} {op} {b} = {result}.")
+    return {"question": question, "answer": " ".join(shown) + f" The answer is {result}.", "target": result}
+
+
 def _buy_give(rng: random.Random) -> dict:
     name, friend = rng.sample(NAMES, 2)
     item = rng.choice(ITEMS)
     a, b = rng.randint(12, 60), rng.randint(5, 40)
     c = rng.randint(3, a + b - 1)
-    s = a + b
-    return {"question": f"{name} has {a} {item}. {name} buys {b} more and then gives {c} to {friend}. "
-                        f"How many {item} does {name} have now?",
-            "answer": f"{a} + {b} = {s}. {s} - {c} = {s - c}. The answer is {s - c}.", "target": s - c}
+    return _worked(f"{name} has {a} {item}. {name} buys {b} more and then gives {c} to {friend}. "
+                   f"How many {item} does {name} have now?", (a, "+", b), (None, "-", c))
 
 
 def _packs(rng: random.Random) -> dict:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     a, b = rng.randint(3, 9), rng.randint(4, 12)
-    p = a * b
-    c = rng.randint(2, p - 1)
-    return {"question": f"{name} buys {a} packs of {item}. Each pack has {b} {item}. {name} uses {c} "
-                        f"of them. How many {item} are left?",
-            "answer": f"{a} * {b} = {p}. {p} - {c} = {p - c}. The answer is {p - c}.", "target": p - c}
+    c = rng.randint(2, a * b - 1)
+    return _worked(f"{name} buys {a} packs of {item}. Each pack has {b} {item}. {name} uses {c} "
+                   f"of them. How many {item} are left?", (a, "*", b), (None, "-", c))
 
 
 def _change(rng: random.Random) -> dict:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     price, n = rng.randint(2, 9), rng.randint(2, 9)
-    cost = price * n
-    bill = next(b for b in (20, 50, 100) if b > cost)
-    return {"question": f"One of the {item} costs {price} dollars. {name} buys {n} of them and pays "
-                        f"with a {bill} dollar bill. How many dollars of change does {name} get?",
-            "answer": f"{n} * {price} = {cost}. {bill} - {cost} = {bill - cost}. The answer is "
-                      f"{bill - cost}.", "target": bill - cost}
+    bill = next(b for b in (20, 50, 100) if b > price * n)
+    return _worked(f"One of the {item} costs {price} dollars. {name} buys {n} of them and pays "
+                   f"with a {bill} dollar bill. How many dollars of change does {name} get?",
+                   (n, "*", price), (bill, "-", price * n))
 
 
 def _three_days(rng: random.Random) -> dict:
     name = rng.choice(NAMES)
     a, b = rng.randint(10, 40), rng.randint(10, 40)
     k = rng.randint(2, 3)
-    s, t = a + b, (a + b) + k * a
     times = {2: "twice", 3: "three times"}[k]
-    return {"question": f"{name} reads {a} pages on Monday and {b} pages on Tuesday. On Wednesday "
-                        f"{name} reads {times} as many pages as on Monday. How many pages did {name} "
-                        f"read in the three days?",
-            "answer": f"{a} + {b} = {s}. {k} * {a} = {k * a}. {s} + {k * a} = {t}. The answer is {t}.",
-            "target": t}
+    return _worked(f"{name} reads {a} pages on Monday and {b} pages on Tuesday. On Wednesday "
+                   f"{name} reads {times} as many pages as on Monday. How many pages did {name} "
+                   f"read in the three days?", (a, "+", b), (k, "*", a), (a + b, "+", k * a))
 
 
 def _rows(rng: random.Random) -> dict:
     rows, per = rng.randint(3, 9), rng.randint(4, 12)
-    total = rows * per
-    taken = rng.randint(2, total - 1)
-    return {"question": f"A hall has {rows} rows of chairs with {per} chairs in each row. {taken} "
-                        f"chairs are taken. How many chairs are free?",
-            "answer": f"{rows} * {per} = {total}. {total} - {taken} = {total - taken}. The answer is "
-                      f"{total - taken}.", "target": total - taken}
+    taken = rng.randint(2, rows * per - 1)
+    return _worked(f"A hall has {rows} rows of chairs with {per} chairs in each row. {taken} "
+                   f"chairs are taken. How many chairs are free?", (rows, "*", per), (None, "-", taken))
 
 
 MATH_KINDS: tuple[Callable[[random.Random], dict], ...] = (_buy_give, _packs, _change, _three_days,

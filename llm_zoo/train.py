@@ -143,10 +143,10 @@ def finetune(model, tokenizer, stream: Iterator[dict], recipe: FinetuneRecipe, c
         opt.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        if on_step is not None:
-            on_step(step + 1, losses[-1])
         if (step + 1) % checkpoint_every == 0 and step + 1 < recipe.steps:
             _save_checkpoint(checkpoint, model, opt, step + 1, recipe.as_dict())
+        if on_step is not None:  # after the checkpoint: a step it reports is durable
+            on_step(step + 1, losses[-1])
     model.eval()
     checkpoint.unlink(missing_ok=True)
     return losses

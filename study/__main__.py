@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="merge sizes (experts per merge) in the grid, e.g. 3 for the 3-expert merges only")
     p.add_argument("--sweep-sizes", type=_ints, default=(2, 3),
                    help="merge sizes (experts) that get the sweep and the controls, e.g. 2,3")
+    p.add_argument("--sweep-methods", type=_names, default=None,
+                   help="methods whose merges get the sweep and the controls; unset: every method")
     p.add_argument("--calib-samples", type=int, default=256, help="calibration documents")
     p.add_argument("--limit", type=int, default=None,
                    help="prompts/documents per benchmark; unset: all of the zoo's")
@@ -146,7 +148,8 @@ def _plans(args) -> dict[str, tuple]:
         raise UserError("--omega and --sweep: values must be in [0, 1]")
     common = dict(methods=methods, weights=weights, density=args.density, omega=args.omega,
                   sweep=sweep, sweep_sizes=(3,) if args.quick else args.sweep_sizes, combos=combos,
-                  seeds=args.dare_seeds[:1] if args.quick else args.dare_seeds)
+                  seeds=args.dare_seeds[:1] if args.quick else args.dare_seeds,
+                  sweep_methods=None if args.quick else args.sweep_methods)
     family, zoo = _zoo_choice(args.zoo)
     if args.outliers and family is not TOY:
         raise UserError(f"--outliers: the outlier zoo is a toy zoo; drop it or use --zoo toy")

@@ -100,12 +100,13 @@ def variants(omega: float, sweep: tuple[float, ...], modes: tuple[str, ...], ful
 def study_plan(methods: tuple[str, ...], weights: tuple[float, ...], density: float | None,
                omega: float, sweep: tuple[float, ...], sweep_sizes: tuple[int, ...],
                combos: list[tuple[str, ...]], only_swept: bool = False,
-               seeds: tuple[int, ...] = (0,)) -> list[tuple[MergeJob, list[Variant]]]:
+               seeds: tuple[int, ...] = (0,),
+               sweep_methods: tuple[str, ...] | None = None) -> list[tuple[MergeJob, list[Variant]]]:
     """Every merge with its variants: AIM at `omega`, plus all modes x `sweep` for merges of
-    `sweep_sizes` experts. `only_swept` keeps just those merges (the outlier zoo's ablation)."""
+    `sweep_sizes` experts (and of `sweep_methods`, when given). `only_swept` keeps just those merges (the outlier zoo's ablation)."""
     plan = []
     for job in merge_jobs(methods, combos, weights, density, seeds):
-        full = len(job.experts) in sweep_sizes
+        full = len(job.experts) in sweep_sizes and (sweep_methods is None or job.method in sweep_methods)
         if full or not only_swept:
             plan.append((job, variants(omega, sweep, MODES, full)))
     return plan

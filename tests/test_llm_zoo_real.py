@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -128,9 +129,8 @@ def test_resumed_finetune_equals_uninterrupted(real_model, tmp_path):
 
 
 def run(script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, script, *args], cwd=REPO, capture_output=True, text=True,
-                          env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                               "PATH": "/usr/bin:/bin"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run([sys.executable, script, *args], cwd=REPO, capture_output=True, text=True, env=env)
 
 
 def test_merge_and_aim_on_the_real_base(real_base, real_model, tmp_path):
