@@ -79,9 +79,9 @@ def test_knowledge_names_the_capital(response, expected):
     assert tasks.names_capital({"target": "Paris"}, response) is expected
 
 
-@pytest.mark.parametrize("skill", tasks.SKILLS)
-def test_reference_answers_pass_their_own_check(skill):
-    for example in tasks.held_out(skill, 200, seed=0):
+@pytest.mark.parametrize("skill, n", [("instruct", 200), ("math", 200), ("code", 50)])  # code: a process each
+def test_reference_answers_pass_their_own_check(skill, n):
+    for example in tasks.held_out(skill, n, seed=0):
         assert tasks.SCORERS[skill](example, example["answer"]), example
 
 
@@ -98,11 +98,11 @@ def test_math_reference_steps_are_correct_arithmetic():
 def test_code_reference_fails_on_a_changed_constant():
     """The hidden tests catch a near miss of the generated reference (one constant changed)."""
     caught = 0
-    for example in tasks.held_out("code", 40, seed=0):
+    for example in tasks.held_out("code", 30, seed=0):
         program = tasks.extract_program(example["answer"])
         changed = re.sub(r"(\d)(?!.*\d)", lambda m: str((int(m.group(1)) + 1) % 10), program, flags=re.S)
         caught += not tasks.passes_tests(example, changed)
-    assert caught >= 25  # a changed constant (e.g. a max default of 0) can be invisible on 5 lists
+    assert caught >= 20  # a changed constant (e.g. a max default of 0) can be invisible on 5 lists
 
 
 def test_held_out_sets_are_fixed_by_seed_and_distinct():
