@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from merging_methods.errors import exit_code_for_user_errors
 
@@ -28,15 +29,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def refuse_aim_flags_without_aim(args: argparse.Namespace) -> None:
-    """An AIM flag given without --aim would silently give a plain merge: refuse it."""
+def refuse_aim_flags_without_aim(argv: list[str]) -> None:
+    """An AIM flag given without --aim would silently give a plain merge: refuse it, also when
+    its value equals the default (`--omega 0.4`)."""
     from aim.pipeline import add_aim_arguments
     from merging_methods.errors import UserError
 
-    aim_only = argparse.ArgumentParser(add_help=False)
+    aim_only = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     add_aim_arguments(aim_only, several_omegas=False)
-    given = [name for name, default in vars(aim_only.parse_args([])).items()
-             if getattr(args, name) != default]
+    for action in aim_only._actions:
+        action.default = argparse.SUPPRESS  # only flags on the command line remain
+    given = sorted(vars(aim_only.parse_known_args(argv)[0]))
     if given:
         raise UserError(f"--{given[0]} applies only with --aim; add --aim to relax the merge, or "
                         "drop the flag")
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads < 1:
             raise UserError(f"--threads: must be at least 1, got {args.threads}")
         if not args.aim:
-            refuse_aim_flags_without_aim(args)
+            refuse_aim_flags_without_aim(sys.argv[1:] if argv is None else argv)
         import torch
 
         torch.set_num_threads(args.threads)

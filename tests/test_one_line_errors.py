@@ -183,8 +183,8 @@ def test_humaneval_generation_is_capped_to_the_model_context(tmp_path, monkeypat
 # --- silent acceptance made loud -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("flag, value", [("--omega", "0.3"), ("--calib_data", "builtin"),
-                                         ("--stats", "s.safetensors")])
+@pytest.mark.parametrize("flag, value", [("--omega", "0.3"), ("--omega", "0.4"),  # 0.4: the default
+                                         ("--calib_data", "builtin"), ("--stats", "s.safetensors")])
 def test_merge_refuses_aim_flags_without_aim(models, tmp_path, flag, value, capsys):
     code = merge.main(merge_args(models, tmp_path / "o", flag, value))
     assert_user_error(capsys, code, flag, "only with --aim")
