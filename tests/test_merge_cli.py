@@ -270,16 +270,23 @@ def test_interrupted_merge_leaves_no_output(tmp_path):
                        num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4)
     fts = [build_finetune(base, tmp_path / f"ft{i}", seed=i) for i in (1, 2)]
     for sig in (signal.SIGINT, signal.SIGKILL):
-        out = tmp_path / f"out_{sig.name}"
-        proc = subprocess.Popen(
-            [sys.executable, str(REPO / "merge.py"), "--method", "ties", "--density", "0.3",
-             "--base_model", str(base), "--models_to_merge", ",".join(map(str, fts)),
-             "--save_path", str(out), "--max_shard_size", "20KB"],
-            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.time() + 120  # the staging folder appears as the merge starts, so the
-        while time.time() < deadline and not list(tmp_path.glob(f".{out.name}.partial-*")):
-            time.sleep(0.005)         # signal lands mid-run even on a starved machine
+        for attempt in range(5):  # the small merge can outrun the poll; then try again
+            out = tmp_path / f"out_{sig.name}_{attempt}"
+            proc = subprocess.Popen(
+                [sys.executable, str(REPO / "merge.py"), "--method", "ties", "--density", "0.3",
+                 "--base_model", str(base), "--models_to_merge", ",".join(map(str, fts)),
+                 "--save_path", str(out), "--max_shard_size", "20KB"],
+                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            deadline = time.time() + 120
+            while time.time() < deadline and not list(tmp_path.glob(f".{out.name}.partial-*")):
+                time.sleep(0.002)
+            proc.send_signal(signal.SIGSTOP)  # frozen mid-run unless it already finished
+            if not out.exists():
+                break
+            proc.send_signal(signal.SIGCONT)
+            proc.wait(timeout=60)
         proc.send_signal(sig)
+        proc.send_signal(signal.SIGCONT)
         proc.wait(timeout=60)
         assert proc.returncode != 0, "merge finished before it could be interrupted"
         assert not out.exists()
