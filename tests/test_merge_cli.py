@@ -276,7 +276,10 @@ def test_interrupted_merge_leaves_no_output(tmp_path):
                 [sys.executable, str(REPO / "merge.py"), "--method", "ties", "--density", "0.3",
                  "--base_model", str(base), "--models_to_merge", ",".join(map(str, fts)),
                  "--save_path", str(out), "--max_shard_size", "20KB"],
-                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                # a child inherits an ignored SIGINT (earlier tests' libraries can leave one):
+                # restore the default so Python raises KeyboardInterrupt, as in a user's shell
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
             deadline = time.time() + 120
             while time.time() < deadline and not list(tmp_path.glob(f".{out.name}.partial-*")):
                 time.sleep(0.002)
