@@ -28,7 +28,7 @@ from pathlib import Path
 
 from llm_zoo import lm_eval_tasks, prose, tasks
 from llm_zoo.train import FinetuneRecipe
-from merging_methods.errors import UserError
+from merging_methods.output import check_output_path
 
 log = logging.getLogger(__name__)
 ZOO_FORMAT = 1  # bump when generators, data or training code change the zoo for the same recipe
@@ -78,7 +78,8 @@ def expert_record(skill: str, recipe: ZooRecipe) -> dict:
 
 def expert_done(stage: Path, skill: str, recipe: ZooRecipe) -> bool:
     record = stage / EXPERTS[skill] / FINETUNE_FILE
-    return record.is_file() and json.loads(record.read_text()) == expert_record(skill, recipe)
+    weights = stage / EXPERTS[skill] / "model.safetensors"
+    return weights.is_file() and record.is_file() and json.loads(record.read_text()) == expert_record(skill, recipe)
 
 
 def is_current(out: Path, recipe: ZooRecipe) -> bool:
@@ -157,7 +158,7 @@ class BuildLog:
             if {k: stored.get(k) for k in ("format", "recipe")} == stage_fingerprint(recipe):
                 return cls(path, stored.get("built", {}))
             log.info("%s holds another recipe's partial build; starting over", stage)
-        shutil.rmtree(stage, ignore_errors=True)
+        shutil.rmtree(stage, ignore_errors=True)  # checked by build_zoo: empty or ours
         stage.mkdir(parents=True)
         built = cls(path)
         built.save(recipe)
@@ -172,21 +173,26 @@ def build_zoo(out: Path, recipe: ZooRecipe, wheel: Path | None = None, jobs: int
     from llm_zoo.source import convert_base
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not (out / ZOO_FILE).is_file():
-        raise UserError(f"--out {out} exists and is not a SmolLM2 zoo; choose an empty or new folder")
     stage = out.with_name(out.name + ".partial")
+    # Both folders are deleted or replaced below: each must be new, empty or ours (its marker
+    # file), and neither may be the working directory, one of its parents, or hold the wheel.
+    check_output_path(out, True, [wheel] if wheel else [], flag="--out", marker=ZOO_FILE)
+    check_output_path(stage, True, [wheel] if wheel else [], flag="--out's staging folder", marker=STAGE_FILE)
     if not stage.exists() and (out / ZOO_FILE).is_file():  # an older zoo: keep what still matches
         old = json.loads((out / ZOO_FILE).read_text())
         if old.get("format") == ZOO_FORMAT and {**old.get("recipe", {}), "experts": None} == {
                 **recipe.as_dict(), "experts": None}:
-            shutil.copytree(out, stage, copy_function=os.link)  # hard links: no copy of the weights
-            (stage / ZOO_FILE).unlink()
+            stage.mkdir()  # marked ours before anything else lands in it
             BuildLog(stage / STAGE_FILE, old.get("built", {})).save(recipe)
+            for part in (*MODEL_DIRS, "data"):  # hard links (no copy of the weights); a part
+                if (out / part).is_dir():        # appears whole or not at all
+                    shutil.copytree(out / part, stage / f"{part}.tmp", copy_function=os.link)
+                    (stage / f"{part}.tmp").rename(stage / part)
     built = BuildLog.open(stage, recipe)
     start = time.time()
     if not (stage / "base" / "model.safetensors").is_file():
         t = time.time()
-        shutil.rmtree(stage / "base", ignore_errors=True)
+        shutil.rmtree(stage / "base.tmp", ignore_errors=True)
         convert_base(stage / "base.tmp", wheel)
         (stage / "base.tmp").rename(stage / "base")
         built.info["convert_s"] = round(time.time() - t, 1)
@@ -202,9 +208,9 @@ def build_zoo(out: Path, recipe: ZooRecipe, wheel: Path | None = None, jobs: int
                 built.save(recipe)
     built.info["build_s"] = round(built.info.get("build_s", 0) + time.time() - start, 1)
     (stage / ZOO_FILE).write_text(json.dumps({**fingerprint(recipe), "built": built.info}, indent=2) + "\n")
-    (stage / STAGE_FILE).unlink()
-    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)  # checked above: absent, empty or an older zoo
     stage.rename(out)
+    (out / STAGE_FILE).unlink()  # only now: until the rename, a rerun must recognise the stage
     lm_eval_tasks.write_task_files(out)
     log.info("built the SmolLM2 zoo at %s", out)
     return out

