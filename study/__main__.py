@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "SmolLM2-135M and its experts); or the folder of a toy zoo (built if missing)")
     p.add_argument("--dare-seeds", type=_ints, default=(0, 1),
                    help="mask seeds of the DARE merges (each seed is its own merge)")
+    p.add_argument("--dare-seed-sizes", type=_ints, default=None,
+                   help="merge sizes (experts) that get every --dare-seeds seed, the others only "
+                        "the first; unset: every size")
     p.add_argument("--outliers", action="store_true",
                    help="also run the ablation on the zoo whose base has planted outlier channels")
     p.add_argument("--outlier-zoo", type=Path, default=Path("zoo_outliers"),
@@ -149,7 +152,8 @@ def _plans(args) -> dict[str, tuple]:
     common = dict(methods=methods, weights=weights, density=args.density, omega=args.omega,
                   sweep=sweep, sweep_sizes=(3,) if args.quick else args.sweep_sizes, combos=combos,
                   seeds=args.dare_seeds[:1] if args.quick else args.dare_seeds,
-                  sweep_methods=None if args.quick else args.sweep_methods)
+                  sweep_methods=None if args.quick else args.sweep_methods,
+                  seed_sizes=None if args.quick else args.dare_seed_sizes)
     family, zoo = _zoo_choice(args.zoo)
     if args.outliers and family is not TOY:
         raise UserError(f"--outliers: the outlier zoo is a toy zoo; drop it or use --zoo toy")

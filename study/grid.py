@@ -72,9 +72,11 @@ def combinations(skills: tuple[str, ...] = SKILLS, sizes: tuple[int, ...] = (2, 
 
 
 def merge_jobs(methods: tuple[str, ...], combos: list[tuple[str, ...]], weights: tuple[float, ...],
-               density: float | None, seeds: tuple[int, ...] = (0,)) -> list[MergeJob]:
+               density: float | None, seeds: tuple[int, ...] = (0,),
+               seed_sizes: tuple[int, ...] | None = None) -> list[MergeJob]:
     """The grid: per method, per weight (when it matters), per combination, and per seed for
-    the methods with random masks (DARE).
+    the methods with random masks (DARE); with `seed_sizes`, only merges of that many experts
+    get every seed, the others the first.
 
     `density` goes to the methods that take one (TIES and DARE), None leaves their default.
     """
@@ -83,7 +85,8 @@ def merge_jobs(methods: tuple[str, ...], combos: list[tuple[str, ...]], weights:
         spec = get_method(method)
         for weight in (weights if weight_matters(method) else (None,)):
             for combo in combos:
-                for seed in (seeds if spec.stochastic else (0,)):
+                every_seed = seed_sizes is None or len(combo) in seed_sizes
+                for seed in ((seeds if every_seed else seeds[:1]) if spec.stochastic else (0,)):
                     jobs.append(MergeJob(method, tuple(combo), weight,
                                          density if "density" in spec.params else None, seed))
     return jobs
@@ -101,11 +104,12 @@ def study_plan(methods: tuple[str, ...], weights: tuple[float, ...], density: fl
                omega: float, sweep: tuple[float, ...], sweep_sizes: tuple[int, ...],
                combos: list[tuple[str, ...]], only_swept: bool = False,
                seeds: tuple[int, ...] = (0,),
-               sweep_methods: tuple[str, ...] | None = None) -> list[tuple[MergeJob, list[Variant]]]:
+               sweep_methods: tuple[str, ...] | None = None,
+               seed_sizes: tuple[int, ...] | None = None) -> list[tuple[MergeJob, list[Variant]]]:
     """Every merge with its variants: AIM at `omega`, plus all modes x `sweep` for merges of
     `sweep_sizes` experts (and of `sweep_methods`, when given). `only_swept` keeps just those merges (the outlier zoo's ablation)."""
     plan = []
-    for job in merge_jobs(methods, combos, weights, density, seeds):
+    for job in merge_jobs(methods, combos, weights, density, seeds, seed_sizes):
         full = len(job.experts) in sweep_sizes and (sweep_methods is None or job.method in sweep_methods)
         if full or not only_swept:
             plan.append((job, variants(omega, sweep, MODES, full)))

@@ -72,6 +72,13 @@ def test_dare_merges_run_once_per_seed_and_carry_it_to_merge_py(tmp_path):
     assert recipe_from_args(parser.parse_args(jobs[2].merge_argv("Z", str(tmp_path / "o")))).seed == 3
 
 
+def test_dare_seed_sizes_give_every_seed_only_to_merges_of_those_sizes():
+    combos = [("math", "code"), ("instruct", "math", "code")]
+    jobs = merge_jobs(("dare_ties",), combos, (0.3,), 0.5, seeds=(0, 1), seed_sizes=(3,))
+    assert [j.label for j in jobs] == ["dare_ties_w0.3_MathCode", "dare_ties_w0.3_InstructMathCode",
+                                       "dare_ties_w0.3_InstructMathCode_s1"]
+
+
 def test_standard_error_of_a_pass_rate():
     from study.tables import standard_error
 
