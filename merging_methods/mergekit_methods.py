@@ -60,8 +60,10 @@ NOT_FROM_YAML = {  # method -> why `merge_method:` refuses it
 }
 BOOL_PARAMS = frozenset({"normalize", "rescale", "int8_mask", "filter_wise", "fr_faithful"})
 
-INTERNAL_NAMES = {"weight": "weights", "lambda": "scaling", "int8_mask": None}
-"""YAML parameter -> our method's keyword where they differ (None: accepted, no effect). The one
-place to update when the registry's Param declarations carry their YAML key."""
+INTERNAL_NAMES = {"weight": "weights", "lambda": "scaling"}
+"""YAML parameter -> our method's keyword, where they differ."""
+NO_EFFECT = {**{method: ("int8_mask",) for method in METHODS},  # a mergekit memory option
+             "task_arithmetic": ("int8_mask", "density", "rescale")}  # declared, no sparsifier
+"""Parameters mergekit accepts that change nothing in our method: read, never passed on."""
 FIXED_INTERNAL = {"dare_linear": {"rescale_mode": "l1"}, "dare_ties": {"rescale_mode": "l1"}}
 """Keywords a YAML merge implies: mergekit 0.1.5's DARE rescale is L1-norm matching (§19.3)."""

@@ -16,7 +16,8 @@ from typing import Literal, Mapping, Union
 from merging_methods.mergekit_config import (Gradient, MergeConfig, ModelRef, Params, Scalar,
                                              Setting, Slice, Source, UserError, base_index,
                                              effective_slices)
-from merging_methods.mergekit_methods import FIXED_INTERNAL, INTERNAL_NAMES, METHODS, REQUIRED
+from merging_methods.mergekit_methods import (FIXED_INTERNAL, INTERNAL_NAMES, METHODS, NO_EFFECT,
+                                              REQUIRED)
 
 PRE, POST = "pre", "post"  # embeddings before the layers; final norm and lm_head after them
 Position = Union[int, Literal["pre", "post"]]  # int: the output layer index
@@ -134,7 +135,7 @@ def method_params(merge: TensorMerge) -> dict[str, object]:
     names = dict.fromkeys(n for i in merge.others for n in i.params)
     values = {**{n: [i.params.get(n) for i in merge.others] for n in names}, **merge.shared}
     return {INTERNAL_NAMES.get(n, n): v for n, v in values.items()
-            if INTERNAL_NAMES.get(n, n) is not None} | FIXED_INTERNAL.get(merge.method, {})
+            if n not in NO_EFFECT[merge.method]} | FIXED_INTERNAL.get(merge.method, {})
 
 
 def gradient_value(values: tuple[Scalar, ...], x: float) -> Scalar:
