@@ -115,8 +115,6 @@ def load_config(text_or_path: str | Path) -> MergeConfig:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise UserError(f"{origin}: not valid YAML ({' '.join(str(err).split())})") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{origin}: expected a mapping of mergekit keys (merge_method, ...)")
     config = _config(raw, origin)
     _check_inputs(config)
     return config
@@ -154,10 +152,12 @@ def _check_keys(raw: Mapping, allowed: Collection[str], where: str, origin: str,
         raise UserError(f"{origin}: unknown key {key!r} {place}{hint}")
 
 
-def _config(raw: Mapping, origin: str) -> MergeConfig:
-    _check_keys(raw, TOP_KEYS, "", origin)
+def _config(raw: object, origin: str) -> MergeConfig:
+    if not isinstance(raw, dict):
+        raise UserError(f"{origin}: expected a mapping of mergekit keys (merge_method, ...)")
     method = _method(raw.get("merge_method"), origin)
     spec = METHODS[method]
+    _check_keys(raw, TOP_KEYS, "", origin, params=[*spec.per_model, *spec.shared])
     if ("models" in raw) == ("slices" in raw):
         raise _fail(origin, "", "give exactly one of 'models' or 'slices'")
     models = slices = None
@@ -370,8 +370,8 @@ def _seed(value: object, origin: str) -> int | None:
 
 
 def effective_slices(config: MergeConfig) -> tuple[Slice, ...]:
-    """The config as slices (§18.6): `models:` is one slice of all models plus the base when it is
-    not listed (layer_range None = all layers); a slice without base_model gets the top-level one."""
+    """The config as slices (§18.6): `models:` is one slice of all models plus the base when it
+    is not listed (layer_range None = all layers); a slice without base_model gets the top one."""
     if config.slices is not None:
         return tuple(Slice(s.sources, s.parameters, s.base_model or config.base_model)
                      for s in config.slices)

@@ -115,17 +115,13 @@ def resolve(plan: MergePlan, tensor: str, position: Position) -> TensorMerge:
         names = [_rename(tensor, position, source_layer) for _, source_layer in layer.sources]
     piece = plan.slices[index]
     scopes = (piece.parameters, config.parameters)
-    where = f"tensor {tensor}"
-    shared = _values(spec.shared, scopes, tensor, x, config.origin, where)
+    shared = _values(spec.shared, scopes, tensor, x, config.origin, f"tensor {tensor}")
     base = base_index(config, piece)
-    others = tuple(
-        TensorInput(s.model, names[k], _values(spec.per_model, (s.parameters, *scopes), names[k],
-                                               x, config.origin, f"model {s.model}, {where}"))
-        for k, s in enumerate(piece.sources) if k != base)
-    merge = TensorMerge(config.merge_method, tensor,
-                        None if base is None else TensorInput(piece.sources[base].model,
-                                                              names[base], {}),
-                        others, shared)
+    others = tuple(TensorInput(s.model, names[k], _values(
+        spec.per_model, (s.parameters, *scopes), names[k], x, config.origin,
+        f"model {s.model}, tensor {tensor}")) for k, s in enumerate(piece.sources) if k != base)
+    merge = TensorMerge(config.merge_method, tensor, None if base is None else TensorInput(
+        piece.sources[base].model, names[base], {}), others, shared)
     _check_della(merge, config.origin)
     return merge
 
@@ -165,7 +161,7 @@ def _values(defaults: Mapping[str, object], scopes: tuple[Params, ...], name: st
         value = next((v for v in found if v is not None), default)
         if value is REQUIRED:
             raise UserError(f"{origin}: missing required parameter {param!r} for {where}; "
-                            "set it in the parameters: of that model, its slice or the top level")
+                            "no parameters: scope gives it a value there")
         if value is not None:
             out[param] = value
     return out

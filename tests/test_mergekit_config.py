@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from merging_methods.errors import UserError
-from merging_methods.mergekit_config import (Gradient, ModelRef, Rule, load_config, to_yaml)
+from merging_methods.mergekit_config import Gradient, ModelRef, Rule, load_config, to_yaml
 from merging_methods.mergekit_plan import (POST, PRE, donor, gradient_value, method_params,
                                            plan_merge, referenced_models, resolve, setting_value)
 
@@ -304,7 +304,8 @@ def test_missing_required_parameter_names_model_and_tensor():
 
 def test_linear_gives_the_base_its_own_weight():
     """linear ignores the base as a base: it is an ordinary input that needs a weight (§18.5)."""
-    text = "merge_method: linear\nbase_model: b\nmodels:\n  - model: m\n    parameters: {weight: 2}\n"
+    text = ("merge_method: linear\nbase_model: b\nmodels:\n  - model: m\n"
+            "    parameters: {weight: 2}\n")
     with pytest.raises(UserError, match="missing required parameter 'weight' for model b"):
         resolve(plan_of(text, 2), "lm_head.weight", POST)
     merge = resolve(plan_of(text + "parameters: {weight: 1}\n", 2), "lm_head.weight", POST)
@@ -434,6 +435,8 @@ def test_read_from_a_file(tmp_path):
     ("merge_method: tie\nbase_model: b\nmodels:\n  - model: m\n",
      "merge_method: unknown method 'tie'; did you mean 'ties'?"),
     (f"{GTA}name: my-merge\n", "unknown key 'name' at the top level"),
+    (f"{GTA}lambda: 2\n",
+     "unknown key 'lambda' at the top level; method parameters go under 'parameters:'"),
     (f"{GTA}tokenizer: {{source: base, tokens: {{}}}}\n",
      "'tokens' in tokenizer is not supported"),
     ("merge_method: slerp\nbase_model: b\nmodels:\n  - model: b\n  - model: m\n"
@@ -460,7 +463,8 @@ def test_refusals_name_the_file(tmp_path):
     (f"{GTA}modules: {{}}\n", "'modules' at the top level is not supported"),
     ("merge_method: passthrough\nmodels:\n  - model: a+my/lora\n",
      "models[0].model: 'a+my/lora': model+lora references are not supported"),
-    ("merge_method: passthrough\nmodels:\n  - model: a@b@c\n", "expected 'path' or 'path@revision'"),
+    ("merge_method: passthrough\nmodels:\n  - model: a@b@c\n",
+     "expected 'path' or 'path@revision'"),
     ("merge_method: passthrough\nmodels:\n  - model: {model: a, lora: x}\n",
      "'lora' in models[0].model is not supported"),
     ("merge_method: passthrough\nmodels:\n  - model: {model: a, override_architecture: X}\n",
