@@ -35,9 +35,7 @@ def slerp(base: Tensor, others: list[Tensor], *, t: float) -> Tensor:
     dot = float(torch.dot(v0.reshape(-1), v1.reshape(-1))) / (_norm_or_one(v0) * _norm_or_one(v1))
     dot = min(max(dot, -1.0), 1.0)
     if abs(dot) > DOT_THRESHOLD:
-        c0, c1 = 1.0 - t, t
-    else:
-        omega = math.acos(dot)
-        c0, c1 = math.sin((1.0 - t) * omega), math.sin(t * omega)
-        c0, c1 = c0 / math.sin(omega), c1 / math.sin(omega)
+        return torch.lerp(v0, v1, t)  # exact at t = 0, t = 1 and for v0 == v1
+    omega = math.acos(dot)
+    c0, c1 = math.sin((1.0 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)
     return torch.mul(v0, c0).add_(v1, alpha=c1)
