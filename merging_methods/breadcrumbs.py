@@ -43,20 +43,18 @@ def _outlier_plan(density: Sequence[float], gamma: Sequence[float], rescale: boo
     return plan
 
 
-def _breadcrumbs_method(consensus: bool, doc: str) -> Callable[..., Tensor]:
+def _breadcrumbs_method(consensus: bool) -> Callable[..., Tensor]:
     """breadcrumbs (plain sum) or breadcrumbs_ties (sum-elected signs): one body, two methods."""
     def method(base: Tensor, others: list[Tensor], *, weights: Sequence[float],
                density: Sequence[float], gamma: Sequence[float], scaling: float = 1.0,
                normalize: bool = False, rescale: bool = False) -> Tensor:
+        """Breadcrumbs (§9): θ0 + λ·Σ wi·δ̃i (breadcrumbs_ties: over the sign-agreeing models),
+        δ̃i = δi without its smallest and its largest |δ|."""
         _check_lengths(others, density=density, gamma=gamma)
-        return _gta(base, others, weights, _outlier_plan(density, gamma, rescale),
-                    consensus=consensus, normalize=normalize, scaling=scaling, out=None)
-
-    method.__doc__ = doc
+        plan = _outlier_plan(density, gamma, rescale)
+        return _gta(base, others, weights, plan, consensus=consensus, normalize=normalize,
+                    scaling=scaling, out=None)
     return method
 
 
-breadcrumbs = _breadcrumbs_method(
-    False, "Breadcrumbs (§9): θ0 + λ·Σ wi·δ̃i, δ̃i = δi without its smallest and largest |δ|.")
-breadcrumbs_ties = _breadcrumbs_method(
-    True, "Breadcrumbs + TIES sign consensus (§9): θ0 + λ·Σ agreeing wi·δ̃i.")
+breadcrumbs, breadcrumbs_ties = _breadcrumbs_method(False), _breadcrumbs_method(True)

@@ -74,23 +74,20 @@ def _magprune_plan(density: Sequence[float], epsilon: Sequence[float], shape: to
     return plan
 
 
-def _della_method(consensus: bool, normalize_default: bool, doc: str) -> Callable[..., Tensor]:
+def _della_method(consensus: bool, normalize_default: bool) -> Callable[..., Tensor]:
     """della (sum-elected signs) or della_linear (plain sum): one body, two methods."""
     def method(base: Tensor, others: list[Tensor], *, weights: Sequence[float],
                density: Sequence[float], epsilon: Sequence[float], scaling: float = 1.0,
                normalize: bool = normalize_default, rescale: bool = True,
                rescale_mode: str = "l1",
                generators: list[torch.Generator] | None = None) -> Tensor:
+        """DELLA (§17): MAGPRUNE each δi, then θ0 + λ·Σ wi·δ̃i; `della` sums the sign-agreeing
+        models and normalises, `della_linear` sums all of them."""
         _check_lengths(others, density=density, epsilon=epsilon, generators=generators)
         plan = _magprune_plan(density, epsilon, base.shape, generators, rescale, rescale_mode)
         return _gta(base, others, weights, plan, consensus=consensus, normalize=normalize,
                     scaling=scaling, out=None)
-
-    method.__doc__ = doc
     return method
 
 
-della = _della_method(
-    True, True, "DELLA (§17): MAGPRUNE each δi, then the TIES sign consensus, normalised.")
-della_linear = _della_method(
-    False, False, "DELLA-linear (§17): MAGPRUNE each δi, then θ0 + λ·Σ wi·δ̃i.")
+della, della_linear = _della_method(True, True), _della_method(False, False)

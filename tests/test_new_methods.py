@@ -559,9 +559,11 @@ def call(method, base, others):
 
 METHODS = [slerp, model_stock, breadcrumbs, breadcrumbs_ties, della, della_linear, fr_merging,
            free_merging]
+IDS = ["slerp", "model_stock", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
+       "fr_merging", "free_merging"]
 
 
-@pytest.mark.parametrize("method", METHODS, ids=lambda m: m.__name__)
+@pytest.mark.parametrize("method", METHODS, ids=IDS)
 def test_base_merged_with_copies_of_itself_is_the_base(method):
     base, _ = family()
     n = 1 if method is slerp else 3
@@ -569,7 +571,7 @@ def test_base_merged_with_copies_of_itself_is_the_base(method):
     assert out.dtype == torch.float32 and out.shape == base.shape and torch.equal(out, base)
 
 
-@pytest.mark.parametrize("method", METHODS, ids=lambda m: m.__name__)
+@pytest.mark.parametrize("method", METHODS, ids=IDS)
 def test_signatures_follow_the_contract(method):
     """(base, others, *, keyword-only params); only della* declare a context kwarg."""
     params = list(inspect.signature(method).parameters.values())
@@ -582,7 +584,7 @@ def test_signatures_follow_the_contract(method):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("method", METHODS, ids=lambda m: m.__name__)
+@pytest.mark.parametrize("method", METHODS, ids=IDS)
 def test_cuda_matches_cpu(method):
     base, others = family(shape=(300, 70))
     others = others[:1] if method is slerp else others
