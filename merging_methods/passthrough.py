@@ -25,7 +25,7 @@ from torch import Tensor
 from merging_methods.errors import UserError
 
 DECODER_LAYER = re.compile(r"^(.*\b(?:layers|h)\.)(\d+)(\..+)$")  # prefix, index, rest
-ScaleFn = Callable[[int, str, float], "float | None"]  # (slice index, source name, x) -> scale
+ScaleFn = Callable[[int, str, float], float | None]  # (slice index, source name, x) -> scale
 
 
 @dataclass(frozen=True)
