@@ -317,3 +317,52 @@ def l1_factor(deltas: Deltas, sparsifier: TopK | RandomDrop | PresetDrop) -> flo
         total += float(torch.linalg.vector_norm(delta, 1))
         kept += float(torch.linalg.vector_norm(sparsifier.apply_(delta, start), 1))
     return total / kept if total >= L1_EPS and kept >= L1_EPS else 1.0
+
+
+def dense_delta(deltas: Deltas) -> Tensor:
+    """The whole flat float32 delta `other - base`, equal bit for bit to the blocks of `deltas`.
+
+    For sparsifiers that need the whole tensor at once (ranks, FFT) before the blocked pass."""
+    if deltas._one_op:
+        return torch.sub(deltas.other, deltas.base)
+    return deltas.other.float().sub_(deltas.base)
+
+
+def abs_rank_prefix(x: Tensor, count: int) -> Tensor:
+    """Boolean mask of the `count` first entries of the stable ascending order of |x| (flat).
+
+    The smallest magnitudes, lower flat index first among ties; found with the exact top-k
+    threshold of the other n - count entries (§0.5), so no sort runs. `x` is float32.
+    """
+    flat = x.reshape(-1).abs()
+    n = flat.numel()
+    if count <= 0 or count >= n:
+        return torch.full_like(x, count > 0, dtype=torch.bool)
+    size = block_size(x.device)
+    cut = plan_topk(lambda: ((s, flat[s:e]) for s, e in blocks(n, size)), n, n - count,
+                    torch.empty(min(n, size), device=x.device), flat[:: max(1, n // SAMPLE)])
+    # the n - count largest are every |x| > cut plus the *last* keep_equal ties in flat order
+    prefix = flat < cut.value
+    prefix[torch.nonzero(flat == cut.value).flatten()[: cut.equal - cut.keep_equal]] = True
+    return prefix.view_as(x)
+
+
+def abs_rank_band(x: Tensor, start: int, stop: int) -> Tensor:
+    """Boolean mask of the entries at positions start..stop-1 of the stable ascending order
+    of |x| (flat, lower index first among ties)."""
+    return abs_rank_prefix(x, stop) & ~abs_rank_prefix(x, start)
+
+
+class PresetDelta:
+    """A 'sparsifier' that replaces each block by the same block of a precomputed delta.
+
+    Feeds a dense whole-tensor transform of δ (the FR filter) to the blocked GTA pipeline."""
+
+    def __init__(self, delta: Tensor):
+        self.delta = delta.reshape(-1)
+
+    def apply_(self, delta: Tensor, start: int) -> Tensor:
+        return delta.copy_(self.delta[start:start + delta.numel()])
+
+    def rewind(self) -> None:
+        """Nothing to reset: the delta is kept."""

@@ -1,0 +1,60 @@
+"""Model Breadcrumbs (Davari & Belilovsky 2023, arXiv 2312.06795; ALGORITHMS.md §9, §19.3).
+
+Per task vector, drop both the smallest entries and the largest outliers, then merge as GTA
+(§0.6). With n entries, `density` p and `gamma` g (both per model):
+
+    target = ⌊p·n⌋,  n_top = ⌊g·n⌋,  n_bot = n − target − n_top  (if n_bot < 0: n_top += n_bot, n_bot = 0)
+    keep the entries at positions n_bot … n − n_top − 1 of the stable ascending order of |δi|
+    breadcrumbs:       out = θ0 + λ·Σ wi·δ̃i            (/ Σ wi if normalize)
+    breadcrumbs_ties:  out = θ0 + λ·Σ_agree wi·δ̃i      (/ Σ_agree wi if normalize)
+
+Exactly `target` entries are kept. This is the intended range (and mergekit 0.1.5's), not the
+git snapshot's `[n_bot:-n_top]` slice that keeps nothing when n_top = 0. With `rescale` the
+kept entries are scaled to the L1 norm of δi (as TIES, §3.2 step 2).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+from torch import Tensor
+
+from merging_methods.gta import Plan, Sparsifier, _check_lengths, _gta
+from merging_methods.primitives import Deltas, PresetDrop, abs_rank_band, dense_delta, l1_factor
+
+
+def keep_range(n: int, density: float, gamma: float) -> tuple[int, int]:
+    """(n_bot, n − n_top): the kept positions of the ascending |δ| order (§9)."""
+    target, n_top = math.floor(density * n), math.floor(gamma * n)
+    n_bot = n - target - n_top
+    if n_bot < 0:
+        n_top, n_bot = n_top + n_bot, 0
+    return n_bot, n - n_top
+
+
+def _outlier_plan(density: Sequence[float], gamma: Sequence[float], rescale: bool) -> Plan:
+    """Keep the §9 band of model i's |δ|; with `rescale`, match the untrimmed L1 norm."""
+    def plan(i: int, deltas: Deltas) -> tuple[Sparsifier, float]:
+        start, stop = keep_range(deltas.n, density[i], gamma[i])
+        if (start, stop) == (0, deltas.n):
+            return None, 1.0
+        band = PresetDrop(abs_rank_band(dense_delta(deltas), start, stop))
+        return band, l1_factor(deltas, band) if rescale else 1.0
+    return plan
+
+
+def _breadcrumbs_method(consensus: bool) -> Callable[..., Tensor]:
+    """breadcrumbs (plain sum) or breadcrumbs_ties (sum-elected signs): one body, two methods."""
+    def method(base: Tensor, others: list[Tensor], *, weights: Sequence[float],
+               density: Sequence[float], gamma: Sequence[float], scaling: float = 1.0,
+               normalize: bool = False, rescale: bool = False) -> Tensor:
+        """Breadcrumbs (§9): θ0 + λ·Σ wi·δ̃i (breadcrumbs_ties: over the sign-agreeing models),
+        δ̃i = δi without its smallest and its largest |δ|."""
+        _check_lengths(others, density=density, gamma=gamma)
+        plan = _outlier_plan(density, gamma, rescale)
+        return _gta(base, others, weights, plan, consensus=consensus, normalize=normalize,
+                    scaling=scaling, out=None)
+    return method
+
+
+breadcrumbs, breadcrumbs_ties = _breadcrumbs_method(False), _breadcrumbs_method(True)

@@ -1,0 +1,93 @@
+"""DELLA and DELLA-linear (Deep, Bhardwaj & Poria 2024, arXiv 2406.11617; ALGORITHMS.md §17).
+
+MAGPRUNE: drop task-vector entries at random with a keep probability that grows with the
+entry's magnitude rank inside its row, rescale, then merge as GTA (§0.6). Per model, with
+density p and epsilon ε (the half-width of the keep-probability window, p ± ε inside (0, 1)):
+
+    rows: a 1-D δ is one row; otherwise rows run along axis 1 (per output row of [out, in])
+    r = stable ascending rank of |δ| in its row (0 … m−1),  q = r/(m−1)  (q = ½ when m = 1)
+    π = (p − ε) + 2ε·q;   keep = [u < π],  u ~ U[0,1) drawn on CPU from the model's generator
+    δ̃ = δ ⊙ keep · ‖δ‖₁/‖δ ⊙ keep‖₁   (rescale "l1", tensor-wide; skipped below 1e-7)
+         or δ ⊙ keep / π              (rescale "inverse_prob": the authors' code)
+    della:        out = θ0 + λ·Σ_agree wi·δ̃i / Σ_agree wi   (normalize true by default)
+    della_linear: out = θ0 + λ·Σ wi·δ̃i                      (normalize false by default)
+
+p ≥ 1 leaves δ unchanged (no rescale); p ≤ 0 drops it entirely. The generators are the
+runner's `mask_generator(seed, i, tensor_name)`, as for DARE (§4.3, §17.3).
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from merging_methods.errors import UserError
+from merging_methods.gta import Plan, Sparsifier, _check_lengths, _gta
+from merging_methods.primitives import Deltas, PresetDrop, dense_delta, l1_factor
+
+RESCALE_MODES = ("l1", "inverse_prob")
+
+
+def check_window(density: float, epsilon: float) -> None:
+    """p ± ε must lie strictly inside (0, 1) when 0 < p < 1 (§17.2 step 2, float64 as written)."""
+    if 0 < density < 1 and (density + epsilon >= 1 or density - epsilon <= 0):
+        raise UserError(f"--epsilon: epsilon must keep density ± epsilon inside (0, 1); got "
+                        f"density {density} and epsilon {epsilon}")
+
+
+def keep_probabilities(delta: Tensor, density: float, epsilon: float) -> Tensor:
+    """π = (p − ε) + 2ε·q per entry, q the normalised stable rank of |δ| along axis 1 (§17.2).
+
+    A 0-D or 1-D δ is one row; float32, shaped like δ."""
+    rows = delta.reshape(1, -1) if delta.dim() <= 1 else delta
+    m = rows.shape[1]
+    order = torch.argsort(rows.abs(), dim=1, stable=True)  # ascending, lower index first
+    ranks = torch.argsort(order, dim=1).float()  # the inverse permutation: each entry's rank
+    q = ranks / (m - 1) if m > 1 else torch.full_like(ranks, 0.5)
+    return ((density - epsilon) + (2 * epsilon) * q).view_as(delta)
+
+
+def _magprune_plan(density: Sequence[float], epsilon: Sequence[float], shape: torch.Size,
+                   generators: list[torch.Generator] | None, rescale: bool,
+                   rescale_mode: str) -> Plan:
+    """Model i's Bernoulli(π) keep-mask, rescaled by L1 matching or by 1/π (§17.2 steps 1-8)."""
+    if rescale_mode not in RESCALE_MODES:
+        raise ValueError(f"rescale_mode: unknown mode {rescale_mode!r}; choose one of "
+                         f"{RESCALE_MODES}")
+
+    def plan(i: int, deltas: Deltas) -> tuple[Sparsifier, float]:
+        p, eps = density[i], epsilon[i]
+        if p >= 1:
+            return None, 1.0
+        if p <= 0:
+            return PresetDrop(torch.zeros(deltas.n, dtype=torch.bool)), 1.0
+        check_window(p, eps)
+        if generators is None:
+            raise ValueError("DELLA with density < 1 needs one generator per model")
+        prob = keep_probabilities(dense_delta(deltas).view(shape), p, eps)
+        keep = torch.rand(shape, generator=generators[i]).to(prob.device) < prob
+        if rescale and rescale_mode == "inverse_prob":
+            return PresetDrop(keep / prob), 1.0
+        drop = PresetDrop(keep)
+        return drop, l1_factor(deltas, drop) if rescale else 1.0
+    return plan
+
+
+def _della_method(consensus: bool, normalize_default: bool) -> Callable[..., Tensor]:
+    """della (sum-elected signs) or della_linear (plain sum): one body, two methods."""
+    def method(base: Tensor, others: list[Tensor], *, weights: Sequence[float],
+               density: Sequence[float], epsilon: Sequence[float], scaling: float = 1.0,
+               normalize: bool = normalize_default, rescale: bool = True,
+               rescale_mode: str = "l1",
+               generators: list[torch.Generator] | None = None) -> Tensor:
+        """DELLA (§17): MAGPRUNE each δi, then θ0 + λ·Σ wi·δ̃i; `della` sums the sign-agreeing
+        models and normalises, `della_linear` sums all of them."""
+        _check_lengths(others, density=density, epsilon=epsilon, generators=generators)
+        plan = _magprune_plan(density, epsilon, base.shape, generators, rescale, rescale_mode)
+        return _gta(base, others, weights, plan, consensus=consensus, normalize=normalize,
+                    scaling=scaling, out=None)
+    return method
+
+
+della, della_linear = _della_method(True, True), _della_method(False, False)
