@@ -13,7 +13,7 @@ from merging_methods.errors import UserError
 from tests.tiny_models import llama_config
 from toy_zoo import __main__ as cli
 from toy_zoo import corpus, tasks
-from toy_zoo.build import EXPERTS, MODEL_DIRS, ZOO_FILE, build_zoo, ensure_zoo, is_current
+from toy_zoo.build import EXPERTS, MODEL_DIRS, STAGE_FILE, ZOO_FILE, build_zoo, ensure_zoo, is_current
 from toy_zoo.outliers import plant_outlier_channels
 from toy_zoo.tokenizer import encode, save_tokenizer
 from toy_zoo.train import ZooRecipe, train_base
@@ -191,6 +191,7 @@ def test_ci_zoo_folders_load_as_hf_llama(ci_zoo):
         assert type(model).__name__ == "LlamaForCausalLM" and (ci_zoo / name / "model.safetensors").is_file()
         assert tok.decode(tok("23+58=")["input_ids"]) == "23+58="
     assert len(_rows(ci_zoo, "toy_math")) == 40 and len(_rows(ci_zoo, "toy_ppl")) == 20
+    assert not (ci_zoo / STAGE_FILE).exists() and not ci_zoo.with_name("ci_zoo.partial").exists()
     built = json.loads((ci_zoo / ZOO_FILE).read_text())["built"]  # what bit-identity depends on
     assert built["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
@@ -230,8 +231,14 @@ def test_ci_zoo_is_reused_only_for_the_same_recipe(ci_zoo, tmp_path):
 
 def test_build_refuses_a_folder_that_is_not_a_zoo(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(UserError, match="not a toy zoo"):
+    with pytest.raises(UserError, match="holds files but no zoo.json"):
         ensure_zoo(tmp_path, ZooRecipe(steps_scale=0.01))
+    stage = tmp_path / "zoo.partial"  # a folder of the user's with the staging folder's name
+    stage.mkdir()
+    (stage / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="staging folder.*holds files but no building.json"):
+        ensure_zoo(tmp_path / "zoo", ZooRecipe(steps_scale=0.01))
+    assert (stage / "notes.txt").read_text() == "mine" and not (tmp_path / "zoo").exists()
     for bad in (["--steps-scale", "0"], ["--eval-size", "0"], ["--outlier-factor", "-1"]):
         assert cli.main(["build", "--out", str(tmp_path / "z"), *bad]) == 2
     assert not (tmp_path / "z").exists()

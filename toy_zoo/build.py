@@ -5,7 +5,9 @@ folders: LlamaForCausalLM safetensors, config, generation config, tokenizer), `d
 `tasks/*.yaml` and `zoo.json` (format version + recipe = the fingerprint, plus build info:
 seconds, torch version and the CPU kernel set torch dispatched to, e.g. AVX512).
 A zoo whose fingerprint matches is reused; otherwise it is rebuilt in `<out>.partial` and
-swapped in, so an interrupted build never leaves a half zoo behind.
+swapped in, so an interrupted build never leaves a half zoo behind. `<out>.partial` is marked
+with `building.json` the moment it is made: a rebuild deletes only a staging folder so marked
+(or an empty one), never a folder of the user's that happens to carry that name.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
-from merging_methods.errors import UserError
+from merging_methods.output import check_output_path
 from toy_zoo import corpus, tasks, train
 from toy_zoo.outliers import plant_outlier_channels
 from toy_zoo.tokenizer import save_tokenizer
@@ -29,6 +31,7 @@ from toy_zoo.tokenizer import save_tokenizer
 log = logging.getLogger(__name__)
 ZOO_FORMAT = 1  # bump when generators or training code change the zoo for the same recipe
 ZOO_FILE = "zoo.json"
+STAGE_FILE = "building.json"  # marks `<out>.partial` as this builder's staging folder
 EXPERTS = {skill: f"expert_{skill}" for skill in corpus.SKILLS}
 MODEL_DIRS = ("base", *EXPERTS.values())
 
@@ -94,11 +97,14 @@ def _build_into(stage: Path, recipe: train.ZooRecipe, bar: tqdm) -> dict:
 def build_zoo(out: Path, recipe: train.ZooRecipe) -> Path:
     """Build the zoo at `out` (replacing an older zoo there); returns `out`."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not (out / ZOO_FILE).is_file():
-        raise UserError(f"--out {out} exists and is not a toy zoo; choose an empty or new folder")
     stage = out.with_name(out.name + ".partial")
+    # Both folders are deleted or replaced below: each must be new, empty or ours (its marker
+    # file), and neither may be the working directory or one of its parents.
+    check_output_path(out, True, flag="--out", marker=ZOO_FILE)
+    check_output_path(stage, True, flag="--out's staging folder", marker=STAGE_FILE)
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
+    (stage / STAGE_FILE).write_text(json.dumps(fingerprint(recipe)) + "\n")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # on 2 cores, 2 threads were several times slower than 1
     start = time.time()
@@ -113,6 +119,7 @@ def build_zoo(out: Path, recipe: train.ZooRecipe) -> Path:
     (stage / ZOO_FILE).write_text(json.dumps({**fingerprint(recipe), "built": info}, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     stage.rename(out)
+    (out / STAGE_FILE).unlink()
     tasks.write_task_yamls(out)
     log.info("built zoo %s in %.0f s", out, info["seconds"])
     return out
