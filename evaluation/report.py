@@ -182,6 +182,25 @@ def markdown_table(rows: list[Row], columns: list[str], higher: dict[str, bool])
 
 
 MAX_LABELLED = 20  # above this many models, only the population and the Pareto front are named
+LOG_SPAN = 10.0  # an axis whose positive values span this factor or more is drawn on a log scale
+
+
+def plain_log_ticks(axis) -> None:
+    """Log-axis tick labels as plain numbers (1.6, 2, 300) instead of 1.6x10^0."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    axis.set_major_formatter(plain)
+    axis.set_minor_locator(LogLocator(subs=(2, 3, 5)))
+    axis.set_minor_formatter(plain)
+
+
+def _log_scale_if_wide(ax, which: str, values: list[float]) -> None:
+    """Put axis `which` ("x" or "y") on a log scale when its values are positive and span
+    LOG_SPAN or more (broken merges reach 10-20x the population's perplexity)."""
+    if values and min(values) > 0 and max(values) / min(values) >= LOG_SPAN:
+        getattr(ax, f"set_{which}scale")("log")
+        plain_log_ticks(getattr(ax, f"{which}axis"))
 
 
 def plot_pareto(table: Table, x: str, y: str, path: str | Path, title: str | None = None) -> Path:
@@ -221,6 +240,8 @@ def plot_pareto(table: Table, x: str, y: str, path: str | Path, title: str | Non
     if len(front) > 1:  # one point is a front of itself, drawn already
         ax.step([sx * p[0] for p in front], [sy * p[1] for p in front], where="pre",
                 color="black", linestyle="--", linewidth=1, label="Pareto front", zorder=2)
+    _log_scale_if_wide(ax, "x", [r.values[x] for r in models])
+    _log_scale_if_wide(ax, "y", [r.values[y] for r in models])
     ax.set_xlabel(f"{x} ({'higher' if higher[x] else 'lower'} is better)")
     ax.set_ylabel(f"{y} ({'higher' if higher[y] else 'lower'} is better)")
     ax.set_title(title or f"{x} vs {y}: {len(models)} models", fontsize=10)

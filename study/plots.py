@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from statistics import geometric_mean, mean
 
-from evaluation.report import Table, plot_pareto
+from evaluation.report import Table, plain_log_ticks, plot_pareto
 from study.grid import MODES
 from study.families import Family
 from study.tables import SKILL_MEAN
@@ -15,16 +15,6 @@ COLORS = {"aim": "tab:orange", "channel_blind": "tab:blue", "uniform": "tab:gree
 def pareto_plot(table: Table, family: Family, title: str, path: Path) -> Path:
     """Mean skill score against perplexity for the population, the merges and their AIM runs."""
     return plot_pareto(table, SKILL_MEAN, family.ppl, path, title=title)
-
-
-def _plain_log_ticks(axis) -> None:
-    """Log-axis tick labels as plain numbers (1.6, 2, 3) instead of 1.6x10^0."""
-    from matplotlib.ticker import FuncFormatter, LogLocator
-
-    plain = FuncFormatter(lambda value, _: f"{value:g}")
-    axis.set_major_formatter(plain)
-    axis.set_minor_locator(LogLocator(subs=(2, 3, 5)))
-    axis.set_minor_formatter(plain)
 
 
 def omega_sweep_plot(points: dict[str, dict[str, dict[float, tuple[float, float]]]], family: Family,
@@ -58,7 +48,7 @@ def omega_sweep_plot(points: dict[str, dict[str, dict[float, tuple[float, float]
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
     axes[1].set_yscale("log")
-    _plain_log_ticks(axes[1].yaxis)
+    plain_log_ticks(axes[1].yaxis)
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()

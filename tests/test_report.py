@@ -194,3 +194,20 @@ def test_report_errors_are_one_line(tmp_path, capsys):
                                 "--plot", "toy_math,nope"]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
     assert "--population" in err[0] and "nope" in err[1]
+
+
+def test_an_axis_spanning_ten_times_or_more_goes_log_scale():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from evaluation.report import _log_scale_if_wide
+
+    fig, ax = plt.subplots()
+    _log_scale_if_wide(ax, "y", [125.3, 134.2, 1864.7])  # a broken merge's perplexity
+    _log_scale_if_wide(ax, "x", [0.06, 0.5])  # skill means: 8.3x, stays linear
+    assert (ax.get_yscale(), ax.get_xscale()) == ("log", "linear")
+    _log_scale_if_wide(ax, "x", [0.0, 0.6])  # a zero cannot go on a log axis
+    assert ax.get_xscale() == "linear"
+    plt.close(fig)
