@@ -15,7 +15,7 @@ import argparse
 import logging
 import sys
 
-from merging_methods.errors import UserError, exit_code_for_user_errors
+from checkpoints.errors import UserError, exit_code_for_user_errors
 
 
 def _names(text: str | None) -> list[str] | None:
@@ -113,7 +113,7 @@ def benchmark_list(args: argparse.Namespace) -> list[str]:
 
 def run_report(args: argparse.Namespace) -> int:
     from evaluation.report import make_report
-    from merging_methods.errors import writing
+    from checkpoints.errors import writing
 
     population = [f for item in args.population for f in _names(item)]
     if not population:
@@ -138,7 +138,7 @@ def run_report(args: argparse.Namespace) -> int:
 def run_evaluation(args: argparse.Namespace) -> int:
     from evaluation.results import save_results
     from evaluation.runner import evaluate
-    from merging_methods.errors import check_writable, writing
+    from checkpoints.errors import check_writable, writing
 
     if args.limit is not None and not 0 < args.limit < float("inf"):
         raise UserError(f"--limit: must be a positive number of examples or a fraction below 1, "

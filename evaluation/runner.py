@@ -14,11 +14,12 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from checkpoints.device import resolve_device
+from checkpoints.errors import UserError
 from evaluation.backends import (autocast_generation, build_lm, check_model, parse_batch_size,
-                                 resolve_device, select_backend)
+                                 select_backend)
 from evaluation.benchmarks import BENCHMARKS, Benchmark, headline, resolve
 from evaluation.results import FORMAT, model_label, versions
-from merging_methods.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +249,7 @@ def non_finite_notes(lm) -> list[str]:
     scores would be meaningless, but evaluating a broken model can be the point."""
     import torch
 
-    from merging_methods.checkpoint import non_finite_parameters
+    from checkpoints.checkpoint import non_finite_parameters
 
     model = getattr(lm, "model", None)
     if not isinstance(model, torch.nn.Module):
@@ -286,7 +287,7 @@ def evaluate(model: str | object, benchmarks: list[str], *, label: str | None = 
     """
     cfg = EvalSettings(**settings)
     backend = select_backend(cfg.backend)
-    device = resolve_device(cfg.device) if backend == "hf" else "cuda"
+    device = str(resolve_device(cfg.device)) if backend == "hf" else "cuda"
     batch_size = (parse_batch_size(cfg.batch_size) if cfg.batch_size is not None
                   else "auto" if device.startswith("cuda") else 1)
     cfg = replace(cfg, backend=backend, device=device, batch_size=batch_size,

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from merging_methods.errors import UserError
+from checkpoints.errors import UserError
 from merging_methods.primitives import (
     Deltas, PresetDrop, RandomDrop, TopK, block_size, blocks, l1_factor, topk_count,
 )

@@ -4,7 +4,7 @@ Nothing here reads tensor data. The plan says, for every output tensor, where ea
 tensor comes from (its own name, or its input embedding when a fine-tune ties its lm_head)
 and how many vocabulary rows the output has (ALGORITHMS.md §13.3): the base's (`--vocab base`:
 extra rows are dropped, missing rows are taken from the base so they add no delta) or the
-union's (`--vocab union`, planned in vocab.py). merging_methods.rows fits each model's rows.
+union's (`--vocab union`, planned in vocab.py). checkpoints.rows fits each model's rows.
 """
 from __future__ import annotations
 
@@ -13,13 +13,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from merging_methods.checkpoint import CheckpointReader, TensorInfo
-from merging_methods.errors import UserError
+from checkpoints.checkpoint import HEAD_SUFFIXES, CheckpointReader, TensorInfo
+from checkpoints.errors import UserError
 
 log = logging.getLogger(__name__)
-
-HEAD_SUFFIXES = ("lm_head.weight", "embed_out.weight")
-
 
 @dataclass(frozen=True)
 class TensorPlan:

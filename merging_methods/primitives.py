@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import Tensor
 
-from merging_methods.errors import UserError
+from checkpoints.errors import UserError
 
 L1_EPS = 1e-7  # below this an L1 norm is treated as zero and the rescale is skipped (§3.2, §4.2)
 _HI_BINS = 1 << 15  # radix-select buckets: the top 16 bits of a non-negative float32 (sign bit 0)

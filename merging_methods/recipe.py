@@ -10,9 +10,9 @@ import argparse
 import math
 from dataclasses import asdict, dataclass, field
 
-from merging_methods.checkpoint import parse_dtype, parse_size
-from merging_methods.errors import UserError
-from merging_methods.output import check_output_path
+from checkpoints.checkpoint import parse_dtype, parse_size
+from checkpoints.errors import UserError
+from checkpoints.output import check_output_path
 from merging_methods.registry import FLAGS as PARAM_FLAGS
 from merging_methods.registry import METHODS, get_method, validate_params
 

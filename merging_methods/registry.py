@@ -11,7 +11,7 @@ from typing import Callable, Mapping
 
 from torch import Tensor
 
-from merging_methods.errors import UserError
+from checkpoints.errors import UserError
 from merging_methods.gta import SUM_EPS, dare_linear, dare_ties, linear, task_arithmetic, ties
 from merging_methods.widen import widen
 

@@ -18,19 +18,20 @@ from typing import Callable, Iterator
 import torch
 from tqdm import tqdm
 
-from merging_methods.checkpoint import (
+from checkpoints.checkpoint import (
     CheckpointReader, ShardedWriter, copy_model_files, dtype_config_update, finite, parse_dtype,
     parse_size, resolve_model_dir,
 )
-from merging_methods.errors import UserError
-from merging_methods.output import staged_output
-from merging_methods.overlap import IOThread
+from checkpoints.device import resolve_device
+from checkpoints.errors import UserError
+from checkpoints.output import staged_output
+from checkpoints.overlap import IOThread
 from merging_methods.plan import MergePlan, TensorPlan, build_plan, input_embedding_rows
 from merging_methods.primitives import draw_keep_mask, mask_generator
 from merging_methods.recipe import MergeRecipe
-from merging_methods.record import write_model_card, write_record
+from checkpoints.record import write_model_card, write_record
 from merging_methods.registry import MethodSpec, get_method, method_warnings, splits_by_rows
-from merging_methods.rows import AlignedRows, RowRange, row_ranges
+from checkpoints.rows import AlignedRows, RowRange, row_ranges
 from merging_methods.vocab import VocabUnion, plan_union, save_union_tokenizer, vocab_config_update
 
 log = logging.getLogger(__name__)
@@ -40,24 +41,6 @@ log = logging.getLogger(__name__)
 TensorHook = Callable[[str, torch.Tensor, torch.Tensor, "RowRange | None"], torch.Tensor]
 # Called after preflight with the opened inputs; returns the hook and what to record about it.
 HookFactory = Callable[["OpenedInputs"], tuple[TensorHook, dict]]
-
-
-def resolve_device(name: str, flag: str = "--device") -> torch.device:
-    """'auto' -> cuda if available else cpu; a cuda request without CUDA is a UserError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"{flag}: unknown device {name!r}; use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"{flag}: {name} requested but CUDA is not available; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"{flag}: {name} does not exist ({torch.cuda.device_count()} GPUs)")
-    elif device.type != "cpu":
-        raise UserError(f"{flag}: unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
-    return device
 
 
 @dataclass

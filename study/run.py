@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 import torch
 
 from aim.pipeline import AimSettings, obtain_stats, relax_checkpoint
-from merging_methods.errors import UserError
+from checkpoints.errors import UserError
 from study.families import TOY, Family
 from study.grid import MergeJob, Variant
 

@@ -21,7 +21,7 @@ from evaluation.code_tasks.utils import build_predictions, humaneval_pass_at_1, 
 from evaluation.results import load_results, save_results
 from evaluation import runner
 from evaluation.runner import evaluate
-from merging_methods.errors import UserError
+from checkpoints.errors import UserError
 from tests.tiny_models import build_llama
 
 LM_EVAL_TASKS = Path(lm_eval.__file__).parent / "tasks"

@@ -251,7 +251,7 @@ def test_shape_mismatch_nan_and_corrupt_inputs(family, tmp_path, capsys):
 def test_disk_full_is_reported_and_leaves_nothing(family, tmp_path, capsys, monkeypatch):
     import errno
 
-    from merging_methods import checkpoint
+    from checkpoints import checkpoint
 
     def full(*_a, **_k):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from merging_methods import primitives
-from merging_methods.errors import UserError
+from checkpoints.errors import UserError
 from merging_methods.primitives import keep_topk, mask_generator
 from merging_methods.registry import METHODS, get_method, method_warnings, validate_params
 from merging_methods.widen import Units, direction_change, rank_scores, widen

@@ -219,7 +219,7 @@ def test_quick_study_writes_every_result_and_loadable_model(quick_study):
     from transformers import AutoModelForCausalLM
 
     from evaluation.results import load_results
-    from merging_methods.record import read_record
+    from checkpoints.record import read_record
     from aim.stats_io import file_sha256
 
     _, _, out = quick_study

@@ -21,7 +21,7 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
-from merging_methods.errors import UserError
+from checkpoints.errors import UserError
 from toy_zoo import corpus, tasks, train
 from toy_zoo.outliers import plant_outlier_channels
 from toy_zoo.tokenizer import save_tokenizer

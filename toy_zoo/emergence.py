@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from merging_methods.errors import UserError
+from checkpoints.errors import UserError
 from toy_zoo.train import ZooRecipe
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ def measure(model, calib: Calibration, path: Path, label: str) -> tuple[dict[str
     """Calibrate `model`, save its statistics to `path`; returns max/median and the top channel per module."""
     from aim.collect import collect_stats
     from aim.stats_io import StatsKey, save_stats
-    from merging_methods.record import TOOLKIT_VERSION
+    from checkpoints.record import TOOLKIT_VERSION
     from study.tables import stat_ratios, top_channels
 
     stats = collect_stats(model, calib.blocks, batch_size=CALIB_BATCH, progress=False)
