@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from evaluation.report import split_aim
-from merging_methods.recipe import add_merge_arguments, recipe_from_args
 from study.grid import (METHODS, MODES, MergeJob, Variant, combinations, merge_jobs, study_plan,
                         weight_matters)
 from study.__main__ import where_written
@@ -47,29 +46,21 @@ def test_grid_has_every_method_combination_and_regime():
     assert all(j.density == 0.5 for j in jobs if j.method in ("ties", "dare_linear", "dare_ties"))
 
 
-def test_merge_argv_resolves_to_the_intended_recipe(tmp_path):
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    add_merge_arguments(parser)
+def test_job_builds_the_intended_recipe(tmp_path):
     job = MergeJob("dare_ties", ("instruct", "math", "code"), 0.7, 0.5)
-    recipe = recipe_from_args(parser.parse_args(job.merge_argv("Z", str(tmp_path / "out"))))
+    recipe = job.recipe("Z", str(tmp_path / "out"))
     assert recipe.method == "dare_ties" and recipe.base_model == "Z/base"
     assert recipe.models == ("Z/expert_instruct", "Z/expert_math", "Z/expert_code")
     assert recipe.params["weights"] == [0.7, 0.7, 0.7]
     assert recipe.params["density"] == [0.5, 0.5, 0.5]
 
 
-def test_dare_merges_run_once_per_seed_and_carry_it_to_merge_py(tmp_path):
-    import argparse
-
+def test_dare_merges_run_once_per_seed_and_carry_it_to_the_recipe(tmp_path):
     jobs = merge_jobs(("ties", "dare_linear"), [("math", "code")], (1.0,), 0.5, seeds=(0, 3))
     assert [(j.method, j.seed, j.label) for j in jobs] == [
         ("ties", 0, "ties_MathCode"), ("dare_linear", 0, "dare_linear_w1_MathCode"),
         ("dare_linear", 3, "dare_linear_w1_MathCode_s3")]
-    parser = argparse.ArgumentParser()
-    add_merge_arguments(parser)
-    assert recipe_from_args(parser.parse_args(jobs[2].merge_argv("Z", str(tmp_path / "o")))).seed == 3
+    assert jobs[2].recipe("Z", str(tmp_path / "o")).seed == 3
 
 
 def test_standard_error_of_a_pass_rate():
