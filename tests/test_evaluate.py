@@ -266,6 +266,17 @@ def test_user_errors_exit_2_before_loading_anything(tiny_model, local_tasks, tmp
     assert not list(tmp_path.glob("*.json"))
 
 
+def test_task_folders_come_from_the_caller_and_a_zoo_model_brings_its_zoos(tmp_path, monkeypatch):
+    zoo = tmp_path / "zoo"
+    for folder in (zoo / "tasks", zoo / "base", tmp_path / "plain" / "tasks", tmp_path / "plain" / "m"):
+        folder.mkdir(parents=True)
+    (zoo / "zoo.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)   # a zoo/tasks under the working directory is not searched
+    assert runner.task_dirs() == [runner.PROJECT_TASKS]
+    assert evaluate_model.zoo_tasks(str(zoo / "base")) == [str(zoo / "tasks")]
+    assert evaluate_model.zoo_tasks(str(tmp_path / "plain" / "m")) == []   # no zoo.json there
+
+
 def test_task_index_is_cached_until_a_task_file_changes(local_tasks, tmp_path):
     dirs = runner.task_dirs((str(local_tasks), str(tmp_path)))
     first = runner.task_manager(dirs, ["local_mmlu"])

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from evaluation.report import split_aim
 from study.grid import (METHODS, MODES, MergeJob, Variant, combinations, merge_jobs, study_plan,
                         weight_matters)
 from study.__main__ import where_written
@@ -71,13 +70,6 @@ def test_standard_error_of_a_pass_rate():
     assert abs(standard_error(0.9, 400) - 0.015) < 1e-12
 
 
-def test_variant_labels_pair_with_the_report():
-    merge = "ties_InstructMathCode"
-    assert split_aim(Variant("aim", 0.4).label(merge)) == (merge, True)
-    for mode in ("channel_blind", "uniform"):  # controls are not listed as AIM partners
-        assert split_aim(Variant(mode, 0.4).label(merge))[1] is False
-
-
 def test_plan_sweeps_only_three_expert_merges_and_outlier_plan_keeps_only_those():
     kwargs = dict(methods=("task_arithmetic", "ties"), weights=(1.0,), density=0.5, omega=0.4,
                   sweep=(0.2, 0.6), sweep_sizes=(3,), combos=combinations())
@@ -94,9 +86,10 @@ def test_plan_sweeps_only_three_expert_merges_and_outlier_plan_keeps_only_those(
                                                "ties_InstructMathCode"]
 
 
-def fake_record(label: str, skills: tuple[float, float, float], ppl: float) -> dict:
+def fake_record(label: str, skills: tuple[float, float, float], ppl: float,
+                recipe: dict | None = None) -> dict:
     scores = dict(zip(BENCHMARKS, (*skills, ppl)))
-    return {"label": label, "date": "2026-01-01T00:00:00", "scores": scores,
+    return {"label": label, "date": "2026-01-01T00:00:00", "scores": scores, "recipe": recipe or {},
             "headline": {b: {"higher_is_better": b != "toy_ppl"} for b in BENCHMARKS}}
 
 
@@ -111,11 +104,13 @@ def synthetic_results() -> ZooResults:
                     "channel_blind": ((0.2, 0.2, 0.2), 1.9), "uniform": ((0.1, 0.1, 0.1), 2.0)}}
     for merge, by_mode in points.items():
         res.jobs[merge] = MergeJob("task_arithmetic", ("instruct", "math", "code"), 1.0)
-        res.records[merge] = fake_record(merge, *by_mode[None])
+        recipe = {"merge": {"method": "task_arithmetic", "models": [merge]}}
+        res.records[merge] = fake_record(merge, *by_mode[None], recipe)
         res.variants[merge] = []
         for mode in MODES:
             label = Variant(mode, 0.4).label(merge)
-            res.records[label] = fake_record(label, *by_mode[mode])
+            res.records[label] = fake_record(label, *by_mode[mode],
+                                             {**recipe, "aim": {"mode": mode, "omega": 0.4}})
             res.variants[merge].append((Variant(mode, 0.4), label))
     return res
 
