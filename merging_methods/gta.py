@@ -14,6 +14,7 @@ the float32 operations below are written in its order. Models with weight 0 are 
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Sequence
 
 import torch
@@ -133,10 +134,13 @@ def drop_random(delta: Tensor, density: float, generator: torch.Generator) -> Te
     return delta * keep.to(delta.device).view_as(delta)
 
 
-def _dare(base: Tensor, others: list[Tensor], weights: Sequence[float], density: Sequence[float],
-          generators: list[torch.Generator], rescale: bool, rescale_mode: str, *,
-          consensus: bool, normalize: bool, scaling: float) -> Tensor:
-    """Random Bernoulli(density) drop per model, rescaled by 1/density or to the L1 norm (§4.2)."""
+def dare(base: Tensor, others: list[Tensor], *, weights: Sequence[float],
+         density: Sequence[float], generators: list[torch.Generator], consensus: bool,
+         scaling: float = 1.0, normalize: bool = False, rescale: bool = True,
+         rescale_mode: str = "inverse_density") -> Tensor:
+    """DARE (§4.2): each δi randomly dropped (Bernoulli(density) keep-mask), rescaled by
+    1/density or to its L1 norm, then summed (dare_linear) or merged with TIES sign consensus
+    (dare_ties, a disjoint sum by default). Paper box: reference.dare."""
     check_lengths(others, weights=weights, density=density, generators=generators)
     if rescale_mode not in ("inverse_density", "l1"):
         raise ValueError(f"rescale_mode: unknown mode {rescale_mode!r}")
@@ -153,21 +157,5 @@ def _dare(base: Tensor, others: list[Tensor], weights: Sequence[float], density:
                 scaling=scaling)
 
 
-def dare_linear(base: Tensor, others: list[Tensor], *, weights: Sequence[float],
-                density: Sequence[float], generators: list[torch.Generator],
-                scaling: float = 1.0, normalize: bool = False, rescale: bool = True,
-                rescale_mode: str = "inverse_density") -> Tensor:
-    """DARE + linear sum (§4.2): θ0 + λ·Σ wi·d̃i with d̃i the randomly dropped, rescaled δi.
-    Paper box: reference.dare_linear."""
-    return _dare(base, others, weights, density, generators, rescale, rescale_mode,
-                 consensus=False, normalize=normalize, scaling=scaling)
-
-
-def dare_ties(base: Tensor, others: list[Tensor], *, weights: Sequence[float],
-              density: Sequence[float], generators: list[torch.Generator],
-              scaling: float = 1.0, normalize: bool = False, rescale: bool = True,
-              rescale_mode: str = "inverse_density") -> Tensor:
-    """DARE + TIES sign consensus (§4.2): θ0 + λ·Σ agreeing wi·d̃i (a disjoint sum by default).
-    Paper box: reference.dare_ties."""
-    return _dare(base, others, weights, density, generators, rescale, rescale_mode,
-                 consensus=True, normalize=normalize, scaling=scaling)
+dare_linear = partial(dare, consensus=False)
+dare_ties = partial(dare, consensus=True)

@@ -8,6 +8,7 @@ fast path of every method against these (they share no code with them).
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Callable, Sequence
 
 import torch
@@ -71,10 +72,12 @@ def ties(base: Tensor, others: Sequence[Tensor], *, weights: Sequence[float],
     return gta(base, others, weights, trim, True, normalize, scaling)
 
 
-def _dare(base: Tensor, others: Sequence[Tensor], weights: Sequence[float],
-          density: Sequence[float], generators: Sequence[torch.Generator], scaling: float,
-          normalize: bool, rescale: bool, rescale_mode: str, consensus: bool) -> Tensor:
-    """§4.2: keep each entry where torch.rand (CPU, float32) < density, rescale, then §0.6."""
+def dare(base: Tensor, others: Sequence[Tensor], *, weights: Sequence[float],
+         density: Sequence[float], generators: Sequence[torch.Generator], consensus: bool,
+         scaling: float = 1.0, normalize: bool = False, rescale: bool = True,
+         rescale_mode: str = "inverse_density") -> Tensor:
+    """§4.2: keep each entry where torch.rand (CPU, float32) < density, rescale, then §0.6
+    (with sign consensus for dare_ties)."""
     masks = [(torch.rand(base.shape, generator=g) < p).double()
              for g, p in zip(generators, density)]
 
@@ -88,22 +91,8 @@ def _dare(base: Tensor, others: Sequence[Tensor], weights: Sequence[float],
     return gta(base, others, weights, drop, consensus, normalize, scaling)
 
 
-def dare_linear(base: Tensor, others: Sequence[Tensor], *, weights: Sequence[float],
-                density: Sequence[float], generators: Sequence[torch.Generator],
-                scaling: float = 1.0, normalize: bool = False, rescale: bool = True,
-                rescale_mode: str = "inverse_density") -> Tensor:
-    """§4.2 without sign consensus."""
-    return _dare(base, others, weights, density, generators, scaling, normalize, rescale,
-                 rescale_mode, consensus=False)
-
-
-def dare_ties(base: Tensor, others: Sequence[Tensor], *, weights: Sequence[float],
-              density: Sequence[float], generators: Sequence[torch.Generator],
-              scaling: float = 1.0, normalize: bool = False, rescale: bool = True,
-              rescale_mode: str = "inverse_density") -> Tensor:
-    """§4.2 with TIES sign consensus."""
-    return _dare(base, others, weights, density, generators, scaling, normalize, rescale,
-                 rescale_mode, consensus=True)
+dare_linear = partial(dare, consensus=False)
+dare_ties = partial(dare, consensus=True)
 
 
 def _widen_scores(values: list[Tensor], t: float, s: float) -> Tensor:
