@@ -5,8 +5,8 @@ Regimes only exist for methods whose result scales with the per-expert weight (t
 arithmetic, DARE-linear, DARE-TIES: weight 1.0 is the AIM paper's setting, a smaller weight is
 the tuned setting); TIES averages the agreeing deltas and WIDEN takes no weights, so each has
 one row per combination. Labels follow the paper's `TIES_InstructMathCode` style and end in
-`_aim<omega>`, `_blind<omega>` or `_uniform<omega>` for AIM and its two controls, so
-`evaluation.report` pairs `_aim` rows with their merge.
+`_aim<omega>`, `_blind<omega>` or `_uniform<omega>` for AIM and its two controls (names only:
+`evaluation.report` pairs runs through their folders' merge records).
 """
 from __future__ import annotations
 

@@ -128,7 +128,7 @@ def test_bad_flags_exit_2_before_training(argv, tmp_path, capsys):
 
 
 def test_presets_are_valid_recipes():
-    from toy_zoo.emergence import PRESETS
+    from study.emergence import PRESETS
 
     for name, overrides in PRESETS.items():
         recipe = BaseConfig(name, overrides).recipe()
