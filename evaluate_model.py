@@ -14,8 +14,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
-from merging_methods.errors import UserError, exit_code_for_user_errors
+from checkpoints.errors import UserError, exit_code_for_user_errors
 
 
 def _names(text: str | None) -> list[str] | None:
@@ -72,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--bootstrap_iters", type=int, default=1000, help="for stderr; 0 = none")
     ev.add_argument("--tasks_dir", action="append", default=[], help=(
         "extra lm-eval task YAML folder (repeatable or comma list); tasks here override "
-        "same-named ones. Searched always: the project's evaluation/code_tasks and zoo/tasks. "
+        "same-named ones. Searched always: the project's evaluation/code_tasks, and a zoo's "
+        "tasks/ when --model is one of its models (a folder beside the zoo's zoo.json). "
         "Local data: a YAML with include: <original yaml>, dataset_path: json, dataset_name: null, "
         "dataset_kwargs: {data_files: {test: /abs/test.jsonl}}"))
     ev.add_argument("--log_samples", action="store_true", help="also save per-example outputs (JSONL)")
@@ -80,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--save_path", default="results/", help="folder for result files (never overwritten)")
     rp = p.add_argument_group("report (instead of --model)")
     rp.add_argument("--report", nargs="+", metavar="RESULT_JSON",
-                    help="result files of merged models; a label containing an AIM token "
-                         "(TIES_AIM_X, x_aim0.4) pairs with the same label without it")
+                    help="result files of merged models; an AIM model pairs with the merge it "
+                         "relaxed through the merge_recipe.yaml its folder carried (the result "
+                         "file's recipe), whatever their labels")
     rp.add_argument("--population", action="append", default=[], metavar="JSON[,JSON]",
                     help="result files of the models the merges were made from (base, experts); "
                          "they set the HV normalisation and reference point")
@@ -113,7 +116,7 @@ def benchmark_list(args: argparse.Namespace) -> list[str]:
 
 def run_report(args: argparse.Namespace) -> int:
     from evaluation.report import make_report
-    from merging_methods.errors import writing
+    from checkpoints.errors import writing
 
     population = [f for item in args.population for f in _names(item)]
     if not population:
@@ -135,10 +138,17 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def zoo_tasks(model: str) -> list[str]:
+    """The task folder of the zoo (toy_zoo, llm_zoo) a local model folder belongs to: the
+    `tasks/` beside the zoo's `zoo.json`, so its models evaluate without --tasks_dir."""
+    zoo = Path(model).expanduser().parent
+    return [str(zoo / "tasks")] if (zoo / "zoo.json").is_file() and (zoo / "tasks").is_dir() else []
+
+
 def run_evaluation(args: argparse.Namespace) -> int:
     from evaluation.results import save_results
     from evaluation.runner import evaluate
-    from merging_methods.errors import check_writable, writing
+    from checkpoints.errors import check_writable, writing
 
     if args.limit is not None and not 0 < args.limit < float("inf"):
         raise UserError(f"--limit: must be a positive number of examples or a fraction below 1, "
@@ -151,7 +161,7 @@ def run_evaluation(args: argparse.Namespace) -> int:
         limit=args.limit, num_fewshot=args.num_fewshot, seed=args.seed,
         apply_chat_template=args.apply_chat_template, gen_kwargs=args.gen_kwargs,
         bootstrap_iters=args.bootstrap_iters, log_samples=args.log_samples,
-        tasks_dirs=tuple(d for item in args.tasks_dir for d in _names(item)))
+        tasks_dirs=(*zoo_tasks(args.model), *(d for item in args.tasks_dir for d in _names(item))))
     print(f"\n{record['label']}")
     for note in record["notes"]:
         print(f"note: {note}")

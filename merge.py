@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 
-from merging_methods.errors import exit_code_for_user_errors
+from checkpoints.errors import exit_code_for_user_errors
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +33,7 @@ def refuse_aim_flags_without_aim(argv: list[str]) -> None:
     """An AIM flag given without --aim would silently give a plain merge: refuse it, also when
     its value equals the default (`--omega 0.4`)."""
     from aim.pipeline import add_aim_arguments
-    from merging_methods.errors import UserError
+    from checkpoints.errors import UserError
 
     aim_only = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     add_aim_arguments(aim_only, several_omegas=False)
@@ -49,9 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
     def work() -> int:
-        from merging_methods.errors import UserError
+        from checkpoints.device import resolve_device
+        from checkpoints.errors import UserError
         from merging_methods.recipe import recipe_from_args
-        from merging_methods.runner import resolve_device, run_merge
+        from merging_methods.runner import run_merge
 
         args = build_parser().parse_args(argv)
         if args.threads < 1:
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.aim:
             from aim.pipeline import inline_hook_factory, settings_from_args
 
-            from merging_methods.output import check_output_path
+            from checkpoints.output import check_output_path
 
             settings = settings_from_args(args)
             if len(settings.omegas) > 1:

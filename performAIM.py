@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from merging_methods.errors import exit_code_for_user_errors
+from checkpoints.errors import exit_code_for_user_errors
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,9 +41,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def work() -> int:
         from aim.pipeline import output_paths, relax_checkpoint, settings_from_args
-        from merging_methods.checkpoint import parse_dtype, parse_size
-        from merging_methods.output import prepare_output
-        from merging_methods.runner import resolve_device
+        from checkpoints.checkpoint import parse_dtype, parse_size
+        from checkpoints.device import resolve_device
+        from checkpoints.output import prepare_output
 
         args = build_parser().parse_args(argv)
         settings = settings_from_args(args)

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from aim.stats_io import ActivationStats
-from merging_methods.errors import UserError
+from checkpoints.errors import UserError
 
 log = logging.getLogger(__name__)
 

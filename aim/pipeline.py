@@ -19,15 +19,15 @@ from tqdm import tqdm
 from aim.relax import MODES, relax, relaxation_factors
 from aim.stats_io import (ActivationStats, StatsKey, base_fingerprint, file_sha256, load_stats,
                           save_stats)
-from merging_methods.checkpoint import (TOKENIZER_FILES, CheckpointReader, ShardedWriter,
-                                        TensorInfo, copy_model_files, dtype_config_update,
-                                        dtype_name, finite, has_tokenizer, non_finite_parameters,
-                                        parse_dtype, parse_size, resolve_model_dir)
-from merging_methods.errors import UserError, check_writable, writing
-from merging_methods.output import staged_output
-from merging_methods.plan import HEAD_SUFFIXES
-from merging_methods.record import TOOLKIT_VERSION, read_record, write_model_card, write_record
-from merging_methods.rows import AlignedRows, row_ranges
+from checkpoints.checkpoint import (HEAD_SUFFIXES, TOKENIZER_FILES, CheckpointReader,
+                                    ShardedWriter, TensorInfo, copy_model_files,
+                                    dtype_config_update, dtype_name, finite, has_tokenizer,
+                                    non_finite_parameters, parse_dtype, parse_size,
+                                    resolve_model_dir)
+from checkpoints.errors import UserError, check_writable, writing
+from checkpoints.output import staged_output
+from checkpoints.record import TOOLKIT_VERSION, read_record, write_model_card, write_record
+from checkpoints.rows import AlignedRows, row_ranges
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from merging_methods.errors import UserError
+from checkpoints.errors import UserError
 
 SCHEMA_VERSION = "1"
 _VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path")

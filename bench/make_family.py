@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from merging_methods.checkpoint import ShardedWriter, TensorInfo, parse_dtype, parse_size  # noqa: E402
+from checkpoints.checkpoint import ShardedWriter, TensorInfo, parse_dtype, parse_size  # noqa: E402
 
 
 def llama_shapes(hidden: int, layers: int, intermediate: int, vocab: int,

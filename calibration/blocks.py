@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from merging_methods.errors import UserError
+from checkpoints.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Sequence
 
-from merging_methods.errors import UserError
+from checkpoints.errors import UserError
 
 DEFAULT_CALIB_DATA = "mit-han-lab/pile-val-backup"
 BUILTIN = "builtin"
@@ -98,7 +98,7 @@ def _hub_texts(source: str, split: str, text_field: str) -> Sequence[str]:
                         f"or {_OFFLINE_HINT}")
     import datasets
 
-    from merging_methods.hub import hub_unreachable
+    from checkpoints.hub import hub_unreachable
 
     down = hub_unreachable()
     if down and not datasets.config.HF_HUB_OFFLINE:  # offline mode reads the cache at once

@@ -11,7 +11,7 @@ import importlib.util
 import logging
 from pathlib import Path
 
-from merging_methods.errors import UserError
+from checkpoints.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +41,6 @@ def select_backend(requested: str, *, vllm_installed: bool | None = None,
     return requested
 
 
-def resolve_device(device: str) -> str:
-    """`auto` -> `cuda` when a GPU is present, else `cpu`; `cuda*` without a GPU is an error."""
-    if device == "auto":
-        return "cuda" if _cuda_available() else "cpu"
-    if device.startswith("cuda") and not _cuda_available():
-        raise UserError(f"--device {device}: no CUDA GPU is visible; use --device cpu")
-    return device
-
-
 def parse_batch_size(text: str | int) -> int | str:
     """`auto`, `auto:N` or a positive int, as lm-eval accepts."""
     if isinstance(text, int) or str(text).isdigit():
@@ -67,10 +58,10 @@ def check_model(model: str) -> None:
     (loading would retry for about 25 s first)."""
     from huggingface_hub import constants
 
-    from merging_methods.hub import hub_unreachable
+    from checkpoints.hub import hub_unreachable
 
     if Path(model).is_dir():   # headers and file sizes: the checks merge.py makes on its inputs
-        from merging_methods.checkpoint import CheckpointReader
+        from checkpoints.checkpoint import CheckpointReader
 
         CheckpointReader(Path(model), f"--model {model}")
         return

@@ -1,19 +1,20 @@
 """The paper-style comparison from result files: merges with and without AIM, % change, HV gain.
 
 Rows: the population (the models the merges were made from), then per merge its run without
-AIM, each AIM variant with a "% change" row (AIM vs without), then its controls. A run is an AIM
-variant when its label contains the token matched by `AIM_PATTERN` (`TIES_AIM_InstructMathCode`,
-`ties_math_code_aim0.4`), and an ablation control (the study's `channel_blind` and `uniform`
-modes) when it contains one matched by `CONTROL_PATTERN` (`ties_blind0.4`, `ties_uniform0.4`);
-removing that token gives the label of its partner without AIM. HV and HV gain are defined in
+AIM, each AIM variant with a "% change" row (AIM vs without), then its controls. What a model is
+comes from the record its folder carries (`merge_recipe.yaml`, copied into the result file as
+`recipe` by `evaluation.runner.evaluate`), never from its label: a model with an `aim` record is
+an AIM variant (mode `aim`) or an ablation control (the study's `channel_blind` and `uniform`
+modes), and its partner without AIM is the plain merge whose `merge` record is the same merge
+(`merge_key`). HV and HV gain are defined in
 `evaluation.pareto`; the report's reference point is 0.1 population ranges below the population's
 worst score (`DEFAULT_HV_MARGIN`), so a merge at the population's floor on one benchmark still
 counts.
 """
 from __future__ import annotations
 
+import json
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +22,8 @@ from evaluation.pareto import hv_gain, normalise, pareto_front, population_axes
 
 log = logging.getLogger(__name__)
 
-AIM_PATTERN = r"(?i)(?:^|[_-])aim(?:[_-]?(?:w|omega)?[0-9]*\.?[0-9]+)?(?=$|[_-])"
-CONTROL_PATTERN = r"(?i)(?:^|[_-])(?:channel_blind|blind|uniform)[_-]?(?:w|omega)?[0-9]*\.?[0-9]+(?=$|[_-])"
+# where and how a merge was written: not part of which merge it is
+NOT_IDENTITY = frozenset({"save_path", "overwrite", "device", "max_shard_size"})
 DEFAULT_HV_MARGIN = 0.1  # with 0, every merge at a population model's floor on one axis adds 0
 
 
@@ -47,20 +48,33 @@ def pct_change(old: float | None, new: float | None) -> float | None:
     return 100.0 * (new - old) / abs(old)
 
 
-def split_aim(label: str, pattern: str = AIM_PATTERN) -> tuple[str, bool]:
-    """(partner label without the AIM token, whether the label had one)."""
-    stripped, n = re.subn(pattern, "", label)
-    return stripped.strip("_-") if n else label, bool(n)
+def merge_key(record: dict) -> str | None:
+    """Which merge a result's model is (or was relaxed from): its recipe's `merge` record without
+    where and how it was written, as a comparable string; None when the model is no merge."""
+    merge = (record.get("recipe") or {}).get("merge")
+    if not merge:
+        return None
+    return json.dumps({k: v for k, v in merge.items() if k not in NOT_IDENTITY}, sort_keys=True)
 
 
-def variant_kind(label: str, aim_pattern: str = AIM_PATTERN) -> tuple[str, str]:
-    """(partner label, "aim" | "control") for an AIM run or an ablation control, else
-    (label, "merge")."""
-    for kind, pattern in (("aim", aim_pattern), ("control", CONTROL_PATTERN)):
-        partner, tagged = split_aim(label, pattern)
-        if tagged:
-            return partner, kind
-    return label, "merge"
+def variant_kind(record: dict) -> str:
+    """"aim" or "control" for a model carrying an `aim` record (by its mode), else "merge"."""
+    aim = (record.get("recipe") or {}).get("aim")
+    if aim is None:
+        return "merge"
+    return "aim" if aim.get("mode", "aim") == "aim" else "control"
+
+
+def partners(records: list[dict]) -> dict[str, str]:
+    """{label of an AIM variant or control: label of the plain merge it relaxed}, for those
+    whose plain merge is among `records` (the first one, when a merge was evaluated twice)."""
+    plain: dict[str, str] = {}
+    for rec in records:
+        key = merge_key(rec)
+        if variant_kind(rec) == "merge" and key is not None:
+            plain.setdefault(key, rec["label"])
+    return {rec["label"]: plain[merge_key(rec)] for rec in records
+            if variant_kind(rec) != "merge" and merge_key(rec) in plain}
 
 
 def _latest_by_label(records: list[dict]) -> list[dict]:
@@ -109,7 +123,7 @@ class Table:
         return text
 
 
-def build_table(population: list[dict], merged: list[dict], *, aim_pattern: str = AIM_PATTERN,
+def build_table(population: list[dict], merged: list[dict], *,
                 hv_benchmarks: list[str] | None = None,
                 hv_margin: float = DEFAULT_HV_MARGIN) -> Table:
     """Rows for result records (from `evaluate` or result files): population, then per merge
@@ -139,19 +153,18 @@ def build_table(population: list[dict], merged: list[dict], *, aim_pattern: str 
         return Row(kind, rec["label"], {b: rec["scores"].get(b) for b in columns}, hv, gain)
 
     rows = [row("population", r) for r in population]
-    kinds = {r["label"]: variant_kind(r["label"], aim_pattern) for r in merged}
-    plain = {label for label, (_, kind) in kinds.items() if kind == "merge"}
+    partner = partners(merged)
     for rec in merged:
-        key, kind = kinds[rec["label"]]
-        if kind != "merge" and key in plain:
+        kind = variant_kind(rec)
+        if rec["label"] in partner:
             continue  # listed right after its partner below
         rows.append(row(kind, rec))
         if kind != "merge":
             continue
         base = rows[-1]
-        variants = [o for o in merged if kinds[o["label"]] in ((base.label, "aim"), (base.label, "control"))]
-        for other in sorted(variants, key=lambda o: kinds[o["label"]][1]):  # AIM runs, then controls
-            variant = row(kinds[other["label"]][1], other)
+        variants = [o for o in merged if partner.get(o["label"]) == base.label]
+        for other in sorted(variants, key=variant_kind):  # AIM runs, then controls
+            variant = row(variant_kind(other), other)
             variant.partner = base.label
             rows.append(variant)
             if variant.kind == "aim":

@@ -14,17 +14,17 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from checkpoints.device import resolve_device
+from checkpoints.errors import UserError
+from checkpoints.record import read_record
 from evaluation.backends import (autocast_generation, build_lm, check_model, parse_batch_size,
-                                 resolve_device, select_backend)
+                                 select_backend)
 from evaluation.benchmarks import BENCHMARKS, Benchmark, headline, resolve
 from evaluation.results import FORMAT, model_label, versions
-from merging_methods.errors import UserError
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 PROJECT_TASKS = Path(__file__).resolve().parent / "code_tasks"
-ZOO_TASKS = Path("zoo") / "tasks"
 CODE_BENCHMARKS = frozenset({"humaneval", "mbpp"})
 _MANAGERS: dict[tuple, object] = {}  # lm-eval TaskManagers by (built-ins?, task files)
 _ENV_INFO: dict = {}
@@ -53,13 +53,9 @@ class EvalSettings:
 
 
 def task_dirs(extra: tuple[str, ...] = ()) -> list[Path]:
-    """lm-eval task folders, later ones overriding earlier ones on a name clash.
-
-    Order: the project's code tasks, `zoo/tasks` under the current directory and under the
-    repository root (when present), then `extra` (`--tasks_dir`), which must exist.
-    """
-    zoo = [d for d in (Path.cwd() / ZOO_TASKS, REPO_ROOT / ZOO_TASKS) if d.is_dir()]
-    dirs = [PROJECT_TASKS, *zoo]
+    """lm-eval task folders, later ones overriding earlier ones on a name clash: the project's
+    code tasks, then the caller's `extra` (`--tasks_dir`, a zoo's tasks), which must exist."""
+    dirs = [PROJECT_TASKS]
     for d in extra:
         if not Path(d).is_dir():
             raise UserError(f"--tasks_dir {d}: no such folder")
@@ -248,7 +244,7 @@ def non_finite_notes(lm) -> list[str]:
     scores would be meaningless, but evaluating a broken model can be the point."""
     import torch
 
-    from merging_methods.checkpoint import non_finite_parameters
+    from checkpoints.checkpoint import non_finite_parameters
 
     model = getattr(lm, "model", None)
     if not isinstance(model, torch.nn.Module):
@@ -281,12 +277,14 @@ def evaluate(model: str | object, benchmarks: list[str], *, label: str | None = 
     `HFLM(pretrained=in_memory_model, tokenizer=tok)`), which is then used as is.
     `settings` are `EvalSettings` fields. The record holds `scores` ({benchmark: headline
     value}), `headline` (task, metric key, direction, shots), `errors` ({benchmark: one line}),
-    `notes`, the settings, package versions and the full lm-eval results per benchmark.
+    `notes`, the settings, package versions, `recipe` (the model folder's merge_recipe.yaml:
+    what the report pairs merges with their AIM runs by; {} for other models) and the full
+    lm-eval results per benchmark.
     Unknown benchmark names and a missing model folder raise UserError before anything runs.
     """
     cfg = EvalSettings(**settings)
     backend = select_backend(cfg.backend)
-    device = resolve_device(cfg.device) if backend == "hf" else "cuda"
+    device = str(resolve_device(cfg.device)) if backend == "hf" else "cuda"
     batch_size = (parse_batch_size(cfg.batch_size) if cfg.batch_size is not None
                   else "auto" if device.startswith("cuda") else 1)
     cfg = replace(cfg, backend=backend, device=device, batch_size=batch_size,
@@ -319,11 +317,12 @@ def evaluate(model: str | object, benchmarks: list[str], *, label: str | None = 
         del lm
         _free_memory()
     name = model if isinstance(model, str) else type(model).__name__
+    recipe = read_record(Path(model)) if isinstance(model, str) and Path(model).is_dir() else {}
     return {
         "format": FORMAT, "label": label or (model_label(name) if isinstance(model, str) else name),
         "model": name, "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "runtime_s": round(time.time() - started, 1), "benchmarks": list(benchmarks),
         "settings": asdict(cfg), "versions": versions(), "tasks_dirs": [str(d) for d in dirs],
         "scores": {b: h["value"] for b, h in heads.items()}, "headline": heads,
-        "errors": errors, "notes": notes, "lm_eval": full,
+        "errors": errors, "notes": notes, "recipe": recipe, "lm_eval": full,
     }

@@ -16,7 +16,7 @@ import os
 import time
 from pathlib import Path
 
-from merging_methods.errors import UserError, exit_code_for_user_errors
+from checkpoints.errors import UserError, exit_code_for_user_errors
 
 DEFAULT_OUT = Path("zoo_smollm2")
 

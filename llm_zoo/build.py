@@ -28,7 +28,7 @@ from pathlib import Path
 
 from llm_zoo import lm_eval_tasks, prose, tasks
 from llm_zoo.train import FinetuneRecipe
-from merging_methods.output import check_output_path
+from checkpoints.output import check_output_path
 
 log = logging.getLogger(__name__)
 ZOO_FORMAT = 1  # bump when generators, data or training code change the zoo for the same recipe

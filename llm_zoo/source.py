@@ -16,7 +16,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from merging_methods.errors import UserError
+from checkpoints.errors import UserError
 
 log = logging.getLogger(__name__)
 

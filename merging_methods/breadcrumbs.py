@@ -19,7 +19,8 @@ from typing import Callable, Sequence
 
 from torch import Tensor
 
-from merging_methods.gta import Plan, Sparsifier, _check_lengths, _gta
+from merging_methods.gta import check_lengths
+from merging_methods.gta_blocked import Plan, Sparsifier, blocked_gta
 from merging_methods.primitives import Deltas, PresetDrop, abs_rank_band, dense_delta, l1_factor
 
 
@@ -50,9 +51,9 @@ def _breadcrumbs_method(consensus: bool) -> Callable[..., Tensor]:
                normalize: bool = False, rescale: bool = False) -> Tensor:
         """Breadcrumbs (§9): θ0 + λ·Σ wi·δ̃i (breadcrumbs_ties: over the sign-agreeing models),
         δ̃i = δi without its smallest and its largest |δ|."""
-        _check_lengths(others, density=density, gamma=gamma)
+        check_lengths(others, density=density, gamma=gamma)
         plan = _outlier_plan(density, gamma, rescale)
-        return _gta(base, others, weights, plan, consensus=consensus, normalize=normalize,
+        return blocked_gta(base, others, weights, plan, consensus=consensus, normalize=normalize,
                     scaling=scaling, out=None)
     return method
 

@@ -22,8 +22,9 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from merging_methods.errors import UserError
-from merging_methods.gta import Plan, Sparsifier, _check_lengths, _gta
+from checkpoints.errors import UserError
+from merging_methods.gta import check_lengths
+from merging_methods.gta_blocked import Plan, Sparsifier, blocked_gta
 from merging_methods.primitives import Deltas, PresetDrop, dense_delta, l1_factor
 
 RESCALE_MODES = ("l1", "inverse_prob")
@@ -83,9 +84,9 @@ def _della_method(consensus: bool, normalize_default: bool) -> Callable[..., Ten
                generators: list[torch.Generator] | None = None) -> Tensor:
         """DELLA (§17): MAGPRUNE each δi, then θ0 + λ·Σ wi·δ̃i; `della` sums the sign-agreeing
         models and normalises, `della_linear` sums all of them."""
-        _check_lengths(others, density=density, epsilon=epsilon, generators=generators)
+        check_lengths(others, density=density, epsilon=epsilon, generators=generators)
         plan = _magprune_plan(density, epsilon, base.shape, generators, rescale, rescale_mode)
-        return _gta(base, others, weights, plan, consensus=consensus, normalize=normalize,
+        return blocked_gta(base, others, weights, plan, consensus=consensus, normalize=normalize,
                     scaling=scaling, out=None)
     return method
 

@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from merging_methods.gta import Plan, Sparsifier, _gta
+from merging_methods.gta_blocked import Plan, Sparsifier, blocked_gta
 from merging_methods.primitives import Deltas, PresetDelta, dense_delta
 
 FR_RATIO = 0.9  # the reference's hard-coded ratio for LLMs (0.7 in its ViT config)
@@ -64,5 +64,5 @@ def fr_merging(base: Tensor, others: list[Tensor], *, weights: Sequence[float],
                scaling: float = 1.0, normalize: bool = False, fr_ratio: float = FR_RATIO,
                fr_faithful: bool = False) -> Tensor:
     """FR-Merging (§10.3): filter each 2-D δi, then θ0 + λ·Σ agreeing wi·δi'."""
-    return _gta(base, others, weights, _filter_plan(base.shape, fr_ratio, fr_faithful),
+    return blocked_gta(base, others, weights, _filter_plan(base.shape, fr_ratio, fr_faithful),
                 consensus=True, normalize=normalize, scaling=scaling, out=None)

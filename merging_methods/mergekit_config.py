@@ -21,7 +21,7 @@ from typing import Collection, Mapping, Union
 
 import yaml
 
-from merging_methods.errors import UserError
+from checkpoints.errors import UserError
 from merging_methods.mergekit_methods import (ALIASES, BOOL_PARAMS, METHODS, NOT_FROM_YAML,
                                               MethodParams)
 

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 from torch import Tensor
 
-from merging_methods.errors import UserError
+from checkpoints.errors import UserError
 
 DECODER_LAYER = re.compile(r"^(.*\b(?:layers|h)\.)(\d+)(\..+)$")  # prefix, index, rest
 ScaleFn = Callable[[int, str, float], float | None]  # (slice index, source name, x) -> scale

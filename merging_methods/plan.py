@@ -4,21 +4,22 @@ Nothing here reads tensor data. The plan says, for every output tensor, where ea
 tensor comes from (its own name, or its input embedding when a fine-tune ties its lm_head)
 and how many vocabulary rows the output has (ALGORITHMS.md §13.3): the base's (`--vocab base`:
 extra rows are dropped, missing rows are taken from the base so they add no delta) or the
-union's (`--vocab union`, planned in vocab.py). merging_methods.rows fits each model's rows.
+union's (`--vocab union`, planned in vocab.py). checkpoints.rows fits each model's rows.
 """
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 
 import torch
 
-from merging_methods.checkpoint import CheckpointReader, TensorInfo
-from merging_methods.errors import UserError
+from checkpoints.checkpoint import HEAD_SUFFIXES, CheckpointReader, TensorInfo
+from checkpoints.errors import UserError
 
 log = logging.getLogger(__name__)
 
-HEAD_SUFFIXES = ("lm_head.weight", "embed_out.weight")
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")  # model.layers.N., transformer.h.N.
 
 
 @dataclass(frozen=True)
@@ -29,16 +30,33 @@ class TensorPlan:
     sources: tuple[str, ...]          # per model: the tensor name to read
     is_vocab: bool = False            # rows indexed by token id (embedding or lm_head)
     is_input_embedding: bool = False
+    layer_index: int | None = None    # N of a tensor in decoder layer N
 
 
 @dataclass
 class MergePlan:
     tensors: list[TensorPlan]
     notes: list[str] = field(default_factory=list)   # one-line summaries shown to the user
+    num_layers: int | None = None                    # the base config's decoder layers
 
     @property
     def out_infos(self) -> dict[str, TensorInfo]:
         return {t.name: t.out for t in self.tensors}
+
+
+def layer_index(name: str) -> int | None:
+    """The decoder layer a tensor belongs to (from `.layers.N.` or `.h.N.` in its name)."""
+    match = _LAYER.search(name)
+    return int(match[1]) if match else None
+
+
+def num_layers(config: dict) -> int | None:
+    """Decoder layers declared in a config.json (top level or text_config)."""
+    for cfg in (config, config.get("text_config") or {}):
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if isinstance(cfg.get(key), int):
+                return cfg[key]
+    return None
 
 
 def _is_head(name: str) -> bool:
@@ -113,7 +131,7 @@ def build_plan(base: CheckpointReader, models: list[CheckpointReader],
         shape = (vocab_rows, *info.shape[1:]) if is_vocab and vocab_rows else info.shape
         out = TensorInfo(shape, out_dtype if floating else info.dtype)
         tensors.append(TensorPlan(name, out, floating, tuple(sources), is_vocab,
-                                  name == embed_name))
+                                  name == embed_name, layer_index(name)))
 
     if problems:
         shown = "; ".join(problems[:4])
@@ -123,5 +141,5 @@ def build_plan(base: CheckpointReader, models: list[CheckpointReader],
     for label, changes in cropped.items():
         notes.append(f"vocab: {label} rows {', '.join(sorted(set(changes)))} aligned to the "
                      "base vocabulary (extra rows dropped, missing rows take the base's)")
-    return MergePlan(tensors, notes)
+    return MergePlan(tensors, notes, num_layers(base.config))
 

@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import Tensor
 
-from merging_methods.errors import UserError
+from checkpoints.errors import UserError
 
 L1_EPS = 1e-7  # below this an L1 norm is treated as zero and the rescale is skipped (§3.2, §4.2)
 _HI_BINS = 1 << 15  # radix-select buckets: the top 16 bits of a non-negative float32 (sign bit 0)
@@ -310,13 +310,28 @@ class PresetDrop:
         """Nothing to reset: the mask is kept."""
 
 
-def l1_factor(deltas: Deltas, sparsifier: TopK | RandomDrop | PresetDrop) -> float:
+def l1_ratio(total: float, kept: float) -> float:
     """‖δ‖₁ / ‖sparse(δ)‖₁, or 1 when either norm is below 1e-7 (L1 rescale of §3.2 and §4.2)."""
+    return total / kept if total >= L1_EPS and kept >= L1_EPS else 1.0
+
+
+def blocked_l1(x: Tensor) -> float:
+    """‖x‖₁ as the blocked passes sum it: float32 per block of `block_size`, the blocks in
+    double. The whole-tensor methods use it so that their rescale factor has the same bits."""
+    flat = x.reshape(-1)
+    total = 0.0
+    for start, stop in blocks(flat.numel(), block_size(flat.device)):
+        total += float(torch.linalg.vector_norm(flat[start:stop], 1))
+    return total
+
+
+def l1_factor(deltas: Deltas, sparsifier: TopK | RandomDrop | PresetDrop) -> float:
+    """`l1_ratio` of one model's delta, block by block (the sparsifier is applied on the way)."""
     total = kept = 0.0
     for start, delta in deltas:
         total += float(torch.linalg.vector_norm(delta, 1))
         kept += float(torch.linalg.vector_norm(sparsifier.apply_(delta, start), 1))
-    return total / kept if total >= L1_EPS and kept >= L1_EPS else 1.0
+    return l1_ratio(total, kept)
 
 
 def dense_delta(deltas: Deltas) -> Tensor:

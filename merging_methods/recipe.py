@@ -1,22 +1,22 @@
-"""MergeRecipe: the validated, fully resolved description of one merge (flags -> settings).
+"""MergeRecipe: the validated, fully resolved description of one merge.
 
-Every check on user input happens here, before any checkpoint is opened, so a typo fails in
-a second instead of after a download. The resolved recipe (all method parameters with their
-defaults filled in) is what the runner executes and what it writes next to the weights.
+A recipe checks itself when it is built (`__post_init__`), before any checkpoint is opened, so
+a typo fails in a second instead of after a download, whether it comes from merge.py's flags or
+from code (the study, tests). The resolved recipe (every method parameter with its default
+filled in) is what the runner executes and what it writes next to the weights. The method
+flags of merge.py are generated from the parameter declarations (params.py, registry.py).
 """
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import asdict, dataclass, field
 
-from merging_methods.checkpoint import parse_dtype, parse_size
-from merging_methods.errors import UserError
-from merging_methods.output import check_output_path
-from merging_methods.registry import FLAGS as PARAM_FLAGS
-from merging_methods.registry import METHODS, get_method, validate_params
+from checkpoints.checkpoint import parse_dtype, parse_size
+from checkpoints.errors import UserError
+from merging_methods.params import Param
+from merging_methods.registry import METHODS, declared_params, get_method
 
-PER_MODEL_PARAMS = ("weights", "density")
+VOCAB_MODES = ("base", "union")
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class MergeRecipe:
     base_model: str
     models: tuple[str, ...]
     save_path: str
-    params: dict = field(default_factory=dict)    # resolved method parameters
+    params: dict = field(default_factory=dict)    # given; resolved (defaults filled) on build
     seed: int = 0
     vocab: str = "base"
     dtype: str | None = None                      # output dtype; None = the base's
@@ -33,8 +33,53 @@ class MergeRecipe:
     max_shard_size: str = "5GB"
     overwrite: bool = False
 
+    def __post_init__(self):
+        spec = get_method(self.method)
+        models = tuple(self.models)
+        if not models:
+            raise UserError("--models_to_merge: give at least one model (comma-separated)")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise UserError(f"--seed: expected a whole number, got {self.seed!r}")
+        if self.vocab not in VOCAB_MODES:
+            raise UserError(f"--vocab: expected one of {', '.join(VOCAB_MODES)}, got {self.vocab!r}")
+        if self.dtype is not None:
+            parse_dtype(self.dtype)
+        parse_size(self.max_shard_size)
+        object.__setattr__(self, "models", models)
+        object.__setattr__(self, "params", spec.resolve(self.params, len(models)))
+
     def as_record(self) -> dict:
         return asdict(self)
+
+
+def _defaults_text(name: str) -> str:
+    """The per-method defaults of parameter `name`, e.g. 'on for linear, ties; off otherwise'."""
+    def show(value: object) -> str:
+        return ("on" if value else "off") if isinstance(value, bool) else f"{value}"
+
+    by_value: dict[str, list[str]] = {}
+    for method, spec in sorted(METHODS.items()):
+        if name in spec.params:
+            by_value.setdefault(show(spec.params[name].default), []).append(method)
+    if len(by_value) == 1:
+        return next(iter(by_value))
+    *special, (common, _) = sorted(by_value.items(), key=lambda item: len(item[1]))
+    return "; ".join(f"{v} for {', '.join(ms)}" for v, ms in special) + f"; {common} otherwise"
+
+
+def _add_param_flag(group: argparse._ArgumentGroup, param: Param) -> None:
+    """The flag of one declared parameter (None when not given: the method's default applies)."""
+    text = f"{param.help} (default: {_defaults_text(param.name)})"
+    if param.kind is bool:
+        group.add_argument(param.flag, dest=param.name, action=argparse.BooleanOptionalAction,
+                           default=None, help=text)
+    elif param.choices:
+        group.add_argument(param.flag, dest=param.name, choices=param.choices, default=None,
+                           help=text)
+    elif param.per_model:   # comma-separated text, parsed by the recipe builder (one-line errors)
+        group.add_argument(param.flag, dest=param.name, default=None, help=text)
+    else:
+        group.add_argument(param.flag, dest=param.name, type=param.kind, default=None, help=text)
 
 
 def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,31 +94,12 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save_path", required=True,
                         help="output folder; written to a temporary sibling and renamed at the end")
     p = parser.add_argument_group("method parameters (default: the method's mergekit default)")
-    p.add_argument("--weights", help="per-model multipliers of the task vectors, one value for "
-                   "all or one per model, comma-separated; negative subtracts a task vector "
-                   "(negation; use with --no-normalize). Default 1.0")
-    p.add_argument("--density", help="fraction of each task vector KEPT, in (0, 1]; one value or "
-                   "one per model. ties: top-|delta| entries per tensor; dare_*: keep probability "
-                   "(drop rate = 1 - density). Default 1.0 = keep all (the AIM paper's setting; "
-                   "0.2-0.5 is typical for real TIES/DARE use)")
-    p.add_argument("--lambda", dest="scaling", type=float,
-                   help="global scale of the merged task vector (default 1.0)")
-    p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
-                   help="divide the merged delta by the sum of the (agreeing) weights. Default: "
-                        "on for ties and linear, off otherwise")
-    p.add_argument("--rescale", action=argparse.BooleanOptionalAction, default=None,
-                   help="DARE: rescale kept entries (default on)")
-    p.add_argument("--rescale_mode", choices=["inverse_density", "l1"], default=None,
-                   help="DARE rescale: divide by density (DARE paper, default) or match the "
-                        "task vector's L1 norm (newer mergekit)")
-    p.add_argument("--above_average_value_ratio", type=float, default=None,
-                   help="WIDEN t: ranks above t x mean count as important (default 1.0)")
-    p.add_argument("--score_calibration_value", type=float, default=None,
-                   help="WIDEN s: score given to important entries (default 1.0)")
+    for param in declared_params().values():
+        _add_param_flag(p, param)
     p.add_argument("--seed", type=int, default=0,
                    help="seed of DARE's random masks (per tensor name; default 0)")
     r = parser.add_argument_group("runtime and output")
-    r.add_argument("--vocab", choices=["base", "union"], default="base",
+    r.add_argument("--vocab", choices=VOCAB_MODES, default="base",
                    help="output vocabulary: 'base' (default, what mergekit did for the AIM "
                         "paper) keeps the base's rows and tokenizer and drops fine-tunes' extra "
                         "rows (e.g. an added pad token); 'union' appends every fine-tune's added "
@@ -93,48 +119,16 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
                    help="replace an existing non-empty --save_path")
 
 
-def _floats(text: str, flag: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"{flag}: expected comma-separated numbers, got {text!r}")
-    if not values or not all(math.isfinite(v) for v in values):
-        raise UserError(f"{flag}: expected finite numbers, got {text!r}")
-    return values
-
-
 def recipe_from_args(args: argparse.Namespace) -> MergeRecipe:
-    """Validate the flags and resolve every method parameter (defaults filled in)."""
+    """The recipe merge.py's flags describe (validated as it is built)."""
     spec = get_method(args.method)
-    models = tuple(m.strip() for m in args.models_to_merge.split(",") if m.strip())
-    if not models:
-        raise UserError("--models_to_merge: give at least one model (comma-separated)")
-    given: dict[str, object] = {}
-    for name in PARAM_FLAGS:
+    given = {}
+    for name, param in declared_params().items():
         value = getattr(args, name, None)
-        if value is None:
-            continue
-        if name not in spec.params:
-            raise UserError(f"{PARAM_FLAGS[name]} does not apply to --method {args.method}; "
-                            f"it takes {', '.join(PARAM_FLAGS[p] for p in sorted(spec.params))}")
-        if name in PER_MODEL_PARAMS:
-            value = _floats(value, PARAM_FLAGS[name])
-            if len(value) == 1:
-                value = value * len(models)
-            elif len(value) != len(models):
-                raise UserError(f"{PARAM_FLAGS[name]}: {len(value)} values for {len(models)} "
-                                "models; give one value or one per model")
-        given[name] = value
-    params = {**spec.defaults, **given}
-    for name in PER_MODEL_PARAMS:
-        if name in params and not isinstance(params[name], (list, tuple)):
-            params[name] = [float(params[name])] * len(models)
-    validate_params(spec, params, len(models))
-    if args.dtype is not None:
-        parse_dtype(args.dtype)
-    parse_size(args.max_shard_size)
-    check_output_path(args.save_path, args.overwrite, (*models, args.base_model))
-    return MergeRecipe(method=args.method, base_model=args.base_model, models=models,
-                       save_path=args.save_path, params=params, seed=args.seed,
-                       vocab=args.vocab, dtype=args.dtype, device=args.device,
-                       max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+        if value is not None:   # text of a flag the method lacks stays text: refused as such
+            given[name] = param.parse_text(value) if param.per_model and name in spec.params else value
+    return MergeRecipe(method=args.method, base_model=args.base_model,
+                       models=tuple(m.strip() for m in args.models_to_merge.split(",") if m.strip()),
+                       save_path=args.save_path, params=given, seed=args.seed, vocab=args.vocab,
+                       dtype=args.dtype, device=args.device, max_shard_size=args.max_shard_size,
+                       overwrite=args.overwrite)

@@ -1,77 +1,157 @@
-"""The table of merge methods: name -> function, accepted parameters and mergekit defaults.
+"""The table of merge methods: one row per method, its parameters declared once (params.py).
 
-Defaults follow ALGORITHMS.md §0.6, §1, §3.1, §4.1 and §5.1. Per-model parameters (`weights`,
-`density`) reach the functions as one value per model; the rest are global.
+The method contract
+-------------------
+A method is a plain function over whole float32 tensors of one shape and device:
+
+    fn(base: Tensor, others: list[Tensor], *, <its params>, **context) -> Tensor
+
+* Its params arrive as keyword arguments named like its `Param`s: a number, bool or string for
+  a global one, a sequence with one value per model for a per-model one (`weights`, `density`).
+  The recipe has validated them already (ranges, choices, one value per model).
+* `context`: the per-tensor facts the method lists in `MethodSpec.context`, and only those, as
+  keyword arguments: `tensor_name: str`, `layer_index: int | None` (from `.layers.N.` in the
+  name), `num_layers: int | None` (the base config's), `is_input_embedding: bool` and
+  `generators: list[torch.Generator]` (one per model, `mask_generator(seed, i, tensor_name)`:
+  randomness keyed by name, so any order and device gives the same bits).
+* It returns a new float32 tensor shaped like `base`: no I/O, no device moves, no dtype choices.
+  Its docstring points to its float64 paper-box version in reference.py.
+
+The runner streams tensor by tensor and calls `fn`. A `FastPath` is optional: a blocked,
+buffer-reusing form the runner then uses instead, which must return the bits of `fn`
+(tests/test_methods.py checks every fast path against its dense function, fp32 and bf16 inputs).
+
+Adding a method: one file with its function, one row in METHODS with its `Param`s (existing
+declarations, or new ones in params.py); the CLI flags, validation and recipe follow. Defaults
+follow ALGORITHMS.md §0.6, §1, §3.1, §4.1 and §5.1 (the mergekit the AIM paper ran).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 from torch import Tensor
 
-from merging_methods.errors import UserError
-from merging_methods.gta import SUM_EPS, dare_linear, dare_ties, linear, task_arithmetic, ties
+from checkpoints.errors import UserError
+from merging_methods import gta, gta_blocked
+from merging_methods.params import (
+    ABOVE_AVERAGE_VALUE_RATIO, DENSITY, NORMALIZE, RESCALE, RESCALE_MODE, SCALING,
+    SCORE_CALIBRATION_VALUE, WEIGHTS, Param,
+)
 from merging_methods.widen import widen
 
-PER_MODEL = frozenset({"weights", "density"})
-RESCALE_MODES = ("inverse_density", "l1")
-FLAGS = {  # parameter -> the flag users type, for error messages
-    "weights": "--weights", "density": "--density", "scaling": "--lambda",
-    "normalize": "--normalize", "rescale": "--rescale", "rescale_mode": "--rescale_mode",
-    "above_average_value_ratio": "--above_average_value_ratio",
-    "score_calibration_value": "--score_calibration_value",
-}
+CONTEXT = frozenset({"tensor_name", "layer_index", "num_layers", "is_input_embedding",
+                     "generators"})
+Values = Mapping[str, object]  # resolved parameters: every declared name, defaults filled in
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """The optional fast form of a method: `fn(base, others, **params, **context, out=None)`,
+    bit-identical to the dense function; `out` is a float32 result buffer it writes into."""
+
+    fn: Callable[..., Tensor]
+    # base and others may arrive in their stored dtype (bf16/fp16): fn reads them through exact
+    # float32 upcasts of small blocks, so the runner skips the full float32 copies
+    stored_dtype_inputs: bool = False
+    # per element: a block of rows merged alone gives those rows of the whole result, so the
+    # runner merges large tensors in row chunks (checkpoints/rows.py)
+    row_separable: bool = False
+    # takes `keep_masks=`: DARE keep-masks the runner draws on its I/O thread, chunk by chunk
+    masks_ahead: bool = False
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """One merge method: `fn(base, others, **params, generators=..., is_input_embedding=...)`."""
+    """One merge method: its dense function, its parameters and what else the runner gives it."""
 
+    name: str
     fn: Callable[..., Tensor]
-    params: frozenset[str]
-    defaults: Mapping[str, object]
-    stochastic: bool = False  # needs one generator per model (mask_generator)
-    needs_base: bool = True  # False: the base only supplies config and tokenizer
-    # True: `base` and `others` may arrive in their stored dtype (bf16/fp16); the method only
-    # reads them through float32 blocks (exact upcast), so the runner skips full float32 copies.
-    stored_dtype_inputs: bool = False
-    # True: the formula is per element, so a block of rows merged alone gives those rows of the
-    # whole-tensor result (the runner then merges large tensors in row chunks; see rows.py).
-    row_separable: bool = False
-    summary: str = ""
-    name: str = field(default="", compare=False)
+    params: Mapping[str, Param]
+    summary: str
+    context: frozenset[str] = frozenset()
+    fast: FastPath | None = None
+    check: Callable[[Values], None] | None = None        # cross-parameter checks (UserError)
+    warn: Callable[[Values], list[str]] | None = None    # valid but likely unmeant settings
+    defaults: Mapping[str, object] = field(init=False, compare=False)
+
+    def __post_init__(self):
+        if not self.context <= CONTEXT:
+            raise ValueError(f"{self.name}: unknown context {sorted(self.context - CONTEXT)}")
+        object.__setattr__(self, "defaults", {n: p.default for n, p in self.params.items()})
+
+    @property
+    def stochastic(self) -> bool:
+        return "generators" in self.context
+
+    def resolve(self, given: Values, n_models: int) -> dict[str, object]:
+        """Every parameter of the method, `given` values checked and defaults filled in; a
+        UserError naming the flag for a parameter it does not take or a bad value."""
+        unknown = sorted(set(given) - set(self.params))
+        if unknown:
+            takes = ", ".join(p.flag for _, p in sorted(self.params.items())) or "no parameters"
+            raise UserError(f"{flag_of(unknown[0])} does not apply to --method {self.name}; "
+                            f"it takes {takes}")
+        values = {n: p.resolve(given.get(n, p.default), n_models) for n, p in self.params.items()}
+        if self.check is not None:
+            self.check(values)
+        return values
 
 
-def _spec(name: str, fn: Callable[..., Tensor], defaults: dict[str, object], summary: str,
-          **flags: bool) -> MethodSpec:
-    return MethodSpec(fn, frozenset(defaults), defaults, summary=summary, name=name, **flags)
+def method(name: str, fn: Callable[..., Tensor], summary: str, *params: Param,
+           **options) -> MethodSpec:
+    """A registry row: `params` in declaration order; `options` are MethodSpec's other fields."""
+    return MethodSpec(name, fn, {p.name: p for p in params}, summary, **options)
 
 
-_GTA = {"weights": 1.0, "scaling": 1.0}
-_DARE = {**_GTA, "density": 1.0, "normalize": False, "rescale": True,
-         "rescale_mode": "inverse_density"}
-METHODS: dict[str, MethodSpec] = {
-    "linear": _spec("linear", linear, {"weights": 1.0, "normalize": True},
-                    "weighted average of the models (the base is not averaged in)",
-                    needs_base=False, row_separable=True),
-    "task_arithmetic": _spec("task_arithmetic", task_arithmetic, {**_GTA, "normalize": False},
-                             "base + lambda * sum of weighted task vectors",
-                             stored_dtype_inputs=True, row_separable=True),
-    "ties": _spec("ties", ties, {**_GTA, "density": 1.0, "normalize": True, "rescale": False},
-                  "trim to top-|delta|, elect signs, average the agreeing deltas",
-                  stored_dtype_inputs=True),
-    "dare_linear": _spec("dare_linear", dare_linear, _DARE,
-                         "random drop + rescale, then task arithmetic", stochastic=True,
-                         stored_dtype_inputs=True, row_separable=True),
-    "dare_ties": _spec("dare_ties", dare_ties, _DARE,
-                       "random drop + rescale, then TIES sign consensus", stochastic=True,
-                       stored_dtype_inputs=True, row_separable=True),
-    "widen": _spec("widen", widen, {"above_average_value_ratio": 1.0,
-                                    "score_calibration_value": 1.0},
-                   "per-column magnitude/direction ranking of task vectors (WIDEN)"),
-}
+def _weights_sum_to_nonzero(values: Values) -> None:
+    if values["normalize"] and abs(sum(values["weights"])) < gta.SUM_EPS:
+        raise UserError("--weights: the weights sum to 0, so a normalized average is undefined; "
+                        "change the weights or pass --no-normalize")
+
+
+def _negative_weights(consensus: bool) -> Callable[[Values], list[str]]:
+    """The warning for a negative weight under normalize: it cancels (sign consensus) or it
+    divides by a small or negative weight sum."""
+    def warn(values: Values) -> list[str]:
+        weights = values["weights"]
+        if not values["normalize"] or min(weights) >= 0:
+            return []
+        if consensus:
+            return ["a negative --weights value with --normalize cancels out (each position "
+                    "divides by the sum of the agreeing weights), so it does not negate a task "
+                    "vector; pass --no-normalize for negation"]
+        return [f"a negative --weights value with --normalize divides by the weight sum "
+                f"{sum(weights):g}, which can flip or blow up the merged delta; pass "
+                "--no-normalize for negation"]
+    return warn
+
+
+_DARE = (WEIGHTS, SCALING, DENSITY, NORMALIZE.with_default(False), RESCALE, RESCALE_MODE)
+METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
+    method("linear", gta.linear, "weighted average of the models (the base is not averaged in)",
+           WEIGHTS, NORMALIZE.with_default(True), check=_weights_sum_to_nonzero,
+           fast=FastPath(gta_blocked.linear, row_separable=True)),
+    method("task_arithmetic", gta.task_arithmetic, "base + lambda * sum of weighted task vectors",
+           WEIGHTS, SCALING, NORMALIZE.with_default(False), warn=_negative_weights(False),
+           fast=FastPath(gta_blocked.task_arithmetic, stored_dtype_inputs=True,
+                         row_separable=True)),
+    method("ties", gta.ties, "trim to top-|delta|, elect signs, average the agreeing deltas",
+           WEIGHTS, SCALING, DENSITY, NORMALIZE.with_default(True), RESCALE.with_default(False),
+           warn=_negative_weights(True),
+           fast=FastPath(gta_blocked.ties, stored_dtype_inputs=True)),
+    method("dare_linear", gta.dare_linear, "random drop + rescale, then task arithmetic", *_DARE,
+           context=frozenset({"generators"}), warn=_negative_weights(False),
+           fast=FastPath(gta_blocked.dare_linear, stored_dtype_inputs=True, row_separable=True,
+                         masks_ahead=True)),
+    method("dare_ties", gta.dare_ties, "random drop + rescale, then TIES sign consensus", *_DARE,
+           context=frozenset({"generators"}), warn=_negative_weights(True),
+           fast=FastPath(gta_blocked.dare_ties, stored_dtype_inputs=True, row_separable=True,
+                         masks_ahead=True)),
+    method("widen", widen, "per-column magnitude/direction ranking of task vectors (WIDEN)",
+           ABOVE_AVERAGE_VALUE_RATIO, SCORE_CALIBRATION_VALUE,
+           context=frozenset({"is_input_embedding"})),
+)}
 
 
 def get_method(name: str) -> MethodSpec:
@@ -82,72 +162,30 @@ def get_method(name: str) -> MethodSpec:
     return METHODS[name]
 
 
-def splits_by_rows(spec: MethodSpec, params: Mapping[str, object]) -> bool:
-    """Whether a tensor may be merged in row chunks with these parameters: a per-element method,
-    except DARE's l1 rescale, whose factor is a norm over the whole tensor."""
-    values = {**spec.defaults, **params}
-    whole_tensor_norm = values.get("rescale") is True and values.get("rescale_mode") == "l1"
-    return spec.row_separable and not whole_tensor_norm
+def declared_params() -> dict[str, Param]:
+    """Every parameter some method takes, by name (one declaration each: the first row's)."""
+    params: dict[str, Param] = {}
+    for spec in METHODS.values():
+        for name, param in spec.params.items():
+            params.setdefault(name, param)
+    return params
 
 
-def _per_model(name: str, value: object, n_models: int) -> list[object]:
-    values = list(value) if isinstance(value, (list, tuple)) else [value]
-    if len(values) not in (1, n_models):
-        raise UserError(f"{FLAGS[name]}: {len(values)} values for {n_models} models; "
-                        "give one value or one per model")
-    return values * (n_models if len(values) == 1 else 1)
+def flag_of(name: str) -> str:
+    """The command-line flag of parameter `name` (the name itself when no method declares it)."""
+    param = declared_params().get(name)
+    return param.flag if param else name
 
 
-def _finite(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise UserError(f"{FLAGS[name]}: expected a finite number, got {value!r}")
-    return float(value)
+def splits_by_rows(spec: MethodSpec, params: Values) -> bool:
+    """Whether a tensor may be merged in row chunks with these parameters: a per-element fast
+    path, except DARE's l1 rescale, whose factor is a norm over the whole tensor."""
+    whole_tensor_norm = params.get("rescale") is True and params.get("rescale_mode") == "l1"
+    return spec.fast is not None and spec.fast.row_separable and not whole_tensor_norm
 
 
-def validate_params(spec: MethodSpec, params: Mapping[str, object], n_models: int) -> None:
-    """Raise a UserError naming the flag for any parameter `spec.fn` would reject or misuse."""
-    unknown = sorted(set(params) - spec.params)
-    if unknown:
-        raise UserError(f"{FLAGS.get(unknown[0], unknown[0])}: not a parameter of --method "
-                        f"{spec.name}; it takes {', '.join(FLAGS[p] for p in sorted(spec.params))}")
-    values = {**spec.defaults, **params}
-    per_model = {name: [_finite(name, v) for v in _per_model(name, values[name], n_models)]
-                 for name in sorted(PER_MODEL & spec.params)}
-    for v in per_model.get("density", []):
-        if not 0.0 < v <= 1.0:
-            raise UserError(f"--density: {v} is outside (0, 1]; density is the fraction of each "
-                            "task vector kept (1 keeps everything)")
-    for name in ("normalize", "rescale"):
-        if name in spec.params and not isinstance(values[name], bool):
-            raise UserError(f"{FLAGS[name]}: expected true or false, got {values[name]!r}")
-    if "rescale_mode" in spec.params and values["rescale_mode"] not in RESCALE_MODES:
-        raise UserError(f"--rescale_mode: expected one of {', '.join(RESCALE_MODES)}, "
-                        f"got {values['rescale_mode']!r}")
-    if "scaling" in spec.params:
-        _finite("scaling", values["scaling"])
-    if "above_average_value_ratio" in spec.params:
-        if not _finite("above_average_value_ratio", values["above_average_value_ratio"]) > 0:
-            raise UserError("--above_average_value_ratio: must be > 0")
-    if "score_calibration_value" in spec.params:
-        if not _finite("score_calibration_value", values["score_calibration_value"]) >= 0:
-            raise UserError("--score_calibration_value: must be >= 0")
-    if spec.name == "linear" and values["normalize"]:
-        if abs(sum(per_model["weights"])) < SUM_EPS:
-            raise UserError("--weights: the weights sum to 0, so a normalized average is "
-                            "undefined; change the weights or pass --no-normalize")
-
-
-def method_warnings(spec: MethodSpec, params: Mapping[str, object]) -> list[str]:
+def method_warnings(spec: MethodSpec, params: Values) -> list[str]:
     """Warnings for the runner to log once: settings that are valid but likely not meant."""
-    values = {**spec.defaults, **params}
-    weights = values.get("weights", 1.0)
-    weights = list(weights) if isinstance(weights, (list, tuple)) else [weights]
-    if spec.name == "linear" or not values.get("normalize") or min(weights) >= 0:
+    if spec.warn is None:
         return []
-    if spec.name in ("ties", "dare_ties"):
-        return [f"{spec.name}: a negative --weights value with --normalize cancels out (each "
-                "position divides by the sum of the agreeing weights), so it does not negate a "
-                "task vector; pass --no-normalize for negation"]
-    return [f"{spec.name}: a negative --weights value with --normalize divides by the weight sum "
-            f"{sum(weights):g}, which can flip or blow up the merged delta; pass --no-normalize "
-            "for negation"]
+    return [f"{spec.name}: {note}" for note in spec.warn({**spec.defaults, **params})]

@@ -1,10 +1,12 @@
 """run_merge: preflight -> per-unit merge loop -> sharded write -> side files.
 
 This is the only code that loops over tensor names, chooses the device and dtypes, seeds
-randomness and decides what happens to tensors that are not merged. A unit of work is a chunk
-of rows of one tensor (rows.py; the whole tensor for top-k and WIDEN); an I/O thread reads the
-next unit and writes the previous one while the current one is merged (overlap.py). Peak memory
-is a few chunks for per-element methods and about (models + 2) x the largest tensor otherwise.
+randomness and decides what happens to tensors that are not merged. A unit of work is one
+whole tensor, merged by the method's dense function in float32, or, for a method with a
+per-element fast path (registry.FastPath), a chunk of its rows (rows.py); an I/O thread reads
+the next unit and writes the previous one while the current one is merged (overlap.py). Peak
+memory is a few chunks for per-element fast paths and about (models + 2) x the largest tensor
+otherwise.
 """
 from __future__ import annotations
 
@@ -18,19 +20,20 @@ from typing import Callable, Iterator
 import torch
 from tqdm import tqdm
 
-from merging_methods.checkpoint import (
+from checkpoints.checkpoint import (
     CheckpointReader, ShardedWriter, copy_model_files, dtype_config_update, finite, parse_dtype,
     parse_size, resolve_model_dir,
 )
-from merging_methods.errors import UserError
-from merging_methods.output import staged_output
-from merging_methods.overlap import IOThread
+from checkpoints.device import resolve_device
+from checkpoints.errors import UserError
+from checkpoints.output import check_output_path, staged_output
+from checkpoints.overlap import IOThread
+from checkpoints.record import write_model_card, write_record
+from checkpoints.rows import AlignedRows, RowRange, row_ranges
 from merging_methods.plan import MergePlan, TensorPlan, build_plan, input_embedding_rows
 from merging_methods.primitives import draw_keep_mask, mask_generator
 from merging_methods.recipe import MergeRecipe
-from merging_methods.record import write_model_card, write_record
 from merging_methods.registry import MethodSpec, get_method, method_warnings, splits_by_rows
-from merging_methods.rows import AlignedRows, RowRange, row_ranges
 from merging_methods.vocab import VocabUnion, plan_union, save_union_tokenizer, vocab_config_update
 
 log = logging.getLogger(__name__)
@@ -40,24 +43,6 @@ log = logging.getLogger(__name__)
 TensorHook = Callable[[str, torch.Tensor, torch.Tensor, "RowRange | None"], torch.Tensor]
 # Called after preflight with the opened inputs; returns the hook and what to record about it.
 HookFactory = Callable[["OpenedInputs"], tuple[TensorHook, dict]]
-
-
-def resolve_device(name: str, flag: str = "--device") -> torch.device:
-    """'auto' -> cuda if available else cpu; a cuda request without CUDA is a UserError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"{flag}: unknown device {name!r}; use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"{flag}: {name} requested but CUDA is not available; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"{flag}: {name} does not exist ({torch.cuda.device_count()} GPUs)")
-    elif device.type != "cpu":
-        raise UserError(f"{flag}: unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
-    return device
 
 
 @dataclass
@@ -112,9 +97,20 @@ class ResultBuffer:
         return self._flat[:numel].view(shape)
 
 
+def tensor_context(spec: MethodSpec, item: TensorPlan, seed: int, n_models: int,
+                   num_layers: int | None) -> dict:
+    """The per-tensor keyword arguments `spec.context` asks for (registry.py's contract)."""
+    facts = {"tensor_name": item.name, "layer_index": item.layer_index, "num_layers": num_layers,
+             "is_input_embedding": item.is_input_embedding}
+    if spec.stochastic:
+        facts["generators"] = [mask_generator(seed, i, item.name) for i in range(n_models)]
+    return {name: facts[name] for name in spec.context}
+
+
 class TensorMerge:
-    """Merging one planned tensor, chunk of rows by chunk (rows.py); DARE generators carry on
-    from chunk to chunk, so the masks are those of the whole tensor."""
+    """Merging one planned tensor: whole, through the method's dense function, or chunk of rows
+    by chunk through its fast path (rows.py); DARE generators carry on from chunk to chunk, so
+    the masks are those of the whole tensor."""
 
     def __init__(self, spec: MethodSpec, params: dict, seed: int, item: TensorPlan,
                  inputs: OpenedInputs):
@@ -127,13 +123,10 @@ class TensorMerge:
 
         self.base = aligned(inputs.base, item.name)
         self.models = [aligned(m, src) for m, src in zip(inputs.models, item.sources)]
-        self.extra: dict = {"is_input_embedding": True} if item.is_input_embedding else {}
-        if spec.stochastic:
-            self.extra["generators"] = [mask_generator(seed, i, item.name)
-                                        for i in range(len(self.models))]
+        self.context = tensor_context(spec, item, seed, len(self.models), inputs.plan.num_layers)
         # DARE on row chunks: the chunk's keep-masks are drawn with its inputs (on the I/O
         # thread, in chunk order, so the generators give the whole tensor's masks)
-        self.masks_ahead = spec.stochastic and splits_by_rows(spec, params)
+        self.masks_ahead = spec.fast is not None and spec.fast.masks_ahead and splits_by_rows(spec, params)
 
     def units(self) -> Iterator[tuple[RowRange | None, tuple[int, ...]]]:
         """(rows, output shape of those rows) for each chunk this tensor is merged in."""
@@ -151,21 +144,23 @@ class TensorMerge:
         if self.masks_ahead:
             p = self.params
             raw.append([draw_keep_mask(d, g, base_rows.numel()) if d < 1 and w != 0 else None
-                        for d, w, g in zip(p["density"], p["weights"], self.extra["generators"])])
+                        for d, w, g in zip(p["density"], p["weights"], self.context["generators"])])
         return raw
 
     def merge(self, raw: list[torch.Tensor], device: torch.device,
               out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Merge what `read` returned (emptied here, so each stored copy is freed as soon as it
         is converted); returns (merged float32, base) on `device`, base in its stored dtype for
-        methods that take it so. `out` is an optional float32 result buffer of the rows' shape."""
-        keep = self.spec.stored_dtype_inputs
+        a fast path that takes it so. `out` is an optional float32 result buffer of the rows'
+        shape, which a fast path writes into."""
+        fast = self.spec.fast
+        keep = fast is not None and fast.stored_dtype_inputs
         base = _to_device(raw.pop(0), device, keep)
         others = [_to_device(raw.pop(0), device, keep) for _ in self.models]
-        extra = {**self.extra, "out": out} if out is not None else dict(self.extra)
-        if raw:
-            extra["keep_masks"] = raw.pop()
-        return self.spec.fn(base, others, **self.params, **extra), base
+        if fast is None:
+            return self.spec.fn(base, others, **self.params, **self.context), base
+        extra = {"keep_masks": raw.pop()} if raw else {}
+        return fast.fn(base, others, **self.params, **self.context, **extra, out=out), base
 
 
 @dataclass(frozen=True)
@@ -202,11 +197,12 @@ def _merge_unit(unit: WorkUnit, raw: list[torch.Tensor], device: torch.device,
                 results: ResultBuffer, post: TensorHook | None) -> torch.Tensor:
     """The unit's rows merged, passed through `post` and cast to the output dtype (a tensor of
     its own: the result buffer is reused by the next unit while this one is being written)."""
-    merged, base = unit.job.merge(raw, device, results.view(unit.shape))
+    buffer = results.view(unit.shape) if unit.job.spec.fast else None
+    merged, base = unit.job.merge(raw, device, buffer)
     if post is not None:
         merged = post(unit.name, merged, base, unit.rows)
     out = merged.to(unit.job.item.out.dtype)
-    return out.clone() if out.data_ptr() == merged.data_ptr() else out
+    return out.clone() if buffer is not None and out.data_ptr() == buffer.data_ptr() else out
 
 
 def run_merge(recipe: MergeRecipe, *, make_post: HookFactory | None = None) -> Path:
@@ -216,6 +212,7 @@ def run_merge(recipe: MergeRecipe, *, make_post: HookFactory | None = None) -> P
     each merged tensor before it is cast and written.
     """
     spec = get_method(recipe.method)
+    check_output_path(recipe.save_path, recipe.overwrite, (*recipe.models, recipe.base_model))
     device = resolve_device(recipe.device)
     max_shard_bytes = parse_size(recipe.max_shard_size)
     inputs = open_inputs(recipe)

@@ -11,11 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
-
-import torch
-
-from merging_methods.errors import UserError
+from checkpoints.errors import UserError
 
 FALLBACK = "use --vocab base to keep the base's vocabulary"
 
@@ -91,18 +87,6 @@ def save_union_tokenizer(base_dir: Path, union: VocabUnion, out_dir: Path) -> No
         raise UserError(f"--vocab union: the base tokenizer gave the added tokens ids {ids}, not "
                         f"{expected}; {FALLBACK}")
     tokenizer.save_pretrained(out_dir)
-
-
-def mean_row(chunks: Iterable[torch.Tensor]) -> torch.Tensor:
-    """The mean of a matrix's rows given as row chunks (1 x width), rounded to the matrix's
-    dtype: the row the reference's resize writes into a model held in that dtype. Accumulated in
-    float64, so the result does not depend on how the rows were chunked."""
-    total, count, dtype = None, 0, None
-    for chunk in chunks:
-        part = chunk.to(torch.float64).sum(dim=0, keepdim=True)
-        total = part if total is None else total.add_(part)
-        count, dtype = count + chunk.shape[0], chunk.dtype
-    return (total / count).to(dtype)
 
 
 def vocab_config_update(config: dict, rows: int) -> dict:

@@ -14,12 +14,11 @@ The input embedding is transposed first (one score per token). 1-D tensors use |
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
 
-from merging_methods.gta import output_buffer
 from merging_methods.primitives import block_size
 
 NORM_EPS = 1e-12  # column norms are clamped to this before dividing (§5.2 step 1)
@@ -143,16 +142,13 @@ def _widen_elementwise(base: Tensor, others: list[Tensor], out: Tensor, ratio: f
 
 
 def widen(base: Tensor, others: list[Tensor], *, above_average_value_ratio: float = 1.0,
-          score_calibration_value: float = 1.0, weights: Sequence[float] | None = None,
-          generators: list[torch.Generator] | None = None, is_input_embedding: bool = False,
-          out: Tensor | None = None) -> Tensor:
+          score_calibration_value: float = 1.0, is_input_embedding: bool = False) -> Tensor:
     """WIDEN merge of one tensor (§5): no per-model weights, no scale, no randomness.
 
     `is_input_embedding` transposes a [vocab, hidden] embedding so that its columns are tokens.
+    Paper box: reference.widen.
     """
-    if weights is not None and any(w != 1.0 for w in weights):
-        raise ValueError("widen has no per-model weights")
-    result = output_buffer(base, out)
+    result = torch.empty(base.numel(), dtype=torch.float32, device=base.device)
     if base.numel() == 0:
         return result.view_as(base)
     if base.dim() <= 1:

@@ -29,7 +29,7 @@ from contextlib import ExitStack, redirect_stderr
 from dataclasses import replace
 from pathlib import Path
 
-from merging_methods.errors import UserError, exit_code_for_user_errors
+from checkpoints.errors import UserError, exit_code_for_user_errors
 
 MARKER = "study.json"
 

@@ -5,19 +5,20 @@ Regimes only exist for methods whose result scales with the per-expert weight (t
 arithmetic, DARE-linear, DARE-TIES: weight 1.0 is the AIM paper's setting, a smaller weight is
 the tuned setting); TIES averages the agreeing deltas and WIDEN takes no weights, so each has
 one row per combination. Labels follow the paper's `TIES_InstructMathCode` style and end in
-`_aim<omega>`, `_blind<omega>` or `_uniform<omega>` for AIM and its two controls, so
-`evaluation.report` pairs `_aim` rows with their merge.
+`_aim<omega>`, `_blind<omega>` or `_uniform<omega>` for AIM and its two controls (names only:
+`evaluation.report` pairs runs through their folders' merge records).
 """
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
 
+from aim.relax import MODES
+from merging_methods.recipe import MergeRecipe
 from merging_methods.registry import get_method
 
 METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "widen")
 SKILLS = ("instruct", "math", "code")
-MODES = ("aim", "channel_blind", "uniform")
 MODE_TAGS = {"aim": "aim", "channel_blind": "blind", "uniform": "uniform"}
 
 
@@ -43,16 +44,13 @@ class MergeJob:
         seed = f"_s{self.seed}" if self.seed else ""
         return f"{self.method}{regime}_{''.join(s.capitalize() for s in self.experts)}{seed}"
 
-    def merge_argv(self, zoo: str, save_path: str) -> list[str]:
-        """Arguments of `merge.py` for this job."""
-        models = ",".join(f"{zoo}/expert_{s}" for s in self.experts)
-        argv = ["--method", self.method, "--base_model", f"{zoo}/base", "--models_to_merge", models,
-                "--save_path", save_path, "--seed", str(self.seed), "--overwrite"]
-        if self.weight is not None:
-            argv += ["--weights", f"{self.weight:g}"]
-        if self.density is not None:
-            argv += ["--density", f"{self.density:g}"]
-        return argv
+    def recipe(self, zoo: str, save_path: str) -> MergeRecipe:
+        """The merge recipe of this job on the zoo in folder `zoo`."""
+        params = {name: value for name, value in (("weights", self.weight), ("density", self.density))
+                  if value is not None}
+        return MergeRecipe(method=self.method, base_model=f"{zoo}/base",
+                           models=tuple(f"{zoo}/expert_{s}" for s in self.experts),
+                           save_path=save_path, params=params, seed=self.seed, overwrite=True)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ caller keeps them.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import gc
 import json
@@ -22,7 +21,7 @@ from typing import Callable, Iterator
 import torch
 
 from aim.pipeline import AimSettings, obtain_stats, relax_checkpoint
-from merging_methods.errors import UserError
+from checkpoints.errors import UserError
 from study.families import TOY, Family
 from study.grid import MergeJob, Variant
 
@@ -130,15 +129,11 @@ class ZooRunner:
         self.results.population = [self.evaluate(self.zoo / name, name) for name in self.family.population]
 
     def merge(self, job: MergeJob) -> Path:
-        """Run `job` with merge.py's flags; returns the merged folder."""
-        from merging_methods.recipe import add_merge_arguments, recipe_from_args
+        """Run `job`'s merge recipe; returns the merged folder."""
         from merging_methods.runner import run_merge
 
-        parser = argparse.ArgumentParser()
-        add_merge_arguments(parser)
-        args = parser.parse_args(job.merge_argv(str(self.zoo), str(self.work / job.label)))
         start = time.time()
-        path = run_merge(recipe_from_args(args))
+        path = run_merge(job.recipe(str(self.zoo), str(self.work / job.label)))
         self.results.add_time("merge", time.time() - start)
         return path
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from aim.collect import collect_stats, input_statistics, load_base_for_calibration, relaxable_modules
 from aim.stats_io import ActivationStats, StatsKey, base_fingerprint, file_sha256, load_stats, save_stats
-from merging_methods.errors import UserError
+from checkpoints.errors import UserError
 from tests.tiny_models import build_llama
 
 LAYER_WEIGHTS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",

@@ -12,7 +12,7 @@ import torch
 import calibration.sources as sources
 from calibration.blocks import build_blocks, shuffled_order
 from calibration.sources import builtin_texts, load_texts
-from merging_methods.errors import UserError
+from checkpoints.errors import UserError
 
 DOCS = ["first doc", "second\ndoc with two lines", "third"]
 

@@ -21,7 +21,7 @@ from evaluation.code_tasks.utils import build_predictions, humaneval_pass_at_1, 
 from evaluation.results import load_results, save_results
 from evaluation import runner
 from evaluation.runner import evaluate
-from merging_methods.errors import UserError
+from checkpoints.errors import UserError
 from tests.tiny_models import build_llama
 
 LM_EVAL_TASKS = Path(lm_eval.__file__).parent / "tasks"
@@ -264,6 +264,17 @@ def test_user_errors_exit_2_before_loading_anything(tiny_model, local_tasks, tmp
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert "missing: no such folder" in err[0] and "unknown local_mmlo" in err[1]
     assert not list(tmp_path.glob("*.json"))
+
+
+def test_task_folders_come_from_the_caller_and_a_zoo_model_brings_its_zoos(tmp_path, monkeypatch):
+    zoo = tmp_path / "zoo"
+    for folder in (zoo / "tasks", zoo / "base", tmp_path / "plain" / "tasks", tmp_path / "plain" / "m"):
+        folder.mkdir(parents=True)
+    (zoo / "zoo.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)   # a zoo/tasks under the working directory is not searched
+    assert runner.task_dirs() == [runner.PROJECT_TASKS]
+    assert evaluate_model.zoo_tasks(str(zoo / "base")) == [str(zoo / "tasks")]
+    assert evaluate_model.zoo_tasks(str(tmp_path / "plain" / "m")) == []   # no zoo.json there
 
 
 def test_task_index_is_cached_until_a_task_file_changes(local_tasks, tmp_path):

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from merging_methods import hub
-from merging_methods.checkpoint import resolve_model_dir
-from merging_methods.errors import UserError
+from checkpoints import hub
+from checkpoints.checkpoint import resolve_model_dir
+from checkpoints.errors import UserError
 
 CLOSED_PORT = "http://127.0.0.1:9"  # discard port: nothing listens, the connection is refused
 

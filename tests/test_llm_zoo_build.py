@@ -54,7 +54,7 @@ def test_build_refuses_folders_that_are_not_its_own_and_touches_nothing(tmp_path
     work, and every file in it stays as it was."""
     import pytest
 
-    from merging_methods.errors import UserError
+    from checkpoints.errors import UserError
 
     import llm_zoo.source
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from llm_zoo import source
-from merging_methods.errors import UserError
+from checkpoints.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(source.installed_gguf() is None,

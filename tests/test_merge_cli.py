@@ -92,7 +92,8 @@ def test_task_arithmetic_matches_float64_reference_and_loads(family, tmp_path):
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_streamed_output_equals_in_memory_merge(family, tmp_path, method):
-    """The streamed, sharded result is bit-identical to applying the method to whole state dicts."""
+    """The streamed, sharded result is bit-identical to applying the method's dense function to
+    whole state dicts."""
     base, fts = family
     out = tmp_path / method
     extra = ["--density", "0.5"] if method in ("ties", "dare_ties", "dare_linear") else []
@@ -100,19 +101,16 @@ def test_streamed_output_equals_in_memory_merge(family, tmp_path, method):
                          ",".join(map(str, fts)), "--save_path", out, "--seed", "7",
                          "--dtype", "bfloat16", *extra) == 0
     spec = METHODS[method]
-    params = {**spec.defaults, **({"density": [0.5] * 3} if extra else {})}
-    params = {k: ([v] * 3 if k in ("weights", "density") and not isinstance(v, list) else v)
-              for k, v in params.items()}
+    params = spec.resolve({"density": 0.5} if extra else {}, 3)
     b = load_weights(base)
     others = [load_weights(f) for f in fts]
     got = load_weights(out)
-    for name, t0 in b.items():
-        kwargs = dict(params)
-        if spec.stochastic:
-            kwargs["generators"] = [mask_generator(7, i, name) for i in range(3)]
-        if name == "model.embed_tokens.weight":
-            kwargs["is_input_embedding"] = True
-        want = spec.fn(t0.float(), [o[name].float() for o in others], **kwargs).to(torch.bfloat16)
+    for name, t0 in b.items():   # the dense function (the runner used the fast path if any)
+        facts = {"generators": [mask_generator(7, i, name) for i in range(3)],
+                 "is_input_embedding": name == "model.embed_tokens.weight"}
+        context = {k: facts[k] for k in spec.context}
+        want = spec.fn(t0.float(), [o[name].float() for o in others], **params,
+                       **context).to(torch.bfloat16)
         assert torch.equal(got[name], want), name
     cfg = json.loads((out / "config.json").read_text())
     assert cfg.get("dtype", cfg.get("torch_dtype")) == "bfloat16"
@@ -251,7 +249,7 @@ def test_shape_mismatch_nan_and_corrupt_inputs(family, tmp_path, capsys):
 def test_disk_full_is_reported_and_leaves_nothing(family, tmp_path, capsys, monkeypatch):
     import errno
 
-    from merging_methods import checkpoint
+    from checkpoints import checkpoint
 
     def full(*_a, **_k):
         raise OSError(errno.ENOSPC, "No space left on device")

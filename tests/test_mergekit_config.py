@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from merging_methods.errors import UserError
+from checkpoints.errors import UserError
 from merging_methods.mergekit_config import Gradient, ModelRef, Rule, load_config, to_yaml
 from merging_methods.mergekit_plan import (POST, PRE, donor, gradient_value, method_params,
                                            plan_merge, referenced_models, resolve, setting_value)

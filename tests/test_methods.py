@@ -1,8 +1,9 @@
-"""Per-tensor merge math against independent float64 references (ALGORITHMS.md §0-5).
+"""Per-tensor merge math against the float64 paper-box references (merging_methods/reference.py).
 
-The references below re-implement the formulas densely in float64 (stacked deltas, stable
-sorts, literal cosines) without calling the code under test. Inputs sit on a dyadic grid, so
-float32 deltas are exact and the top-k order (with its many ties) is the same in both.
+Every method is checked through its dense function and, where it has one, its fast path; the
+references re-implement the formulas densely in float64 (stacked deltas, stable sorts, literal
+cosines) and share no code with either. Inputs sit on a dyadic grid, so float32 deltas are
+exact and the top-k order (with its many ties) is the same in all three.
 """
 from __future__ import annotations
 
@@ -12,144 +13,47 @@ import math
 import pytest
 import torch
 
-from merging_methods import primitives
-from merging_methods.errors import UserError
+from checkpoints.errors import UserError
+from merging_methods import primitives, reference
 from merging_methods.primitives import keep_topk, mask_generator
-from merging_methods.registry import METHODS, get_method, method_warnings, validate_params
+from merging_methods.registry import METHODS, get_method, method_warnings
 from merging_methods.widen import Units, direction_change, rank_scores, widen
 
 SEED, NAME = 7, "model.layers.0.mlp.up_proj.weight"
+FAST = sorted(m for m in METHODS if METHODS[m].fast)
+PATHS = [(m, "dense") for m in sorted(METHODS)] + [(m, "fast") for m in FAST]
 
 
-# ----------------------------------------------------------------------------- references
 def ref_generator(seed: int, index: int, name: str) -> torch.Generator:
+    """The DARE mask generator of §4.3, written independently of mask_generator."""
     value = int.from_bytes(hashlib.sha256(f"{seed}:{index}:{name}".encode()).digest()[:8], "big")
     return torch.Generator().manual_seed(value & (2**63 - 1))
 
 
-def ref_keep(x: torch.Tensor, density: float) -> torch.Tensor:
-    """Mask of exactly floor(density*n) largest |x|, by a stable sort: lower index wins ties."""
-    flat = x.flatten()
-    order = torch.sort(flat.abs(), descending=True, stable=True).indices
-    mask = torch.zeros(flat.numel(), dtype=torch.bool)
-    mask[order[: math.floor(density * flat.numel())]] = True
-    return mask.view_as(x)
+def context(method, n_models, generator=mask_generator, is_input_embedding=False):
+    """The per-tensor keyword arguments the method declares (tensor NAME, seed SEED)."""
+    facts = {"tensor_name": NAME, "layer_index": 0, "num_layers": 2,
+             "is_input_embedding": is_input_embedding,
+             "generators": [generator(SEED, i, NAME) for i in range(n_models)]}
+    return {k: facts[k] for k in METHODS[method].context}
 
 
-def ref_topk(delta: torch.Tensor, density: float) -> torch.Tensor:
-    return delta * ref_keep(delta, density)
-
-
-def ref_l1(trimmed: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    full, kept = delta.abs().sum(), trimmed.abs().sum()
-    return trimmed * (full / kept) if full >= 1e-7 and kept >= 1e-7 else trimmed
-
-
-def ref_gta(base, others, weights, sparsify, consensus, normalize, scaling):
-    """§0.6 in float64 with N stacked task vectors."""
-    b = base.double()
-    u = [w * sparsify(i, o.double() - b) for i, (w, o) in enumerate(zip(weights, others))]
-    if consensus:
-        sign = torch.where(sum(u) >= 0, 1.0, -1.0).double()
-        agree = [(torch.sign(x) == sign).double() for x in u]
-        mixed = sum(a * x for a, x in zip(agree, u))
-        div = sum(a * w for a, w in zip(agree, weights))
-        div = torch.where(div == 0, torch.ones_like(div), div)
-    else:
-        mixed, div = sum(u), sum(weights)
-        div = 1.0 if abs(div) < 1e-8 else div
-    return b + scaling * (mixed / div if normalize else mixed)
-
-
-def ref_dare(density, rescale, mode, shape):
-    masks = [(torch.rand(shape, generator=ref_generator(SEED, i, NAME)) < p).double()
-             for i, p in enumerate(density)]
-
-    def sparsify(i, delta):
-        if density[i] >= 1:
-            return delta
-        dropped = delta * masks[i]
-        if not rescale:
-            return dropped
-        return dropped / density[i] if mode == "inverse_density" else ref_l1(dropped, delta)
-    return sparsify
-
-
-def ref_widen(base, others, t, s, is_input_embedding=False):
-    """§5.2/§5.3 literally in float64 (ranks by stable argsort, cosines with clamps)."""
-    b, os_ = base.double(), [o.double() for o in others]
-    if b.dim() <= 1:
-        deltas = torch.stack([o.flatten() - b.flatten() for o in os_])
-        sig = deltas.abs()
-        score = torch.softmax(sig, 0)
-        score[sig > t * sig.mean(1, keepdim=True)] = s
-        return (b.flatten() + (score * deltas).sum(0)).view_as(b)
-    w0 = b.reshape(b.shape[0], -1)
-    ws = [o.reshape(b.shape[0], -1) for o in os_]
-    if is_input_embedding:
-        w0, ws = w0.T, [w.T for w in ws]
-    n = w0.shape[1]
-
-    def norms_dirs(w):
-        m = w.norm(dim=0)
-        return m, w / m.clamp(min=1e-12)
-
-    m0, d0 = norms_dirs(w0)
-    mags, dirs = [], []
-    for w in ws:
-        m, d = norms_dirs(w)
-        mags.append((m - m0).abs())
-        cos = (d * d0).sum(0) / (d.norm(dim=0) * d0.norm(dim=0)).clamp(min=1e-8)
-        dirs.append(1 - cos)
-
-    def scores(values):
-        ranks = torch.stack([torch.argsort(torch.argsort(v, stable=True), stable=True)
-                             for v in values]).double()
-        sc = torch.softmax(ranks / n, 0)
-        sc[2 * ranks > t * (n - 1)] = s
-        return sc
-
-    weight = (scores(mags) + scores(dirs)) / 2
-    out = w0 + sum(wt * (w - w0) for wt, w in zip(weight, ws))
-    out = out.T if is_input_embedding else out
-    return out.reshape(b.shape)
-
-
-def reference(method, base, others, p):
-    n = len(others)
-    if method == "linear":
-        total = sum(p["weights"])
-        mixed = sum(w * o.double() for w, o in zip(p["weights"], others))
-        return mixed / total if p["normalize"] else mixed
-    if method == "widen":
-        return ref_widen(base, others, p["above_average_value_ratio"],
-                         p["score_calibration_value"])
-    if method == "task_arithmetic":
-        sparsify = lambda i, d: d  # noqa: E731
-    elif method == "ties":
-        sparsify = lambda i, d: (ref_l1(ref_topk(d, p["density"][i]), d)  # noqa: E731
-                                 if p["rescale"] else ref_topk(d, p["density"][i]))
-    else:
-        sparsify = ref_dare(p["density"], p["rescale"], p["rescale_mode"], base.shape)
-    return ref_gta(base, others, p["weights"][:n], sparsify, method.endswith("ties"),
-                   p["normalize"], p["scaling"])
-
-
-# ----------------------------------------------------------------------------- plumbing
 def resolved(method, n_models, **overrides):
-    params = {**METHODS[method].defaults, **overrides}
-    for name in ("weights", "density"):
-        if name in params and not isinstance(params[name], list):
-            params[name] = [params[name]] * n_models
-    return params
+    return METHODS[method].resolve(overrides, n_models)
 
 
-def run(method, base, others, **overrides):
+def run(method, base, others, path="dense", **overrides):
+    """(result, resolved params) of the method's dense function or fast path."""
     spec = METHODS[method]
     params = resolved(method, len(others), **overrides)
-    extra = {"generators": [mask_generator(SEED, i, NAME) for i in range(len(others))]} \
-        if spec.stochastic else {}
-    return spec.fn(base, others, **params, **extra), params
+    fn = spec.fn if path == "dense" else spec.fast.fn
+    return fn(base, others, **params, **context(method, len(others))), params
+
+
+def expected(method, base, others, params, **ctx):
+    """The float64 reference result (its own DARE generators)."""
+    return getattr(reference, method)(base, others, **params,
+                                      **context(method, len(others), ref_generator, **ctx))
 
 
 def grid(shape, scale, gen, levels=64):
@@ -181,37 +85,37 @@ def block(request, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- every method
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method, path", PATHS)
 @pytest.mark.parametrize("seed", [0, 1])
-def test_matches_float64_reference(method, seed, block):
+def test_matches_float64_reference(method, path, seed, block):
     base, others = family(seed=seed)
-    out, params = run(method, base, others, **OVERRIDES[method])
+    out, params = run(method, base, others, path, **OVERRIDES[method])
     assert out.dtype == torch.float32 and out.shape == base.shape
-    torch.testing.assert_close(out.double(), reference(method, base, others, params),
+    torch.testing.assert_close(out.double(), expected(method, base, others, params),
                                rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_defaults_match_reference_with_ties_and_zero_sums(method, block):
+@pytest.mark.parametrize("method, path", PATHS)
+def test_defaults_match_reference_with_ties_and_zero_sums(method, path, block):
     """Hand-crafted: coarse deltas tie in |delta|, and +x/-x pairs give zero sign sums."""
     base, others = family(shape=(9, 8), levels=2)
     others[1][0] = 2 * base[0] - others[0][0]  # delta_1 = -delta_0 on the first row
     extra = {"density": [0.4, 0.6, 0.25]} if "density" in METHODS[method].params else {}
-    out, params = run(method, base, others, **extra)
-    torch.testing.assert_close(out.double(), reference(method, base, others, params),
+    out, params = run(method, base, others, path, **extra)
+    torch.testing.assert_close(out.double(), expected(method, base, others, params),
                                rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_base_merged_with_copies_of_itself_is_the_base(method, block):
+@pytest.mark.parametrize("method, path", PATHS)
+def test_base_merged_with_copies_of_itself_is_the_base(method, path, block):
     base, _ = family()
-    out, _ = run(method, base, [base.clone() for _ in range(3)], **OVERRIDES[method])
+    out, _ = run(method, base, [base.clone() for _ in range(3)], path, **OVERRIDES[method])
     assert torch.equal(out, base)
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method, path", PATHS)
 @pytest.mark.parametrize("case", ["density 1", "tiny density", "zero deltas", "all zero"])
-def test_results_stay_finite(method, case):
+def test_results_stay_finite(method, path, case):
     base, others = family()
     density = {"tiny density": 1 / base.numel()}.get(case, 1.0)
     if case == "zero deltas":
@@ -219,30 +123,64 @@ def test_results_stay_finite(method, case):
     if case == "all zero":
         base, others = torch.zeros_like(base), [torch.zeros_like(base) for _ in others]
     extra = {"density": density} if "density" in METHODS[method].params else {}
-    out, _ = run(method, base, others, **extra)
+    out, _ = run(method, base, others, path, **extra)
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_out_buffer_receives_the_result(method):
+FAST_SETTINGS = [  # per fast method: its defaults, OVERRIDES, and each rescale variant
+    (m, name, settings) for m in FAST for name, settings in [
+        ("defaults", {"density": [0.4, 0.6, 0.25]} if "density" in METHODS[m].params else {}),
+        ("overrides", OVERRIDES[m]),
+        *([("l1", {**OVERRIDES[m], "rescale_mode": "l1"}),
+           ("no rescale", {**OVERRIDES[m], "rescale": False})] if "rescale_mode" in METHODS[m].params
+          else [("l1", {**OVERRIDES[m], "rescale": True})] if "rescale" in METHODS[m].params else []),
+        ("normalize", {**OVERRIDES[m], "normalize": True, "weights": [1.0, 0.5, 0.75]}),
+    ]]
+
+
+def bits(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous().view(torch.int32)
+
+
+@pytest.mark.parametrize("method, name, settings", FAST_SETTINGS,
+                         ids=[f"{m}-{n}" for m, n, _ in FAST_SETTINGS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_path_equals_the_dense_function_bit_for_bit(method, name, settings, dtype, block):
+    """The runner may use a method's fast path only because it returns the dense function's
+    bits: same float32 ops in the same order, on float32 inputs and on bf16 inputs (which the
+    fast path reads as stored, the dense function as float32 copies)."""
+    gen = torch.Generator().manual_seed(3)
+    base = (torch.randn(37, 29, generator=gen) * 0.02).to(dtype)
+    others = [(base.float() + torch.randn(37, 29, generator=gen) * 1e-3).to(dtype)
+              for _ in range(3)]
+    others[1][0] = (2 * base[0].float() - others[0][0].float()).to(dtype)  # zero sign sums
+    spec = METHODS[method]
+    stored = spec.fast.stored_dtype_inputs
+    fast_in = (base, others) if stored else (base.float(), [o.float() for o in others])
+    dense, params = run(method, base.float(), [o.float() for o in others], **settings)
+    fast, _ = run(method, *fast_in, "fast", **settings)
+    assert torch.equal(bits(fast), bits(dense))
+
+
+@pytest.mark.parametrize("method", FAST)
+def test_fast_path_writes_into_out(method):
     base, others = family()
     fresh, params = run(method, base, others, **OVERRIDES[method])
     buffer = torch.full_like(base, float("nan"))
-    extra = {"generators": [mask_generator(SEED, i, NAME) for i in range(3)]} \
-        if METHODS[method].stochastic else {}
-    result = METHODS[method].fn(base, others, **params, **extra, out=buffer)
+    fast = METHODS[method].fast.fn
+    result = fast(base, others, **params, **context(method, 3), out=buffer)
     assert torch.equal(buffer, fresh) and result.data_ptr() == buffer.data_ptr()
     with pytest.raises(ValueError, match="out"):
-        METHODS[method].fn(base, others, **params, **extra, out=torch.empty(3))
+        fast(base, others, **params, **context(method, 3), out=torch.empty(3))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_cuda_matches_cpu(method):
+@pytest.mark.parametrize("method, path", PATHS)
+def test_cuda_matches_cpu(method, path):
     base, others = family(shape=(300, 70))
-    cpu, params = run(method, base, others, **OVERRIDES[method])
-    gpu, _ = run(method, base.cuda(), [o.cuda() for o in others], **OVERRIDES[method])
+    cpu, params = run(method, base, others, path, **OVERRIDES[method])
+    gpu, _ = run(method, base.cuda(), [o.cuda() for o in others], path, **OVERRIDES[method])
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), cpu)
 
@@ -276,7 +214,7 @@ def test_keep_topk_keeps_exactly_k_with_lower_index_first(size, levels):
     for density in (0.011, 0.1, 0.37, 0.5, 0.9, 0.999):
         mask = keep_topk(x, density, size=size)
         assert int(mask.sum()) == math.floor(density * x.numel())
-        assert torch.equal(mask, ref_keep(x.double(), density))
+        assert torch.equal(mask, reference.keep_topk(x.double(), density))
 
 
 def test_keep_topk_tie_break_by_hand():
@@ -294,12 +232,13 @@ def test_keep_topk_on_bf16_like_data_matches_a_stable_sort(sample, monkeypatch):
     other = (base + torch.randn(60_000, generator=gen) * 0.001).bfloat16().float()
     delta = other - base
     for density in (0.2, 0.5):
-        assert torch.equal(keep_topk(delta, density, size=4096), ref_keep(delta.double(), density))
+        assert torch.equal(keep_topk(delta, density, size=4096), reference.keep_topk(delta.double(), density))
 
 
+@pytest.mark.parametrize("path", ["dense", "fast"])
 @pytest.mark.parametrize("density", [0.2, 0.5])
 @pytest.mark.parametrize("change", ["ulps", "noise"])
-def test_ties_on_bf16_tensors_spanning_several_blocks(density, change):
+def test_ties_on_bf16_tensors_spanning_several_blocks(density, change, path):
     """Real block size on bf16 data: fine-tunes a few ulps away give long runs of tied |delta|
     (the one counting pass), noisy ones need the radix select; the tie cut is found on the way."""
     gen = torch.Generator().manual_seed(11)
@@ -311,36 +250,39 @@ def test_ties_on_bf16_tensors_spanning_several_blocks(density, change):
         return base + torch.randn(base.shape, generator=gen) * 0.001
 
     others = [fine_tune().bfloat16().float() for _ in range(2)]
-    out, params = run("ties", base, others, density=density)
-    torch.testing.assert_close(out.double(), reference("ties", base, others, params),
+    out, params = run("ties", base, others, path, density=density)
+    torch.testing.assert_close(out.double(), expected("ties", base, others, params),
                                rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("method", sorted(m for m in METHODS if METHODS[m].stored_dtype_inputs))
+@pytest.mark.parametrize("method", [m for m in FAST if METHODS[m].fast.stored_dtype_inputs])
 @pytest.mark.parametrize("narrow", [torch.bfloat16, torch.float16])
 def test_stored_dtype_inputs_give_the_float32_result(method, narrow, block):
-    """Methods that take base and fine-tunes in their stored dtype upcast exactly: the result is
-    bit-identical to passing the float32 copies (bf16 - bf16 in torch would round in bf16)."""
+    """Fast paths that take base and fine-tunes in their stored dtype upcast exactly: the result
+    is bit-identical to passing the float32 copies (bf16 - bf16 in torch would round in bf16)."""
     gen = torch.Generator().manual_seed(5)
     base = (torch.randn(40, 30, generator=gen) * 0.02).to(narrow)
     others = [(base.float() + torch.randn(40, 30, generator=gen) * 1e-3).to(narrow)
               for _ in range(3)]
-    narrow_out, _ = run(method, base, others, **OVERRIDES[method])
-    wide_out, _ = run(method, base.float(), [o.float() for o in others], **OVERRIDES[method])
+    narrow_out, _ = run(method, base, others, "fast", **OVERRIDES[method])
+    wide_out, _ = run(method, base.float(), [o.float() for o in others], "fast",
+                      **OVERRIDES[method])
     assert narrow_out.dtype == torch.float32 and torch.equal(narrow_out, wide_out)
 
 
-def test_ties_trim_with_blocks_splitting_a_run_of_ties(block):
+@pytest.mark.parametrize("path", ["dense", "fast"])
+def test_ties_trim_with_blocks_splitting_a_run_of_ties(path, block):
     base = torch.zeros(40)
     other = torch.tensor([1.0, 2.0] * 20)  # 20 ties at 2 and 20 at 1
-    out, _ = run("ties", base, [other], density=0.3)  # k = 12 of the 20 twos
+    out, _ = run("ties", base, [other], path, density=0.3)  # k = 12 of the 20 twos
     assert torch.equal(out, torch.where((other == 2) & (torch.arange(40) < 24), other, 0.0))
 
 
-def test_density_too_small_names_the_flag():
+@pytest.mark.parametrize("path", ["dense", "fast"])
+def test_density_too_small_names_the_flag(path):
     base, others = family()
     with pytest.raises(UserError, match="--density: density 0.001 too small for tensor of 120"):
-        run("ties", base, others, density=0.001)
+        run("ties", base, others, path, density=0.001)
 
 
 def test_ties_l1_rescale_restores_the_norm():
@@ -365,10 +307,7 @@ def test_an_exactly_zero_sign_sum_elects_plus_one(method):
     torch.manual_seed(0)
     d = torch.randn(4096).bfloat16().float()
     base = torch.zeros_like(d)
-    params = {"density": [1.0, 1.0], "weights": [0.6, 0.6], "normalize": True}
-    if method == "dare_ties":
-        params["generators"] = [mask_generator(0, i, "t") for i in range(2)]
-    out = get_method(method).fn(base, [base + d, base - d], **params)
+    out, _ = run(method, base, [base + d, base - d], density=1.0, weights=0.6, normalize=True)
     assert (out >= 0).all()
     torch.testing.assert_close(out, d.abs(), rtol=1e-6, atol=0)
 
@@ -391,7 +330,7 @@ def test_keep_masks_drawn_ahead_equal_the_generators(method, mode, block):
     want, params = run(method, base, others, density=density, rescale_mode=mode)
     masks = [primitives.draw_keep_mask(d, ref_generator(SEED, i, NAME), base.numel())
              if d < 1 else None for i, d in enumerate(density)]
-    got = METHODS[method].fn(base, others, **params, keep_masks=masks)
+    got = METHODS[method].fast.fn(base, others, **params, **context(method, 3), keep_masks=masks)
     assert torch.equal(got, want)
 
 
@@ -472,7 +411,7 @@ def test_widen_ranks_ties_by_lower_column_first():
 def test_widen_input_embedding_scores_tokens():
     base, others = family(shape=(7, 4))
     out = widen(base, others, is_input_embedding=True)
-    torch.testing.assert_close(out.double(), ref_widen(base, others, 1.0, 1.0, True),
+    torch.testing.assert_close(out.double(), reference.widen(base, others, is_input_embedding=True),
                                rtol=1e-5, atol=1e-6)
     transposed = widen(base.T.contiguous(), [o.T.contiguous() for o in others])
     torch.testing.assert_close(out, transposed.T)
@@ -481,7 +420,7 @@ def test_widen_input_embedding_scores_tokens():
 @pytest.mark.parametrize("shape", [(10,), (), (3, 2, 4)])
 def test_widen_other_ranks(shape):
     base, others = family(shape=shape)
-    torch.testing.assert_close(widen(base, others).double(), ref_widen(base, others, 1.0, 1.0),
+    torch.testing.assert_close(widen(base, others).double(), reference.widen(base, others),
                                rtol=1e-5, atol=1e-6)
 
 
@@ -491,7 +430,7 @@ def test_widen_zero_columns_follow_the_clamped_formula():
     others[0][:, 3] = 0.0
     out = widen(base, others)
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(out.double(), ref_widen(base, others, 1.0, 1.0),
+    torch.testing.assert_close(out.double(), reference.widen(base, others),
                                rtol=1e-5, atol=1e-6)
 
 
@@ -508,19 +447,13 @@ def test_direction_change_by_hand():
                                    rtol=1e-4, atol=1e-7)
 
 
-def test_widen_rejects_per_model_weights():
-    base, others = family()
-    with pytest.raises(ValueError, match="weights"):
-        widen(base, others, weights=[1.0, 2.0, 1.0])
-
-
 # ----------------------------------------------------------------------------- registry
 def test_defaults_are_mergekits():
     assert METHODS["ties"].defaults["normalize"] is True
     assert METHODS["dare_ties"].defaults["normalize"] is False
     assert METHODS["dare_linear"].defaults["rescale"] is True
     assert METHODS["linear"].defaults["normalize"] is True
-    assert not METHODS["linear"].needs_base and METHODS["dare_ties"].stochastic
+    assert METHODS["dare_ties"].stochastic and not METHODS["ties"].stochastic
 
 
 def test_unknown_method_lists_the_choices():
@@ -543,12 +476,14 @@ def test_unknown_method_lists_the_choices():
 ])
 def test_invalid_params_name_the_flag(method, params, flag):
     with pytest.raises(UserError, match=f"^{flag}"):
-        validate_params(METHODS[method], params, n_models=2)
+        METHODS[method].resolve(params, n_models=2)
 
 
-def test_valid_params_pass():
-    validate_params(METHODS["dare_ties"], resolved("dare_ties", 2, density=[0.2, 1.0]), 2)
-    validate_params(METHODS["linear"], {"weights": [1.0, -1.0], "normalize": False}, 2)
+def test_valid_params_resolve_with_defaults_filled_in():
+    assert resolved("dare_ties", 2, density=[0.2, 1.0]) == {
+        "weights": [1.0, 1.0], "scaling": 1.0, "density": [0.2, 1.0], "normalize": False,
+        "rescale": True, "rescale_mode": "inverse_density"}
+    assert resolved("linear", 2, weights=[1.0, -1.0], normalize=False)["weights"] == [1.0, -1.0]
 
 
 def test_warnings_for_negative_weights_with_normalize():

@@ -17,7 +17,7 @@ import torch
 from merging_methods import primitives
 from merging_methods.breadcrumbs import breadcrumbs, breadcrumbs_ties, keep_range
 from merging_methods.della import della, della_linear, keep_probabilities
-from merging_methods.errors import UserError
+from checkpoints.errors import UserError
 from merging_methods.fr_merging import fr_filter, fr_keep_mask, fr_merging
 from merging_methods.free_merging import free_merging
 from merging_methods.model_stock import model_stock

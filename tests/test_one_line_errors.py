@@ -15,7 +15,7 @@ import evaluate_model
 import merge
 import performAIM
 from evaluation import runner
-from merging_methods import checkpoint
+from checkpoints import checkpoint
 from tests.test_merge_cli import assert_user_error
 from tests.test_output_safety import merge_args, models, tree_hashes  # noqa: F401 (fixture)
 from tests.tiny_models import build_finetune, build_llama

@@ -18,8 +18,8 @@ import pytest
 
 import merge
 import performAIM
-from merging_methods.output import _replace, clear_leftovers
-from merging_methods.record import RECIPE_FILE
+from checkpoints.output import _replace, clear_leftovers
+from checkpoints.record import RECIPE_FILE
 from tests.test_merge_cli import assert_user_error
 from tests.tiny_models import build_finetune, build_llama
 

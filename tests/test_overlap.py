@@ -5,9 +5,9 @@ import threading
 
 import pytest
 
-from merging_methods import overlap
-from merging_methods.errors import UserError
-from merging_methods.overlap import IOThread
+from checkpoints import overlap
+from checkpoints.errors import UserError
+from checkpoints.overlap import IOThread
 
 
 def test_prefetch_yields_in_order_on_the_io_thread():

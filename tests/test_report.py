@@ -8,7 +8,7 @@ import pytest
 
 import evaluate_model
 from evaluation.pareto import Axis, hv_gain, hypervolume, normalise, pareto_front, population_axes
-from evaluation.report import DEFAULT_HV_MARGIN, build_table, pct_change, split_aim, variant_kind
+from evaluation.report import DEFAULT_HV_MARGIN, build_table, merge_key, partners, pct_change, variant_kind
 from evaluation.results import FORMAT, save_results
 
 
@@ -85,40 +85,42 @@ def test_pct_change(old, new, expected):
     assert pct_change(old, new) == (pytest.approx(expected) if expected is not None else None)
 
 
-@pytest.mark.parametrize("label, expected", [
-    ("TIES_AIM_InstructMathCode", ("TIES_InstructMathCode", True)),
-    ("ties_math_code_aim0.4", ("ties_math_code", True)),
-    ("AIM-ties-omega0.2", ("ties-omega0.2", True)),
-    ("ties-math-aim-omega0.2", ("ties-math", True)),
-    ("claim_model", ("claim_model", False)),
-    ("ties_math_code", ("ties_math_code", False))])
-def test_split_aim(label, expected):
-    assert split_aim(label) == expected
-
-
 HIGHER = {"toy_math": True, "toy_ppl": False}
 
 
-def record(label: str, scores: dict[str, float], date: str = "2026-01-01T00:00:00") -> dict:
-    return {"format": FORMAT, "label": label, "date": date, "scores": scores,
+def record(label: str, scores: dict[str, float], date: str = "2026-01-01T00:00:00",
+           recipe: dict | None = None) -> dict:
+    return {"format": FORMAT, "label": label, "date": date, "scores": scores, "recipe": recipe or {},
             "headline": {b: {"higher_is_better": HIGHER[b], "value": v} for b, v in scores.items()}}
+
+
+def merged_by(method: str, save_path: str, mode: str | None = None) -> dict:
+    """The recipe record a merged (mode None) or relaxed model folder carries."""
+    merge = {"method": method, "base_model": "base", "models": ["expert_math"],
+             "save_path": save_path, "params": {"weights": [1.0]}, "seed": 0, "device": "auto"}
+    return {"merge": merge, **({"aim": {"mode": mode, "omega": 0.4}} if mode else {})}
 
 
 POPULATION = [record("base", {"toy_math": 0.0, "toy_ppl": 2.0}),
               record("expert_math", {"toy_math": 0.8, "toy_ppl": 3.0})]
-MERGED = [record("ties_math", {"toy_math": 0.4, "toy_ppl": 2.5}),          # normalised (0.5, 0.5)
-          record("ties_math_aim0.4", {"toy_math": 0.6, "toy_ppl": 2.25})]  # normalised (0.75, 0.75)
+MERGED = [record("ties_math", {"toy_math": 0.4, "toy_ppl": 2.5},          # normalised (0.5, 0.5)
+                 recipe=merged_by("ties", "out/ties")),
+          record("ties_math_aim0.4", {"toy_math": 0.6, "toy_ppl": 2.25},  # normalised (0.75, 0.75)
+                 recipe=merged_by("ties", "out/ties", "aim"))]
 
 
-@pytest.mark.parametrize("label, expected", [
-    ("ties_math_aim0.4", ("ties_math", "aim")),
-    ("ties_math_blind0.4", ("ties_math", "control")),
-    ("ties_math_channel_blind-0.2", ("ties_math", "control")),
-    ("ties_math_uniform0.6", ("ties_math", "control")),
-    ("uniform_soup", ("uniform_soup", "merge")),  # a control needs its omega
-    ("ties_math", ("ties_math", "merge"))])
-def test_variant_kind(label, expected):
-    assert variant_kind(label) == expected
+def test_merges_pair_with_their_aim_runs_by_record_not_label():
+    """Labels say nothing: an inline AIM merge (its own save_path) and a post-hoc one both pair
+    with the plain merge of the same recipe; another method's AIM run does not."""
+    runs = [record("plain", {"toy_math": 0.4}, recipe=merged_by("ties", "a")),
+            record("x_aim_0.4", {"toy_math": 0.4}, recipe=merged_by("dare_ties", "a", "aim")),
+            record("inline", {"toy_math": 0.5}, recipe=merged_by("ties", "b", "aim")),
+            record("control", {"toy_math": 0.5}, recipe=merged_by("ties", "c", "uniform")),
+            record("foreign_aim0.4", {"toy_math": 0.5})]
+    assert [variant_kind(r) for r in runs] == ["merge", "aim", "aim", "control", "merge"]
+    assert merge_key(runs[0]) == merge_key(runs[2]) != merge_key(runs[1])
+    assert merge_key(runs[4]) is None
+    assert partners(runs) == {"inline": "plain", "control": "plain"}
 
 
 def test_rows_hv_gain_and_percent_change():
@@ -142,8 +144,10 @@ def test_rows_hv_gain_and_percent_change():
 
 
 def test_controls_follow_their_merge_as_controls_without_a_change_row():
-    controls = [record("ties_math_uniform0.4", {"toy_math": 0.5, "toy_ppl": 2.4}),
-                record("ties_math_blind0.4", {"toy_math": 0.3, "toy_ppl": 2.2})]
+    controls = [record("ties_math_uniform0.4", {"toy_math": 0.5, "toy_ppl": 2.4},
+                       recipe=merged_by("ties", "out/u", "uniform")),
+                record("ties_math_blind0.4", {"toy_math": 0.3, "toy_ppl": 2.2},
+                       recipe=merged_by("ties", "out/b", "channel_blind"))]
     table = build_table(POPULATION, [*controls, *MERGED])
     assert [(r.kind, r.label, r.partner) for r in table.rows[2:]] == [
         ("merge", "ties_math", None), ("aim", "ties_math_aim0.4", "ties_math"), ("change", "", None),

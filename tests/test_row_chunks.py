@@ -1,4 +1,4 @@
-"""Merging large tensors in row chunks (merging_methods/rows.py) gives the whole-tensor result."""
+"""Merging large tensors in row chunks (checkpoints/rows.py) gives the whole-tensor result."""
 from __future__ import annotations
 
 import pytest
@@ -7,9 +7,9 @@ from safetensors.torch import load_file
 
 import merge
 import performAIM
-from merging_methods import rows
-from merging_methods.checkpoint import ShardedWriter, TensorInfo
-from merging_methods.rows import row_ranges
+from checkpoints import rows
+from checkpoints.checkpoint import ShardedWriter, TensorInfo
+from checkpoints.rows import row_ranges
 from tests.test_aim_cli import CALIB
 from tests.test_merge_cli import family, load_weights  # noqa: F401 - the fixture is used
 from tests.test_vocab_union import EMBED, HEAD, drop_last_row

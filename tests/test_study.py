@@ -9,8 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from evaluation.report import split_aim
-from merging_methods.recipe import add_merge_arguments, recipe_from_args
 from study.grid import (METHODS, MODES, MergeJob, Variant, combinations, merge_jobs, study_plan,
                         weight_matters)
 from study.__main__ import where_written
@@ -47,29 +45,21 @@ def test_grid_has_every_method_combination_and_regime():
     assert all(j.density == 0.5 for j in jobs if j.method in ("ties", "dare_linear", "dare_ties"))
 
 
-def test_merge_argv_resolves_to_the_intended_recipe(tmp_path):
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    add_merge_arguments(parser)
+def test_job_builds_the_intended_recipe(tmp_path):
     job = MergeJob("dare_ties", ("instruct", "math", "code"), 0.7, 0.5)
-    recipe = recipe_from_args(parser.parse_args(job.merge_argv("Z", str(tmp_path / "out"))))
+    recipe = job.recipe("Z", str(tmp_path / "out"))
     assert recipe.method == "dare_ties" and recipe.base_model == "Z/base"
     assert recipe.models == ("Z/expert_instruct", "Z/expert_math", "Z/expert_code")
     assert recipe.params["weights"] == [0.7, 0.7, 0.7]
     assert recipe.params["density"] == [0.5, 0.5, 0.5]
 
 
-def test_dare_merges_run_once_per_seed_and_carry_it_to_merge_py(tmp_path):
-    import argparse
-
+def test_dare_merges_run_once_per_seed_and_carry_it_to_the_recipe(tmp_path):
     jobs = merge_jobs(("ties", "dare_linear"), [("math", "code")], (1.0,), 0.5, seeds=(0, 3))
     assert [(j.method, j.seed, j.label) for j in jobs] == [
         ("ties", 0, "ties_MathCode"), ("dare_linear", 0, "dare_linear_w1_MathCode"),
         ("dare_linear", 3, "dare_linear_w1_MathCode_s3")]
-    parser = argparse.ArgumentParser()
-    add_merge_arguments(parser)
-    assert recipe_from_args(parser.parse_args(jobs[2].merge_argv("Z", str(tmp_path / "o")))).seed == 3
+    assert jobs[2].recipe("Z", str(tmp_path / "o")).seed == 3
 
 
 def test_dare_seed_sizes_give_every_seed_only_to_merges_of_those_sizes():
@@ -85,13 +75,6 @@ def test_standard_error_of_a_pass_rate():
     assert standard_error(0.5, 100) == 0.05
     assert standard_error(0.0, 200) == 0.0 and standard_error(1.0, 7) == 0.0
     assert abs(standard_error(0.9, 400) - 0.015) < 1e-12
-
-
-def test_variant_labels_pair_with_the_report():
-    merge = "ties_InstructMathCode"
-    assert split_aim(Variant("aim", 0.4).label(merge)) == (merge, True)
-    for mode in ("channel_blind", "uniform"):  # controls are not listed as AIM partners
-        assert split_aim(Variant(mode, 0.4).label(merge))[1] is False
 
 
 def test_plan_sweeps_only_three_expert_merges_and_outlier_plan_keeps_only_those():
@@ -110,9 +93,10 @@ def test_plan_sweeps_only_three_expert_merges_and_outlier_plan_keeps_only_those(
                                                "ties_InstructMathCode"]
 
 
-def fake_record(label: str, skills: tuple[float, float, float], ppl: float) -> dict:
+def fake_record(label: str, skills: tuple[float, float, float], ppl: float,
+                recipe: dict | None = None) -> dict:
     scores = dict(zip(BENCHMARKS, (*skills, ppl)))
-    return {"label": label, "date": "2026-01-01T00:00:00", "scores": scores,
+    return {"label": label, "date": "2026-01-01T00:00:00", "scores": scores, "recipe": recipe or {},
             "headline": {b: {"higher_is_better": b != "toy_ppl"} for b in BENCHMARKS}}
 
 
@@ -127,11 +111,13 @@ def synthetic_results() -> ZooResults:
                     "channel_blind": ((0.2, 0.2, 0.2), 1.9), "uniform": ((0.1, 0.1, 0.1), 2.0)}}
     for merge, by_mode in points.items():
         res.jobs[merge] = MergeJob("task_arithmetic", ("instruct", "math", "code"), 1.0)
-        res.records[merge] = fake_record(merge, *by_mode[None])
+        recipe = {"merge": {"method": "task_arithmetic", "models": [merge]}}
+        res.records[merge] = fake_record(merge, *by_mode[None], recipe)
         res.variants[merge] = []
         for mode in MODES:
             label = Variant(mode, 0.4).label(merge)
-            res.records[label] = fake_record(label, *by_mode[mode])
+            res.records[label] = fake_record(label, *by_mode[mode],
+                                             {**recipe, "aim": {"mode": mode, "omega": 0.4}})
             res.variants[merge].append((Variant(mode, 0.4), label))
     return res
 
@@ -226,7 +212,7 @@ def test_quick_study_writes_every_result_and_loadable_model(quick_study):
     from transformers import AutoModelForCausalLM
 
     from evaluation.results import load_results
-    from merging_methods.record import read_record
+    from checkpoints.record import read_record
     from aim.stats_io import file_sha256
 
     _, _, out = quick_study

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from merging_methods.errors import UserError
+from checkpoints.errors import UserError
 from tests.tiny_models import llama_config
 from toy_zoo import __main__ as cli
 from toy_zoo import corpus, tasks

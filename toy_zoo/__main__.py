@@ -3,7 +3,6 @@
     python -m toy_zoo build --out zoo/                       # 4-10 min on one CPU thread
     python -m toy_zoo build --out zoo_outliers/ --outliers   # base with planted outlier channels
     python -m toy_zoo build --out zoo/ --evaluate            # also print lm-eval scores
-    python -m toy_zoo emergence --out study_results/emergence # do outliers emerge? (~45 min)
 
 The build is skipped when `<out>/zoo.json` records the same recipe.
 """
@@ -16,7 +15,7 @@ import os
 import time
 from pathlib import Path
 
-from merging_methods.errors import UserError, exit_code_for_user_errors
+from checkpoints.errors import UserError, exit_code_for_user_errors
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,15 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--ppl-docs", type=int, default=None, help="held-out documents in toy_ppl (full 100, ci 20)")
     b.add_argument("--evaluate", action="store_true",
                    help="run lm-eval on every model afterwards, print the scores and save <out>/scores.json")
-    e = sub.add_parser("emergence", help="train bases wider/deeper/longer and measure max/median of "
-                                         "each module's AIM statistic (issue 6, approach 1)")
-    e.add_argument("--out", type=Path, default=Path("study_results/emergence"),
-                   help="folder for emergence.md, emergence.json and per-config stats/results")
-    e.add_argument("--configs", nargs="+", default=None, metavar="NAME[:FIELD=VALUE,...]",
-                   help="presets (default: all of them) or NAME:FIELD=VALUE,... with ZooRecipe base fields")
-    e.add_argument("--snapshots", default="0,0.125,0.25,0.5,1",
-                   help="comma-separated shares of the training steps to measure at (0: initial weights)")
-    e.add_argument("--calib-samples", type=int, default=256, help="calibration documents")
     return parser
 
 
@@ -81,55 +71,11 @@ def _evaluate_all(out: Path) -> dict[str, dict[str, float]]:
     return scores
 
 
-def _fractions(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(sorted({float(v) for v in text.split(",")}))
-    except ValueError as err:
-        raise UserError(f"--snapshots {text}: give comma-separated numbers such as 0,0.25,0.5,1") from err
-    if any(not 0 <= v <= 1 for v in values):
-        raise UserError(f"--snapshots {text}: every share must be between 0 and 1")
-    return values
-
-
-def _emergence(args) -> int:
-    import platform
-    import shlex
-
-    import torch
-
-    from toy_zoo.emergence import PRESETS, markdown, parse_config, run_sweep
-
-    if args.calib_samples < 1:
-        raise UserError(f"--calib-samples must be at least 1, got {args.calib_samples}")
-    specs = args.configs or list(PRESETS)
-    configs = [parse_config(spec) for spec in specs]
-    fractions = _fractions(args.snapshots)
-    if len({c.name for c in configs}) < len(configs):
-        raise UserError("--configs: every config needs its own NAME")
-    start = time.time()
-    records = run_sweep(configs, args.out, fractions, args.calib_samples)
-    env = {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__, "threads": 1}
-    header = (f"# Do outlier channels emerge in the toy base? (issue 6, approach 1)\n\n"
-              f"Statistic: AIM's per-input-channel statistic of each module (sum over the study's 128-token "
-              f"calibration blocks of the mean |input|), reported as max / median over channels.  \n"
-              f"Command: `python -m toy_zoo emergence --configs {' '.join(shlex.quote(s) for s in specs)} "
-              f"--snapshots {args.snapshots}` (presets in toy_zoo/emergence.py)  \n"
-              f"Machine: {env['cpus']} CPU cores, {env['platform']}, torch {env['torch']}, 1 thread; "
-              f"this run {time.time() - start:.0f} s (configs reused from earlier runs count 0).")
-    text = markdown(records, header)
-    (args.out / "emergence.md").write_text(text)
-    (args.out / "emergence.json").write_text(json.dumps({"environment": env, "configs": records}, indent=2) + "\n")
-    print(text)
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     def work() -> int:
-        if args.command == "emergence":
-            return _emergence(args)
         from toy_zoo.build import ensure_zoo
 
         out = args.out or Path("zoo_outliers" if args.outliers else "zoo")

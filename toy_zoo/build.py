@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
-from merging_methods.output import check_output_path
+from checkpoints.output import check_output_path
 from toy_zoo import corpus, tasks, train
 from toy_zoo.outliers import plant_outlier_channels
 from toy_zoo.tokenizer import save_tokenizer

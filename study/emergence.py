@@ -7,16 +7,18 @@ the model is calibrated with the study's recipe (its generic calibration texts, 
 is measured with the study's `stat_ratios`. Real LLMs have channels tens of times above the median
 (`OUTLIER_RATIO`); the question is whether the toy base grows any.
 
-    python -m toy_zoo emergence --out study_results/emergence
-    python -m toy_zoo emergence --configs zoo "w512:hidden_size=512,intermediate_size=1536,num_heads=16"
+    python -m study.emergence --out study_results/emergence   # ~45 min
+    python -m study.emergence --configs zoo "w512:hidden_size=512,intermediate_size=1536,num_heads=16"
 
 Snapshots during training come from global forward hooks on the model's training forward passes,
 so the training loop itself is untouched and gives the same weights with or without snapshots.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import os
 import shutil
 import time
 from contextlib import contextmanager
@@ -27,7 +29,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from merging_methods.errors import UserError
+from checkpoints.errors import UserError, exit_code_for_user_errors
 from toy_zoo.train import ZooRecipe
 
 log = logging.getLogger(__name__)
@@ -130,7 +132,7 @@ def measure(model, calib: Calibration, path: Path, label: str) -> tuple[dict[str
     """Calibrate `model`, save its statistics to `path`; returns max/median and the top channel per module."""
     from aim.collect import collect_stats
     from aim.stats_io import StatsKey, save_stats
-    from merging_methods.record import TOOLKIT_VERSION
+    from checkpoints.record import TOOLKIT_VERSION
     from study.tables import stat_ratios, top_channels
 
     stats = collect_stats(model, calib.blocks, batch_size=CALIB_BATCH, progress=False)
@@ -300,3 +302,63 @@ def markdown(records: list[dict], header: str) -> str:
     return "\n\n".join([header, verdict(records), "## Final weights, per config", "\n".join(summary),
                         "## During training (step 0 = initial weights)", "\n".join(trend),
                         "## Per module, final weights", per_module]) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    e = argparse.ArgumentParser(prog="python -m study.emergence", description=__doc__.splitlines()[0])
+    e.add_argument("--out", type=Path, default=Path("study_results/emergence"),
+                   help="folder for emergence.md, emergence.json and per-config stats/results")
+    e.add_argument("--configs", nargs="+", default=None, metavar="NAME[:FIELD=VALUE,...]",
+                   help="presets (default: all of them) or NAME:FIELD=VALUE,... with ZooRecipe base fields")
+    e.add_argument("--snapshots", default="0,0.125,0.25,0.5,1",
+                   help="comma-separated shares of the training steps to measure at (0: initial weights)")
+    e.add_argument("--calib-samples", type=int, default=256, help="calibration documents")
+    return e
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(sorted({float(v) for v in text.split(",")}))
+    except ValueError as err:
+        raise UserError(f"--snapshots {text}: give comma-separated numbers such as 0,0.25,0.5,1") from err
+    if any(not 0 <= v <= 1 for v in values):
+        raise UserError(f"--snapshots {text}: every share must be between 0 and 1")
+    return values
+
+
+def _emergence(args) -> int:
+    import platform
+    import shlex
+
+    if args.calib_samples < 1:
+        raise UserError(f"--calib-samples must be at least 1, got {args.calib_samples}")
+    specs = args.configs or list(PRESETS)
+    configs = [parse_config(spec) for spec in specs]
+    fractions = _fractions(args.snapshots)
+    if len({c.name for c in configs}) < len(configs):
+        raise UserError("--configs: every config needs its own NAME")
+    start = time.time()
+    records = run_sweep(configs, args.out, fractions, args.calib_samples)
+    env = {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__, "threads": 1}
+    header = (f"# Do outlier channels emerge in the toy base? (issue 6, approach 1)\n\n"
+              f"Statistic: AIM's per-input-channel statistic of each module (sum over the study's 128-token "
+              f"calibration blocks of the mean |input|), reported as max / median over channels.  \n"
+              f"Command: `python -m study.emergence --configs {' '.join(shlex.quote(s) for s in specs)} "
+              f"--snapshots {args.snapshots}` (presets in study/emergence.py)  \n"
+              f"Machine: {env['cpus']} CPU cores, {env['platform']}, torch {env['torch']}, 1 thread; "
+              f"this run {time.time() - start:.0f} s (configs reused from earlier runs count 0).")
+    text = markdown(records, header)
+    (args.out / "emergence.md").write_text(text)
+    (args.out / "emergence.json").write_text(json.dumps({"environment": env, "configs": records}, indent=2) + "\n")
+    print(text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    return exit_code_for_user_errors(lambda: _emergence(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -7,7 +7,7 @@
   `pytorch_model*.bin` through `torch.load(mmap=True, weights_only=True)`.
 * `ShardedWriter` plans shards from known sizes, writes each shard's header first and every
   tensor at its planned offset the moment it arrives (nothing is held in memory), then the index.
-Output folders (checks, staging, crash leftovers) are in `merging_methods.output`.
+Output folders (checks, staging, crash leftovers) are in `checkpoints.output`.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from merging_methods.errors import UserError, first_line, writing
+from checkpoints.errors import UserError, first_line, writing
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ TOKENIZER_FILES = (
     "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
 )
 MODEL_SIDE_FILES = ("config.json", "generation_config.json") + TOKENIZER_FILES
+HEAD_SUFFIXES = ("lm_head.weight", "embed_out.weight")  # output heads (tied to the embedding or not)
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -88,7 +89,7 @@ def _download_from_hub(repo_id: str, flag: str) -> Path:
     Hub unreachable, the copy in the local Hugging Face cache, else a one-line error at once."""
     from huggingface_hub import HfApi, snapshot_download
 
-    from merging_methods.hub import hub_unreachable
+    from checkpoints.hub import hub_unreachable
 
     down = hub_unreachable()
     if down:

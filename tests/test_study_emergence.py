@@ -1,4 +1,4 @@
-"""`python -m toy_zoo emergence`: snapshots, ratios and the reports of the outlier-emergence sweep."""
+"""`python -m study.emergence`: snapshots, ratios and the reports of the outlier-emergence sweep."""
 from __future__ import annotations
 
 import json
@@ -9,9 +9,9 @@ import torch
 
 from aim.collect import collect_stats
 from aim.stats_io import load_stats
-from toy_zoo import __main__ as cli
-from toy_zoo.emergence import (BaseConfig, markdown, parse_config, ratio_summary, snapshot_steps,
-                               verdict)
+from study import emergence as cli
+from study.emergence import (BaseConfig, markdown, parse_config, ratio_summary, snapshot_steps,
+                             verdict)
 from toy_zoo.train import ZooRecipe, build_model, train_base
 
 TINY = "tiny:hidden_size=32,intermediate_size=64,num_heads=2,num_layers=1,base_steps=6,base_batch=2"
@@ -26,7 +26,7 @@ def sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("emergence")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    code = cli.main(["emergence", "--out", str(out), "--configs", TINY, "--snapshots", "0,0.5,1",
+    code = cli.main(["--out", str(out), "--configs", TINY, "--snapshots", "0,0.5,1",
                      "--calib-samples", "8"])
     torch.set_num_threads(threads)
     assert code == 0
@@ -61,7 +61,7 @@ def _stats_of(model, blocks) -> dict[str, torch.Tensor]:
 
 
 def test_snapshots_measure_the_initial_and_the_unperturbed_trained_weights(sweep):
-    from toy_zoo.emergence import calibration
+    from study.emergence import calibration
 
     out, record = sweep
     recipe = parse_config(TINY).recipe()
@@ -83,7 +83,7 @@ def test_a_rerun_reuses_a_matching_record_and_retrains_a_changed_recipe(sweep, t
     shutil.copytree(sweep[0], out)
     saved = out / "tiny" / "result.json"
     saved.write_text(saved.read_text().replace('"params": ', '"params": 7'))  # marks the stored record
-    args = ["emergence", "--out", str(out), "--snapshots", "0,0.5,1", "--calib-samples", "8", "--configs"]
+    args = ["--out", str(out), "--snapshots", "0,0.5,1", "--calib-samples", "8", "--configs"]
     assert cli.main([*args, TINY]) == 0
     reused = json.loads((out / "emergence.json").read_text())["configs"][0]
     assert str(reused["params"]) == "7" + str(sweep[1]["params"])
@@ -122,13 +122,13 @@ def test_verdict_names_outlier_modules_or_the_closest_one():
     ["--configs", "x:hidden_size=48,num_heads=5"], ["--snapshots", "0,1.5"], ["--configs", "zoo", "zoo"],
 ])
 def test_bad_flags_exit_2_before_training(argv, tmp_path, capsys):
-    assert cli.main(["emergence", "--out", str(tmp_path), *argv]) == 2
+    assert cli.main(["--out", str(tmp_path), *argv]) == 2
     assert capsys.readouterr().err.startswith("error: --")
     assert not (tmp_path / "emergence.json").exists()
 
 
 def test_presets_are_valid_recipes():
-    from toy_zoo.emergence import PRESETS
+    from study.emergence import PRESETS
 
     for name, overrides in PRESETS.items():
         recipe = BaseConfig(name, overrides).recipe()

@@ -1,9 +1,9 @@
-"""Row ranges of a planned tensor: the chunks it is merged in, and each model's rows for a chunk.
+"""Row ranges of a tensor: the chunks it is streamed in, and each model's rows for a chunk.
 
-A method whose formula is per element (registry `splits_by_rows`) merges a tensor in chunks of
-whole rows of at most CHUNK_ELEMENTS elements, so peak memory is a few chunks instead of a few
-float32 copies of the largest tensor (a 13B model's embedding is 650 MB in float32). Methods
-that look at a whole tensor (top-k, column norms) get one chunk covering it.
+Work whose formula is per element (a per-element merge method, AIM's relaxation) streams a
+tensor in chunks of whole rows of at most CHUNK_ELEMENTS elements, so peak memory is a few
+chunks instead of a few float32 copies of the largest tensor (a 13B model's embedding is 650 MB
+in float32). Work that looks at a whole tensor (top-k, column norms) gets one chunk covering it.
 
 Vocab tensors are fitted to the output's rows here (ALGORITHMS.md §13): rows beyond the output
 are never read; rows a model lacks are the base's (`--vocab base`, no delta) or the model's own
@@ -12,12 +12,11 @@ mean row (`--vocab union`).
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 
-from merging_methods.checkpoint import CheckpointReader
-from merging_methods.vocab import mean_row
+from checkpoints.checkpoint import CheckpointReader
 
 CHUNK_ELEMENTS = 1 << 22  # 16 MiB of float32 per chunk and per model
 RowRange = tuple[int, int]
@@ -34,6 +33,18 @@ def row_ranges(shape: tuple[int, ...], split: bool) -> Iterator[RowRange | None]
     step = max(1, CHUNK_ELEMENTS // max(per_row, 1)) if split else max(rows, 1)
     for start in range(0, max(rows, 1), step):   # a 0-row tensor is one empty chunk
         yield start, min(start + step, rows)
+
+
+def mean_row(chunks: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The mean of a matrix's rows given as row chunks (1 x width), rounded to the matrix's
+    dtype: the row the reference's resize writes into a model held in that dtype. Accumulated in
+    float64, so the result does not depend on how the rows were chunked."""
+    total, count, dtype = None, 0, None
+    for chunk in chunks:
+        part = chunk.to(torch.float64).sum(dim=0, keepdim=True)
+        total = part if total is None else total.add_(part)
+        count, dtype = count + chunk.shape[0], chunk.dtype
+    return (total / count).to(dtype)
 
 
 class AlignedRows:

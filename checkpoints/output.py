@@ -22,8 +22,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from merging_methods.errors import UserError, first_line
-from merging_methods.record import RECIPE_FILE
+from checkpoints.errors import UserError, first_line
+from checkpoints.record import RECIPE_FILE
 
 log = logging.getLogger(__name__)
 

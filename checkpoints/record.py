@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from merging_methods.errors import writing
+from checkpoints.errors import writing
 
 RECIPE_FILE = "merge_recipe.yaml"
 TOOLKIT_VERSION = "0.1.0"

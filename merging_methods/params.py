@@ -1,0 +1,117 @@
+"""Method parameters, each declared once: the CLI flag, its help, the validation and the recipe
+record are generated from the `Param` (registry.py says which methods take which).
+
+A value reaches a method function as a keyword argument named `Param.name`: a number, bool or
+string for a global parameter, a list with one value per model for a per-model one.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from checkpoints.errors import UserError
+
+
+@dataclass(frozen=True)
+class Param:
+    """One method parameter.
+
+    `low`/`high` bound a number (`low_open`: the bound itself is excluded; `high` is inclusive);
+    `choices` list a string's allowed values; `mergekit` is mergekit's YAML key, where it has one.
+    """
+
+    name: str
+    kind: type                      # float | int | bool | str
+    default: object
+    help: str
+    flag: str = ""                  # default: --<name>
+    per_model: bool = False
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    choices: tuple[str, ...] = ()
+    mergekit: str | None = None
+
+    def __post_init__(self):
+        if not self.flag:
+            object.__setattr__(self, "flag", f"--{self.name}")
+
+    def with_default(self, default: object) -> "Param":
+        """The same declaration with a method's own default."""
+        return replace(self, default=default)
+
+    def interval(self) -> str:
+        """The allowed range in words ("in (0, 1]", "> 0"); empty when unbounded."""
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"<= {self.high:g}" if self.high is not None else ""
+
+    def resolve(self, value: object, n_models: int) -> object:
+        """`value` checked against the declaration (a UserError naming the flag otherwise); a
+        per-model value comes back as a list of n_models values (one value is repeated)."""
+        if not self.per_model:
+            return self._check(value)
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        if len(values) not in (1, n_models):
+            raise UserError(f"{self.flag}: {len(values)} values for {n_models} models; give one "
+                            "value or one per model")
+        return [self._check(v) for v in values] * (n_models if len(values) == 1 else 1)
+
+    def _check(self, value: object) -> object:
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise UserError(f"{self.flag}: expected true or false, got {value!r}")
+            return value
+        if self.kind is str:
+            if value not in self.choices:
+                raise UserError(f"{self.flag}: expected one of {', '.join(self.choices)}, "
+                                f"got {value!r}")
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise UserError(f"{self.flag}: expected a finite number, got {value!r}")
+        if self.kind is int and value != int(value):
+            raise UserError(f"{self.flag}: expected a whole number, got {value!r}")
+        number = self.kind(value)
+        below = self.low is not None and (number <= self.low if self.low_open else number < self.low)
+        if below or (self.high is not None and number > self.high):
+            raise UserError(f"{self.flag}: {number:g} is outside the allowed range (must be "
+                            f"{self.interval()})")
+        return number
+
+    def parse_text(self, text: str) -> object:
+        """A per-model value as typed on the command line: comma-separated numbers."""
+        try:
+            values = [self.kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise UserError(f"{self.flag}: expected comma-separated numbers, got {text!r}")
+        if not values or not all(math.isfinite(v) for v in values):
+            raise UserError(f"{self.flag}: expected finite numbers, got {text!r}")
+        return values
+
+
+WEIGHTS = Param(
+    "weights", float, 1.0, per_model=True, mergekit="weight",
+    help="per-model multipliers of the task vectors, one value for all or one per model, "
+         "comma-separated; negative subtracts a task vector (negation; use with --no-normalize)")
+DENSITY = Param(
+    "density", float, 1.0, per_model=True, low=0.0, high=1.0, low_open=True, mergekit="density",
+    help="fraction of each task vector KEPT, in (0, 1]; one value or one per model. ties: "
+         "top-|delta| entries per tensor; dare_*: keep probability (drop rate = 1 - density). "
+         "1.0 keeps all (the AIM paper's setting; 0.2-0.5 is typical for real TIES/DARE use)")
+SCALING = Param("scaling", float, 1.0, flag="--lambda", mergekit="lambda",
+                help="global scale of the merged task vector")
+NORMALIZE = Param("normalize", bool, False, mergekit="normalize",
+                  help="divide the merged delta by the sum of the (agreeing) weights")
+RESCALE = Param("rescale", bool, True, mergekit="rescale",
+                help="rescale the kept entries (DARE; TIES: to the untrimmed L1 norm)")
+RESCALE_MODE = Param(
+    "rescale_mode", str, "inverse_density", choices=("inverse_density", "l1"),
+    help="DARE rescale: divide by density (DARE paper) or match the task vector's L1 norm "
+         "(newer mergekit)")
+ABOVE_AVERAGE_VALUE_RATIO = Param(
+    "above_average_value_ratio", float, 1.0, low=0.0, low_open=True,
+    help="WIDEN t: ranks above t x mean count as important")
+SCORE_CALIBRATION_VALUE = Param("score_calibration_value", float, 1.0, low=0.0,
+                                help="WIDEN s: score given to important entries")
