@@ -32,6 +32,9 @@ from pathlib import Path
 from checkpoints.errors import UserError, exit_code_for_user_errors
 
 MARKER = "study.json"
+UNSET = None  # argparse default of the flags whose default depends on the zoo family
+DEFAULTS = {"weights": (1.0, 0.7), "sweep_sizes": (2, 3), "sweep_methods": None,
+            "dare_seed_sizes": None, "limit": None, "batch_size": 128, "threads": 1}
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -64,9 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "SmolLM2-135M and its experts); or the folder of a toy zoo (built if missing)")
     p.add_argument("--dare-seeds", type=_ints, default=(0, 1),
                    help="mask seeds of the DARE merges (each seed is its own merge)")
-    p.add_argument("--dare-seed-sizes", type=_ints, default=None,
+    p.add_argument("--dare-seed-sizes", type=_ints, default=UNSET,
                    help="merge sizes (experts) that get every --dare-seeds seed, the others only "
-                        "the first; unset: every size")
+                        "the first; unset: every size (smollm2: 3)")
     p.add_argument("--outliers", action="store_true",
                    help="also run the ablation on the zoo whose base has planted outlier channels")
     p.add_argument("--outlier-zoo", type=Path, default=Path("zoo_outliers"),
@@ -77,9 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps-scale", type=float, default=None,
                    help="zoo training steps multiplier; unset: an existing zoo's own, else 1.0")
     p.add_argument("--methods", type=_names, default=METHODS, help="comma-separated merge methods")
-    p.add_argument("--weights", type=_floats, default=(1.0, 0.7),
+    p.add_argument("--weights", type=_floats, default=UNSET,
                    help="per-expert weight regimes for methods whose result scales with the "
-                        "weight (1.0 = the AIM paper's setting)")
+                        "weight (1.0 = the AIM paper's setting); unset: toy 1.0,0.7, smollm2 0.3")
     p.add_argument("--density", type=float, default=0.5,
                    help="density (fraction kept) for TIES and DARE; 1 = the paper's released "
                         "config, which makes dare_linear identical to task_arithmetic")
@@ -92,19 +95,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="omegas of the ablation sweep")
     p.add_argument("--merge-sizes", type=_ints, default=(2, 3),
                    help="merge sizes (experts per merge) in the grid, e.g. 3 for the 3-expert merges only")
-    p.add_argument("--sweep-sizes", type=_ints, default=(2, 3),
-                   help="merge sizes (experts) that get the sweep and the controls, e.g. 2,3")
-    p.add_argument("--sweep-methods", type=_names, default=None,
-                   help="methods whose merges get the sweep and the controls; unset: every method")
+    p.add_argument("--sweep-sizes", type=_ints, default=UNSET,
+                   help="merge sizes (experts) that get the sweep and the controls; unset: toy "
+                        "2,3, smollm2 3")
+    p.add_argument("--sweep-methods", type=_names, default=UNSET,
+                   help="methods whose merges get the sweep and the controls; unset: toy every "
+                        "method, smollm2 task_arithmetic,ties")
     p.add_argument("--calib-samples", type=int, default=256, help="calibration documents")
-    p.add_argument("--limit", type=int, default=None,
-                   help="prompts/documents per benchmark; unset: all of the zoo's")
-    p.add_argument("--batch-size", type=int, default=128, help="evaluation batch size")
+    p.add_argument("--limit", type=int, default=UNSET,
+                   help="prompts/documents per benchmark; unset: toy all of the zoo's, smollm2 64")
+    p.add_argument("--batch-size", type=int, default=UNSET,
+                   help="evaluation batch size; unset: toy 128, smollm2 64")
     p.add_argument("--generation-dtype", choices=("float32", "bfloat16"), default=None,
                    help="matmul dtype of greedy generation (weights and perplexity stay float32); "
                         "unset: the family's (toy float32, smollm2 bfloat16)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (1 was fastest for these tiny models on 2 cores)")
+    p.add_argument("--threads", type=int, default=UNSET,
+                   help="torch threads; unset: toy 1 (fastest for its tiny models on 2 cores), "
+                        "smollm2 2")
     p.add_argument("--keep-models", action="store_true",
                    help="keep merged and AIM models under OUT/<zoo>/models instead of deleting them")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier study in --out")
@@ -129,6 +136,15 @@ def _zoo_choice(text: str):
 
     family = FAMILIES.get(text)
     return (family, family.default_dir) if family else (TOY, Path(text))
+
+
+def _apply_family_defaults(args: argparse.Namespace) -> None:
+    """Give the flags left unset the zoo family's defaults (DEFAULTS where it has none)."""
+    family, _ = _zoo_choice(args.zoo)
+    own = dict(family.study_defaults)
+    for dest, value in DEFAULTS.items():
+        if getattr(args, dest) is UNSET:
+            setattr(args, dest, own.get(dest, value))
 
 
 def _plans(args) -> dict[str, tuple]:
@@ -316,6 +332,7 @@ def _run_zoos(args, plans, say) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _apply_family_defaults(args)
     args.out = args.out or Path("study_out") / ("quick" if args.quick else "full")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

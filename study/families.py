@@ -27,6 +27,8 @@ class Family:
     general: tuple[str, ...] = ()    # other general-ability benchmarks, reported beside
     population: tuple[str, ...] = POPULATION
     generation_autocast: str | None = None  # default matmul dtype of greedy generation
+    # study flags whose default differs for this family: (flag's dest, value) pairs
+    study_defaults: tuple[tuple[str, object], ...] = ()
 
     @property
     def benchmarks(self) -> tuple[str, ...]:
@@ -49,5 +51,13 @@ class Family:
 TOY = Family("toy", Path("zoo"), ("toy_instruct", "toy_math", "toy_code"), "toy_ppl", "byte perplexity")
 SMOLLM2 = Family("smollm2", Path("zoo_smollm2"), ("smollm2_instruct", "smollm2_math", "smollm2_code"),
                  "smollm2_ppl", "word perplexity", general=("smollm2_knowledge",),
-                 generation_autocast="bfloat16")
+                 generation_autocast="bfloat16",
+                 # the grid that fits in about 90 min on 2 cores (README: the SmolLM2 study):
+                 # weight 0.3 (1.0 breaks task arithmetic and DARE here), one 64-prompt batch per
+                 # benchmark, sweep and controls on the 3-expert TA and TIES merges, DARE's second
+                 # seed on the 3-expert merges
+                 study_defaults=(("weights", (0.3,)), ("sweep_sizes", (3,)),
+                                 ("sweep_methods", ("task_arithmetic", "ties")),
+                                 ("dare_seed_sizes", (3,)), ("limit", 64), ("batch_size", 64),
+                                 ("threads", 2)))
 FAMILIES = {f.name: f for f in (TOY, SMOLLM2)}

@@ -265,3 +265,22 @@ def test_study_refuses_to_mix_with_an_earlier_study(quick_study, capsys):
     _, zoo, out = quick_study
     assert main(["--quick", "--zoo", str(zoo), "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_zoo_family_sets_the_defaults_of_unset_flags_and_smollm2s_is_the_committed_grid():
+    from study.__main__ import DEFAULTS, _apply_family_defaults, _plans, build_parser
+
+    def parsed(*argv):
+        args = build_parser().parse_args(list(argv))
+        _apply_family_defaults(args)
+        return args
+
+    toy = parsed()
+    assert {k: getattr(toy, k) for k in DEFAULTS} == DEFAULTS
+    smol = parsed("--zoo", "smollm2")
+    assert (smol.weights, smol.limit, smol.batch_size, smol.threads) == ((0.3,), 64, 64, 2)
+    assert parsed("--zoo", "smollm2", "--limit", "200", "--weights", "0.5").limit == 200
+    plan = _plans(smol)["smollm2"][2]
+    # 5 methods x 4 combinations, DARE's second seed on the 3-expert merges; AIM 0.4 on each,
+    # the sweep and both controls (3 modes x 3 omegas) on the 3-expert TA and TIES merges
+    assert len(plan) == 22 and 4 + sum(1 + len(variants) for _, variants in plan) == 64
