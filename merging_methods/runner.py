@@ -31,7 +31,7 @@ from checkpoints.overlap import IOThread
 from checkpoints.record import write_model_card, write_record
 from checkpoints.rows import AlignedRows, RowRange, row_ranges
 from merging_methods.plan import MergePlan, TensorPlan, build_plan, input_embedding_rows
-from merging_methods.primitives import draw_keep_mask, mask_generator
+from merging_methods.primitives import keep_mask, mask_generator, mask_key, used_density
 from merging_methods.recipe import MergeRecipe
 from merging_methods.registry import MethodSpec, get_method, method_warnings, splits_by_rows
 from merging_methods.vocab import VocabUnion, plan_union, save_union_tokenizer, vocab_config_update
@@ -102,15 +102,17 @@ def tensor_context(spec: MethodSpec, item: TensorPlan, seed: int, n_models: int,
     """The per-tensor keyword arguments `spec.context` asks for (registry.py's contract)."""
     facts = {"tensor_name": item.name, "layer_index": item.layer_index, "num_layers": num_layers,
              "is_input_embedding": item.is_input_embedding}
-    if spec.stochastic:
+    if "generators" in spec.context:
         facts["generators"] = [mask_generator(seed, i, item.name) for i in range(n_models)]
+    if "mask_keys" in spec.context:
+        facts["mask_keys"] = [mask_key(seed, i, item.name) for i in range(n_models)]
     return {name: facts[name] for name in spec.context}
 
 
 class TensorMerge:
     """Merging one planned tensor: whole, through the method's dense function, or chunk of rows
-    by chunk through its fast path (rows.py); DARE generators carry on from chunk to chunk, so
-    the masks are those of the whole tensor."""
+    by chunk through its fast path (rows.py); DARE's masks are keyed by the flat element index,
+    so the chunks' masks are those of the whole tensor."""
 
     def __init__(self, spec: MethodSpec, params: dict, seed: int, item: TensorPlan,
                  inputs: OpenedInputs):
@@ -125,7 +127,7 @@ class TensorMerge:
         self.models = [aligned(m, src) for m, src in zip(inputs.models, item.sources)]
         self.context = tensor_context(spec, item, seed, len(self.models), inputs.plan.num_layers)
         # DARE on row chunks: the chunk's keep-masks are drawn with its inputs (on the I/O
-        # thread, in chunk order, so the generators give the whole tensor's masks)
+        # thread, off the merge thread)
         self.masks_ahead = spec.fast is not None and spec.fast.masks_ahead and splits_by_rows(spec, params)
 
     def units(self) -> Iterator[tuple[RowRange | None, tuple[int, ...]]]:
@@ -142,9 +144,10 @@ class TensorMerge:
         raw = [base_rows, *(finite(m.get(rows, base_rows), m.reader.label, name)
                             for m in self.models)]
         if self.masks_ahead:
-            p = self.params
-            raw.append([draw_keep_mask(d, g, base_rows.numel()) if d < 1 and w != 0 else None
-                        for d, w, g in zip(p["density"], p["weights"], self.context["generators"])])
+            p, n = self.params, base_rows.numel()
+            start = rows[0] * math.prod(base_rows.shape[1:]) if rows else 0  # flat offset
+            raw.append([keep_mask(k, d, start, n) if used_density(d) < 1 and w != 0 else None
+                        for d, w, k in zip(p["density"], p["weights"], self.context["mask_keys"])])
         return raw
 
     def merge(self, raw: list[torch.Tensor], device: torch.device,
