@@ -115,6 +115,10 @@ def test_chunks_in_any_size_and_order_equal_the_whole_mask(seed):
     assert torch.equal(pieced, whole)
 
 
+def test_an_empty_range_gives_an_empty_mask():
+    assert keep_mask(mask_key(0, 0, "w"), 0.5, 7, 0).shape == (0,)
+
+
 def test_same_seed_same_bits_new_seed_new_bits():
     first = keep_mask(mask_key(1, 0, "w"), 0.5, 0, 4096)
     assert torch.equal(first, keep_mask(mask_key(1, 0, "w"), 0.5, 0, 4096))
