@@ -115,7 +115,7 @@ class TensorMerge:
     so the chunks' masks are those of the whole tensor."""
 
     def __init__(self, spec: MethodSpec, params: dict, seed: int, item: TensorPlan,
-                 inputs: OpenedInputs):
+                 inputs: OpenedInputs, device: torch.device):
         self.spec, self.params, self.item, self.inputs = spec, params, item, inputs
         fill = "mean" if inputs.union else "base"
 
@@ -126,9 +126,10 @@ class TensorMerge:
         self.base = aligned(inputs.base, item.name)
         self.models = [aligned(m, src) for m, src in zip(inputs.models, item.sources)]
         self.context = tensor_context(spec, item, seed, len(self.models), inputs.plan.num_layers)
-        # DARE on row chunks: the chunk's keep-masks are drawn with its inputs (on the I/O
-        # thread, off the merge thread)
-        self.masks_ahead = spec.fast is not None and spec.fast.masks_ahead and splits_by_rows(spec, params)
+        # DARE on row chunks on CPU: the chunk's keep-masks are drawn with its inputs on the I/O
+        # thread, off the merge thread; an accelerator draws them itself, block by block
+        self.masks_ahead = (device.type == "cpu" and spec.fast is not None
+                            and spec.fast.masks_ahead and splits_by_rows(spec, params))
 
     def units(self) -> Iterator[tuple[RowRange | None, tuple[int, ...]]]:
         """(rows, output shape of those rows) for each chunk this tensor is merged in."""
@@ -177,13 +178,14 @@ class WorkUnit:
     nbytes: int   # the stored inputs read for it (the prefetch budget)
 
 
-def _work_units(spec: MethodSpec, recipe: MergeRecipe, inputs: OpenedInputs) -> list[WorkUnit]:
+def _work_units(spec: MethodSpec, recipe: MergeRecipe, inputs: OpenedInputs,
+                device: torch.device) -> list[WorkUnit]:
     units = []
     for item in inputs.plan.tensors:
         if not item.merge:
             units.append(WorkUnit(item.name, None, item.out.shape, None, item.out.nbytes))
             continue
-        job = TensorMerge(spec, recipe.params, recipe.seed, item, inputs)
+        job = TensorMerge(spec, recipe.params, recipe.seed, item, inputs, device)
         readers = [(inputs.base, item.name), *zip(inputs.models, item.sources)]
         itemsizes = sum(reader.info[name].dtype.itemsize for reader, name in readers)
         units += [WorkUnit(item.name, rows, shape, job, math.prod(shape) * itemsizes)
@@ -231,7 +233,7 @@ def run_merge(recipe: MergeRecipe, *, make_post: HookFactory | None = None) -> P
         total = sum(t.out.nbytes for t in inputs.plan.tensors)
         with torch.inference_mode(), IOThread() as io, tqdm(
                 total=total, unit="B", unit_scale=True, desc=f"merge {recipe.method}") as bar:
-            units = _work_units(spec, recipe, inputs)
+            units = _work_units(spec, recipe, inputs, device)
             loads = ((partial(_read_unit, inputs.base, unit), unit.nbytes) for unit in units)
             for unit, raw in zip(units, io.prefetch(loads)):
                 out = raw if unit.job is None else _merge_unit(unit, raw, device, results, post)
