@@ -40,6 +40,7 @@ from merging_methods.params import (
     ABOVE_AVERAGE_VALUE_RATIO, DENSITY, NORMALIZE, RESCALE, RESCALE_MODE, SCALING,
     SCORE_CALIBRATION_VALUE, WEIGHTS, Param,
 )
+from merging_methods.primitives import keep_threshold
 from merging_methods.widen import widen
 
 CONTEXT = frozenset({"tensor_name", "layer_index", "num_layers", "is_input_embedding",
@@ -113,6 +114,12 @@ def _weights_sum_to_nonzero(values: Values) -> None:
                         "change the weights or pass --no-normalize")
 
 
+def _dare_densities(values: Values) -> None:
+    """Each density must keep something at DARE's resolution of 1/65536 (mask rule 2)."""
+    for density in values["density"]:
+        keep_threshold(density)
+
+
 def _negative_weights(consensus: bool) -> Callable[[Values], list[str]]:
     """The warning for a negative weight under normalize: it cancels (sign consensus) or it
     divides by a small or negative weight sum."""
@@ -144,11 +151,13 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
            warn=_negative_weights(True),
            fast=FastPath(gta_blocked.ties, stored_dtype_inputs=True)),
     method("dare_linear", gta.dare_linear, "random drop + rescale, then task arithmetic", *_DARE,
-           context=frozenset({"mask_keys"}), warn=_negative_weights(False),
+           context=frozenset({"mask_keys"}), check=_dare_densities,
+           warn=_negative_weights(False),
            fast=FastPath(gta_blocked.dare_linear, stored_dtype_inputs=True, row_separable=True,
                          masks_ahead=True)),
     method("dare_ties", gta.dare_ties, "random drop + rescale, then TIES sign consensus", *_DARE,
-           context=frozenset({"mask_keys"}), warn=_negative_weights(True),
+           context=frozenset({"mask_keys"}), check=_dare_densities,
+           warn=_negative_weights(True),
            fast=FastPath(gta_blocked.dare_ties, stored_dtype_inputs=True, row_separable=True,
                          masks_ahead=True)),
     method("widen", widen, "per-column magnitude/direction ranking of task vectors (WIDEN)",

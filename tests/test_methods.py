@@ -469,6 +469,7 @@ def test_unknown_method_lists_the_choices():
 @pytest.mark.parametrize("method, params, flag", [
     ("ties", {"density": [0.0, 0.5]}, "--density"),
     ("dare_ties", {"density": 1.5}, "--density"),
+    ("dare_ties", {"density": [0.5, 1e-6]}, "--density"),  # rounds to 0 at 1/65536
     ("ties", {"weights": [1.0, 1.0, 1.0]}, "--weights"),
     ("task_arithmetic", {"density": 0.5}, "--density"),
     ("widen", {"weights": 1.0}, "--weights"),
