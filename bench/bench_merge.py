@@ -53,10 +53,10 @@ def warm_page_cache(files: list[Path]) -> None:
 
 
 def ours_cmd(family: Path, method: str, experts: list[str], out: Path, density: float,
-             threads: int | None) -> list[str]:
+             threads: int | None, device: str = "cpu") -> list[str]:
     cmd = [sys.executable, str(REPO / "merge.py"), "--method", method,
            "--base_model", str(family / "base"), "--models_to_merge", ",".join(experts),
-           "--save_path", str(out), "--overwrite", "--device", "cpu"]
+           "--save_path", str(out), "--overwrite", "--device", device]
     if method in ("ties", "dare_linear", "dare_ties"):
         cmd += ["--density", str(density)]
     if threads:

@@ -13,7 +13,8 @@ density p and epsilon ε (the half-width of the keep-probability window, p ± ε
     della_linear: out = θ0 + λ·Σ wi·δ̃i                      (normalize false by default)
 
 p ≥ 1 leaves δ unchanged (no rescale); p ≤ 0 drops it entirely. The generators are the
-runner's `mask_generator(seed, i, tensor_name)`, as for DARE (§4.3, §17.3).
+runner's `mask_generator(seed, i, tensor_name)` (§17.3: §4.3's rule 1, kept for DELLA since π
+varies per entry; DARE's masks follow mask rule 2, primitives.py).
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from merging_methods.primitives import blocked_l1, draw_keep_mask, keep_topk, l1_ratio
+from merging_methods.primitives import blocked_l1, keep_mask, keep_topk, l1_ratio, used_density
 
 SUM_EPS = 1e-8  # a weight sum closer to 0 than this is treated as 0 (§0.6 step 4, §1)
 
@@ -128,28 +128,29 @@ def ties(base: Tensor, others: list[Tensor], *, weights: Sequence[float],
                 scaling=scaling)
 
 
-def drop_random(delta: Tensor, density: float, generator: torch.Generator) -> Tensor:
-    """δ with each entry kept where a CPU float32 uniform draw is < density (§4.2-4.3)."""
-    keep = draw_keep_mask(density, generator, delta.numel())  # drawn on CPU: same on any device
-    return delta * keep.to(delta.device).view_as(delta)
+def drop_random(delta: Tensor, density: float, key: int) -> Tensor:
+    """δ with each entry kept where its mask-rule-2 draw (primitives.keep_mask, §4.2) is below
+    the density; drawn on δ's device, the same bits on any device."""
+    return delta * keep_mask(key, density, 0, delta.numel(), delta.device).view_as(delta)
 
 
 def dare(base: Tensor, others: list[Tensor], *, weights: Sequence[float],
-         density: Sequence[float], generators: list[torch.Generator], consensus: bool,
+         density: Sequence[float], mask_keys: Sequence[int], consensus: bool,
          scaling: float = 1.0, normalize: bool = False, rescale: bool = True,
          rescale_mode: str = "inverse_density") -> Tensor:
-    """DARE (§4.2): each δi randomly dropped (Bernoulli(density) keep-mask), rescaled by
-    1/density or to its L1 norm, then summed (dare_linear) or merged with TIES sign consensus
-    (dare_ties, a disjoint sum by default). Paper box: reference.dare."""
-    check_lengths(others, weights=weights, density=density, generators=generators)
+    """DARE (§4.2): each δi randomly dropped (Bernoulli keep-mask of the density quantised to
+    1/65536, mask rule 2), rescaled by 1/(that density) or to its L1 norm, then summed
+    (dare_linear) or merged with TIES sign consensus (dare_ties, a disjoint sum by default).
+    Paper box: reference.dare."""
+    check_lengths(others, weights=weights, density=density, mask_keys=mask_keys)
     if rescale_mode not in ("inverse_density", "l1"):
         raise ValueError(f"rescale_mode: unknown mode {rescale_mode!r}")
     deltas, factors = {}, {}
     for i in _active(base, weights):
-        delta, p = others[i] - base, density[i]
+        delta, p = others[i] - base, used_density(density[i])
         deltas[i], factors[i] = delta, 1.0
         if p < 1.0:
-            deltas[i] = drop_random(delta, p, generators[i])
+            deltas[i] = drop_random(delta, p, mask_keys[i])
             if rescale:
                 factors[i] = (1.0 / p if rescale_mode == "inverse_density"
                               else l1_ratio(blocked_l1(delta), blocked_l1(deltas[i])))

@@ -5,7 +5,8 @@ that on float32 and bfloat16 inputs) while never building a full-size temporary:
 formed a block of `block_size(device)` elements at a time (see primitives.py), accumulated into
 `out` (a result buffer the runner reuses from tensor to tensor), and no stack of N deltas is
 ever built. Inputs may stay in their stored dtype (bf16/fp16; the upcast of a block is exact).
-DARE takes its keep-masks from `generators`, or from `keep_masks` drawn ahead by the runner.
+DARE draws its keep-masks from `mask_keys` block by block (mask rule 2, primitives.py), or takes
+`keep_masks` drawn ahead by the runner.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from torch import Tensor
 from merging_methods.gta import SUM_EPS, check_lengths
 from merging_methods.primitives import (
     Deltas, PresetDelta, PresetDrop, RandomDrop, TopK, block_size, blocks, l1_factor, topk_count,
+    used_density,
 )
 
 Sparsifier = TopK | RandomDrop | PresetDrop | PresetDelta | None
@@ -134,31 +136,29 @@ def _topk_plan(density: Sequence[float], rescale: bool) -> Plan:
     return plan
 
 
-def _dare_plan(density: Sequence[float], generators: list[torch.Generator] | None,
+def _dare_plan(density: Sequence[float], mask_keys: Sequence[int] | None,
                rescale: bool, rescale_mode: str,
                keep_masks: Sequence[Tensor | None] | None = None) -> Plan:
-    """Random Bernoulli(density) keep-mask per model, rescaled by 1/density or L1 (§4.2); the
-    mask comes from `keep_masks[i]` when drawn ahead, else from `generators[i]`."""
+    """Random keep-mask per model (mask rule 2), rescaled by 1/(the quantised density) or L1
+    (§4.2); the mask comes from `keep_masks[i]` when drawn ahead, else from `mask_keys[i]`."""
     if rescale_mode not in ("inverse_density", "l1"):
         raise ValueError(f"rescale_mode: unknown mode {rescale_mode!r}")
 
     def plan(i: int, deltas: Deltas) -> tuple[Sparsifier, float]:
-        p = density[i]
+        p = used_density(density[i])
         if p >= 1.0:
             return None, 1.0
         if keep_masks is not None and keep_masks[i] is not None:
             drop = PresetDrop(keep_masks[i])
-        elif generators is None:
-            raise ValueError("DARE with density < 1 needs one generator per model")
+        elif mask_keys is None:
+            raise ValueError("DARE with density < 1 needs one mask key per model")
         else:
-            drop = RandomDrop(p, generators[i], min(deltas.size, deltas.n))
+            drop = RandomDrop(p, mask_keys[i])
         if not rescale:
             return drop, 1.0
         if rescale_mode == "inverse_density":
             return drop, 1.0 / p
-        factor = l1_factor(deltas, drop)
-        drop.rewind()
-        return drop, factor
+        return drop, l1_factor(deltas, drop)
     return plan
 
 
@@ -204,12 +204,12 @@ def _dare_method(consensus: bool, doc: str) -> Callable[..., Tensor]:
     def method(base: Tensor, others: list[Tensor], *, weights: Sequence[float],
                density: Sequence[float], scaling: float = 1.0, normalize: bool = False,
                rescale: bool = True, rescale_mode: str = "inverse_density",
-               generators: list[torch.Generator] | None = None,
+               mask_keys: Sequence[int] | None = None,
                keep_masks: Sequence[Tensor | None] | None = None,
                out: Tensor | None = None) -> Tensor:
-        check_lengths(others, density=density, generators=generators, keep_masks=keep_masks)
+        check_lengths(others, density=density, mask_keys=mask_keys, keep_masks=keep_masks)
         return blocked_gta(base, others, weights,
-                    _dare_plan(density, generators, rescale, rescale_mode, keep_masks),
+                    _dare_plan(density, mask_keys, rescale, rescale_mode, keep_masks),
                     consensus=consensus, normalize=normalize, scaling=scaling, out=out)
 
     method.__doc__ = doc

@@ -1,4 +1,4 @@
-"""Per-tensor building blocks of the merge methods: blocked deltas, exact top-k, seeded DARE masks.
+"""Per-tensor building blocks of the merge methods: blocked deltas, exact top-k, DARE masks.
 
 Every method works on flat float32 tensors one block of `block_size(device)` elements at a time,
 writing into reused block-sized scratch buffers. Fresh full-size temporaries page-fault at about
@@ -7,13 +7,25 @@ writing into reused block-sized scratch buffers. Fresh full-size temporaries pag
 Masks are applied with float ops (hardshrink, 0/1 multipliers): boolean kernels are several
 times slower here.
 
-Specification: ALGORITHMS.md sections 0.5 (top-k), 3.2 (TIES trim), 4.2-4.3 (DARE).
+Specification: ALGORITHMS.md sections 0.5 (top-k), 3.2 (TIES trim), 4.2 (DARE); DARE's masks
+follow mask rule 2 (issue 14, replacing §4.3's `torch.rand(shape, generator) < p`):
+
+    key  = first 8 bytes (big-endian) of SHA-256(f"{seed}:{i}:{name}")   (model i, tensor name)
+    w_k  = SplitMix64 output k from state `key`: mix(key + (k+1)·GOLDEN mod 2**64), with
+           mix(z): z ^= z >> 30; z *= MIX1; z ^= z >> 27; z *= MIX2; z ^= z >> 31  (logical
+           shifts, products mod 2**64; GOLDEN, MIX1, MIX2 below)
+    u_j  = bits 16·(j mod 4) .. 16·(j mod 4)+15 of w_{j div 4}   (flat element j, 4 per word)
+    keep element j  iff  u_j < t,   t = floor(density·65536 + 0.5)   (t = 0 is a UserError)
+
+DARE rescales by the density actually used, t / 65536. A mask is a function of (seed, i, name,
+j) only: the same bits on CPU and CUDA, in any chunking and order, computed on the device.
 """
 from __future__ import annotations
 
 import hashlib
 import math
 import struct
+import sys
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -42,15 +54,87 @@ def blocks(n: int, size: int) -> Iterator[tuple[int, int]]:
 
 
 def mask_generator(seed: int, model_index: int, tensor_name: str) -> torch.Generator:
-    """CPU generator for the DARE mask of (model, tensor): SHA-256 of f"{seed}:{i}:{name}" (§4.3).
-
-    The first 8 bytes of the digest (big-endian), masked to 63 bits, seed it, so masks do not
-    depend on streaming order, device or process.
-    """
-    digest = hashlib.sha256(f"{seed}:{model_index}:{tensor_name}".encode()).digest()
+    """CPU generator of (model, tensor), seeded by `mask_key` masked to 63 bits (DELLA's masks,
+    §17.3: drawn as torch.rand, so they do not depend on streaming order, device or process)."""
     generator = torch.Generator(device="cpu")
-    generator.manual_seed(int.from_bytes(digest[:8], "big") & ((1 << 63) - 1))
+    generator.manual_seed(mask_key(seed, model_index, tensor_name) & ((1 << 63) - 1))
     return generator
+
+
+MASK_RULE = 2  # the DARE mask rule of the module docstring; recipes record it
+GOLDEN, MIX1, MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+MIX_STEPS = ((30, MIX1), (27, MIX2), (31, 1))  # (right shift, multiplier) of SplitMix64's mix
+DENSITY_STEPS = 1 << 16  # a mask draw is a 16-bit lane: density is quantised to 1/65536
+LANES = 4  # 16-bit draws per 64-bit word
+_FLIP = 0x8000800080008000  # lane sign bits: unsigned u < t  <=>  signed (u ^ 0x8000) < t - 2**15
+
+
+def mask_key(seed: int, model_index: int, tensor_name: str) -> int:
+    """The 64-bit key of (seed, model, tensor): SHA-256 of f"{seed}:{i}:{name}", first 8 bytes
+    big-endian. Hashed once per tensor on the host; the per-element work is `keep_mask`."""
+    digest = hashlib.sha256(f"{seed}:{model_index}:{tensor_name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def _int64(value: int) -> int:
+    """A 64-bit pattern as the signed int64 torch stores (two's complement)."""
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >> 63 else value
+
+
+def keep_threshold(density: float) -> int:
+    """t = floor(density·65536 + 0.5): DARE keeps a 16-bit draw u where u < t; a UserError when
+    the density rounds to 0."""
+    t = min(math.floor(density * DENSITY_STEPS + 0.5), DENSITY_STEPS)
+    if t <= 0:
+        raise UserError(f"--density: density {density} rounds to 0 in steps of 1/{DENSITY_STEPS}; "
+                        f"use at least {1 / DENSITY_STEPS:.3g}")
+    return t
+
+
+def used_density(density: float) -> float:
+    """The density DARE's masks keep in expectation and rescale by: t / 65536."""
+    return keep_threshold(density) / DENSITY_STEPS
+
+
+def splitmix64_(words: Tensor, scratch: Tensor) -> Tensor:
+    """SplitMix64's mix of int64 `words`, in place (wrap-around products; a logical right shift
+    is the arithmetic one with the sign-filled top bits masked off). `scratch` is like `words`."""
+    for shift, multiplier in MIX_STEPS:
+        torch.bitwise_right_shift(words, shift, out=scratch).bitwise_and_((1 << (64 - shift)) - 1)
+        words.bitwise_xor_(scratch)
+        if multiplier != 1:
+            words.mul_(_int64(multiplier))
+    return words
+
+
+def keep_mask(key: int, density: float, start: int, n: int,
+              device: torch.device | str = "cpu") -> Tensor:
+    """Keep-mask of flat elements start .. start+n-1 under mask rule 2 (module docstring): float32
+    1 where kept, 0 where dropped (a float multiplier: boolean kernels are slow here).
+
+    Computed in blocks of `block_size` draws in two reused buffers, so that on CPU the dozen
+    integer passes stay in cache."""
+    device = torch.device(device)
+    bound = keep_threshold(density) - DENSITY_STEPS // 2  # t in the flipped, signed lanes
+    if bound == DENSITY_STEPS // 2:  # t = 65536 keeps every u (and is no int16)
+        return torch.ones(n, dtype=torch.float32, device=device)
+    if sys.byteorder != "little":  # the int16 view below reads a word's low lane first
+        raise RuntimeError("DARE masks need a little-endian host")
+    out = torch.empty(n, dtype=torch.float32, device=device)
+    first, stop = start // LANES, -(-(start + n) // LANES)  # the words holding the entries
+    size = min(block_size(device) // LANES, max(stop - first, 1))
+    ramp = torch.arange(size, dtype=torch.int64, device=device).mul_(_int64(GOLDEN))  # k·GOLDEN
+    words, scratch = torch.empty_like(ramp), torch.empty_like(ramp)
+    for lo, hi in blocks(stop - first, size):
+        state = torch.add(ramp[: hi - lo], _int64(key + (first + lo + 1) * GOLDEN),
+                          out=words[: hi - lo])  # key + (k+1)·GOLDEN for words k = first + lo ...
+        draws = splitmix64_(state, scratch[: hi - lo]).bitwise_xor_(_int64(_FLIP))
+        draws = draws.view(torch.int16)  # 4 draws per word, its low lane first
+        begin = (first + lo) * LANES  # flat index of draws[0]
+        a, b = max(start, begin), min(start + n, begin + draws.numel())
+        torch.lt(draws[a - begin: b - begin], bound, out=out[a - start: b - start])
+    return out
 
 
 class Deltas:
@@ -269,45 +353,24 @@ class TopK:
 
 
 class RandomDrop:
-    """DARE drop (§4.2-4.3): keep each entry where rand < density, drawn on CPU in flat order.
+    """DARE drop (§4.2, mask rule 2): keep each entry where its counter-based draw is below the
+    density; stateless, so blocks may come in any order, on any device."""
 
-    Blocks must be applied in order, once each, so that the mask equals
-    `torch.rand(shape, generator=g) < density` whatever the block size or device.
-    """
+    def __init__(self, density: float, key: int):
+        self.density, self.key = density, key
 
-    def __init__(self, density: float, generator: torch.Generator, size: int):
-        self.density, self.generator = density, generator
-        self._state = generator.get_state()
-        self._rand = torch.empty(size, dtype=torch.float32)
-
-    def apply_(self, delta: Tensor, start: int) -> Tensor:  # noqa: ARG002 - order, not offset
-        keep = self._rand[: delta.numel()].uniform_(generator=self.generator).lt_(self.density)
-        return delta.mul_(keep.to(delta.device))
-
-    def rewind(self) -> None:
-        """Reset the generator so that the next pass draws the same masks again."""
-        self.generator.set_state(self._state)
-
-
-def draw_keep_mask(density: float, generator: torch.Generator, n: int) -> Tensor:
-    """The keep-mask RandomDrop draws for n entries, all at once: float 1 where rand < density.
-
-    Lets the mask of a chunk be drawn ahead on another thread (the draw is the costliest step
-    of DARE on CPU)."""
-    return torch.rand(n, generator=generator).lt_(density)
+    def apply_(self, delta: Tensor, start: int) -> Tensor:
+        return delta.mul_(keep_mask(self.key, self.density, start, delta.numel(), delta.device))
 
 
 class PresetDrop:
-    """DARE drop with a keep-mask drawn ahead by `draw_keep_mask` (same masks as RandomDrop)."""
+    """DARE drop with a keep-mask drawn ahead by `keep_mask` (same masks as RandomDrop)."""
 
     def __init__(self, keep: Tensor):
         self.keep = keep.reshape(-1)
 
     def apply_(self, delta: Tensor, start: int) -> Tensor:
         return delta.mul_(self.keep[start:start + delta.numel()].to(delta.device))
-
-    def rewind(self) -> None:
-        """Nothing to reset: the mask is kept."""
 
 
 def l1_ratio(total: float, kept: float) -> float:
@@ -378,6 +441,3 @@ class PresetDelta:
 
     def apply_(self, delta: Tensor, start: int) -> Tensor:
         return delta.copy_(self.delta[start:start + delta.numel()])
-
-    def rewind(self) -> None:
-        """Nothing to reset: the delta is kept."""

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from checkpoints.checkpoint import parse_dtype, parse_size
 from checkpoints.errors import UserError
 from merging_methods.params import Param
+from merging_methods.primitives import MASK_RULE
 from merging_methods.registry import METHODS, declared_params, get_method
 
 VOCAB_MODES = ("base", "union")
@@ -32,9 +33,16 @@ class MergeRecipe:
     device: str = "auto"
     max_shard_size: str = "5GB"
     overwrite: bool = False
+    mask_rule: int = MASK_RULE                    # how DARE's masks are drawn (primitives.py)
 
     def __post_init__(self):
         spec = get_method(self.method)
+        if "mask_keys" in spec.context and self.mask_rule != MASK_RULE:
+            raise UserError(f"mask_rule {self.mask_rule}: this recipe's DARE masks were drawn "
+                            f"with rule {self.mask_rule} (torch.rand per tensor), which this "
+                            f"toolkit no longer has; it draws rule {MASK_RULE} (counter-based): "
+                            f"set mask_rule: {MASK_RULE} for new masks, or use a toolkit from "
+                            f"before rule {MASK_RULE} to reproduce the old output")
         models = tuple(self.models)
         if not models:
             raise UserError("--models_to_merge: give at least one model (comma-separated)")
@@ -50,6 +58,12 @@ class MergeRecipe:
 
     def as_record(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_record(cls, merge: dict) -> MergeRecipe:
+        """The recipe of a merge_recipe.yaml's `merge` section; a record without `mask_rule`
+        predates it (rule 1)."""
+        return cls(**{"mask_rule": 1, **merge})
 
 
 def _defaults_text(name: str) -> str:

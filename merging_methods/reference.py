@@ -7,6 +7,7 @@ fast path of every method against these (they share no code with them).
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from functools import partial
 from typing import Callable, Sequence
@@ -72,22 +73,43 @@ def ties(base: Tensor, others: Sequence[Tensor], *, weights: Sequence[float],
     return gta(base, others, weights, trim, True, normalize, scaling)
 
 
+WORD = (1 << 64) - 1
+
+
+def splitmix64(state: int, k: int) -> int:
+    """Output k (0-based) of SplitMix64 seeded with `state`, in Python integers mod 2**64."""
+    z = (state + (k + 1) * 0x9E3779B97F4A7C15) & WORD
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & WORD
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & WORD
+    return z ^ (z >> 31)
+
+
+def dare_mask(seed: int, index: int, name: str, density: float, n: int) -> tuple[Tensor, float]:
+    """Mask rule 2 written out: (keep-mask of n flat entries, the density used t/65536).
+
+    key = SHA-256(f"{seed}:{index}:{name}")[:8] big-endian; entry j keeps iff 16-bit lane j%4
+    (low lane first) of SplitMix64 output j//4 is < t = floor(density·65536 + 0.5)."""
+    key = int.from_bytes(hashlib.sha256(f"{seed}:{index}:{name}".encode()).digest()[:8], "big")
+    t = math.floor(density * 65536 + 0.5)
+    words = [splitmix64(key, k) for k in range((n + 3) // 4)]
+    keep = [(words[j // 4] >> (16 * (j % 4))) & 0xFFFF < t for j in range(n)]
+    return torch.tensor(keep, dtype=torch.float64), t / 65536
+
+
 def dare(base: Tensor, others: Sequence[Tensor], *, weights: Sequence[float],
-         density: Sequence[float], generators: Sequence[torch.Generator], consensus: bool,
+         density: Sequence[float], seed: int, tensor_name: str, consensus: bool,
          scaling: float = 1.0, normalize: bool = False, rescale: bool = True,
          rescale_mode: str = "inverse_density") -> Tensor:
-    """§4.2: keep each entry where torch.rand (CPU, float32) < density, rescale, then §0.6
+    """§4.2 with mask rule 2 (`dare_mask`): keep, rescale by 1/(density used) or L1, then §0.6
     (with sign consensus for dare_ties)."""
-    masks = [(torch.rand(base.shape, generator=g) < p).double()
-             for g, p in zip(generators, density)]
-
     def drop(i: int, delta: Tensor) -> Tensor:
-        if density[i] >= 1:
+        keep, p = dare_mask(seed, i, tensor_name, density[i], delta.numel())
+        if p >= 1:
             return delta
-        dropped = delta * masks[i]
+        dropped = delta * keep.view_as(delta)
         if not rescale:
             return dropped
-        return dropped / density[i] if rescale_mode == "inverse_density" else l1_rescaled(dropped, delta)
+        return dropped / p if rescale_mode == "inverse_density" else l1_rescaled(dropped, delta)
     return gta(base, others, weights, drop, consensus, normalize, scaling)
 
 

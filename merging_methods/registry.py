@@ -11,9 +11,11 @@ A method is a plain function over whole float32 tensors of one shape and device:
   The recipe has validated them already (ranges, choices, one value per model).
 * `context`: the per-tensor facts the method lists in `MethodSpec.context`, and only those, as
   keyword arguments: `tensor_name: str`, `layer_index: int | None` (from `.layers.N.` in the
-  name), `num_layers: int | None` (the base config's), `is_input_embedding: bool` and
-  `generators: list[torch.Generator]` (one per model, `mask_generator(seed, i, tensor_name)`:
-  randomness keyed by name, so any order and device gives the same bits).
+  name), `num_layers: int | None` (the base config's), `is_input_embedding: bool`,
+  `mask_keys: list[int]` (one per model, `mask_key(seed, i, tensor_name)`: DARE's counter-based
+  masks, mask rule 2) and `generators: list[torch.Generator]` (one per model,
+  `mask_generator(seed, i, tensor_name)`, DELLA's draws): randomness keyed by name, so any
+  order and device gives the same bits.
 * It returns a new float32 tensor shaped like `base`: no I/O, no device moves, no dtype choices.
   Its docstring points to its float64 paper-box version in reference.py.
 
@@ -38,10 +40,12 @@ from merging_methods.params import (
     ABOVE_AVERAGE_VALUE_RATIO, DENSITY, NORMALIZE, RESCALE, RESCALE_MODE, SCALING,
     SCORE_CALIBRATION_VALUE, WEIGHTS, Param,
 )
+from merging_methods.primitives import keep_threshold
 from merging_methods.widen import widen
 
 CONTEXT = frozenset({"tensor_name", "layer_index", "num_layers", "is_input_embedding",
-                     "generators"})
+                     "generators", "mask_keys"})
+RANDOM_CONTEXT = frozenset({"generators", "mask_keys"})  # what makes a method stochastic
 Values = Mapping[str, object]  # resolved parameters: every declared name, defaults filled in
 
 
@@ -82,7 +86,7 @@ class MethodSpec:
 
     @property
     def stochastic(self) -> bool:
-        return "generators" in self.context
+        return bool(self.context & RANDOM_CONTEXT)
 
     def resolve(self, given: Values, n_models: int) -> dict[str, object]:
         """Every parameter of the method, `given` values checked and defaults filled in; a
@@ -108,6 +112,12 @@ def _weights_sum_to_nonzero(values: Values) -> None:
     if values["normalize"] and abs(sum(values["weights"])) < gta.SUM_EPS:
         raise UserError("--weights: the weights sum to 0, so a normalized average is undefined; "
                         "change the weights or pass --no-normalize")
+
+
+def _dare_densities(values: Values) -> None:
+    """Each density must keep something at DARE's resolution of 1/65536 (mask rule 2)."""
+    for density in values["density"]:
+        keep_threshold(density)
 
 
 def _negative_weights(consensus: bool) -> Callable[[Values], list[str]]:
@@ -141,11 +151,13 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
            warn=_negative_weights(True),
            fast=FastPath(gta_blocked.ties, stored_dtype_inputs=True)),
     method("dare_linear", gta.dare_linear, "random drop + rescale, then task arithmetic", *_DARE,
-           context=frozenset({"generators"}), warn=_negative_weights(False),
+           context=frozenset({"mask_keys"}), check=_dare_densities,
+           warn=_negative_weights(False),
            fast=FastPath(gta_blocked.dare_linear, stored_dtype_inputs=True, row_separable=True,
                          masks_ahead=True)),
     method("dare_ties", gta.dare_ties, "random drop + rescale, then TIES sign consensus", *_DARE,
-           context=frozenset({"generators"}), warn=_negative_weights(True),
+           context=frozenset({"mask_keys"}), check=_dare_densities,
+           warn=_negative_weights(True),
            fast=FastPath(gta_blocked.dare_ties, stored_dtype_inputs=True, row_separable=True,
                          masks_ahead=True)),
     method("widen", widen, "per-column magnitude/direction ranking of task vectors (WIDEN)",

@@ -31,7 +31,7 @@ from checkpoints.overlap import IOThread
 from checkpoints.record import write_model_card, write_record
 from checkpoints.rows import AlignedRows, RowRange, row_ranges
 from merging_methods.plan import MergePlan, TensorPlan, build_plan, input_embedding_rows
-from merging_methods.primitives import draw_keep_mask, mask_generator
+from merging_methods.primitives import keep_mask, mask_generator, mask_key, used_density
 from merging_methods.recipe import MergeRecipe
 from merging_methods.registry import MethodSpec, get_method, method_warnings, splits_by_rows
 from merging_methods.vocab import VocabUnion, plan_union, save_union_tokenizer, vocab_config_update
@@ -102,18 +102,20 @@ def tensor_context(spec: MethodSpec, item: TensorPlan, seed: int, n_models: int,
     """The per-tensor keyword arguments `spec.context` asks for (registry.py's contract)."""
     facts = {"tensor_name": item.name, "layer_index": item.layer_index, "num_layers": num_layers,
              "is_input_embedding": item.is_input_embedding}
-    if spec.stochastic:
+    if "generators" in spec.context:
         facts["generators"] = [mask_generator(seed, i, item.name) for i in range(n_models)]
+    if "mask_keys" in spec.context:
+        facts["mask_keys"] = [mask_key(seed, i, item.name) for i in range(n_models)]
     return {name: facts[name] for name in spec.context}
 
 
 class TensorMerge:
     """Merging one planned tensor: whole, through the method's dense function, or chunk of rows
-    by chunk through its fast path (rows.py); DARE generators carry on from chunk to chunk, so
-    the masks are those of the whole tensor."""
+    by chunk through its fast path (rows.py); DARE's masks are keyed by the flat element index,
+    so the chunks' masks are those of the whole tensor."""
 
     def __init__(self, spec: MethodSpec, params: dict, seed: int, item: TensorPlan,
-                 inputs: OpenedInputs):
+                 inputs: OpenedInputs, device: torch.device):
         self.spec, self.params, self.item, self.inputs = spec, params, item, inputs
         fill = "mean" if inputs.union else "base"
 
@@ -124,9 +126,10 @@ class TensorMerge:
         self.base = aligned(inputs.base, item.name)
         self.models = [aligned(m, src) for m, src in zip(inputs.models, item.sources)]
         self.context = tensor_context(spec, item, seed, len(self.models), inputs.plan.num_layers)
-        # DARE on row chunks: the chunk's keep-masks are drawn with its inputs (on the I/O
-        # thread, in chunk order, so the generators give the whole tensor's masks)
-        self.masks_ahead = spec.fast is not None and spec.fast.masks_ahead and splits_by_rows(spec, params)
+        # DARE on row chunks on CPU: the chunk's keep-masks are drawn with its inputs on the I/O
+        # thread, off the merge thread; an accelerator draws them itself, block by block
+        self.masks_ahead = (device.type == "cpu" and spec.fast is not None
+                            and spec.fast.masks_ahead and splits_by_rows(spec, params))
 
     def units(self) -> Iterator[tuple[RowRange | None, tuple[int, ...]]]:
         """(rows, output shape of those rows) for each chunk this tensor is merged in."""
@@ -142,9 +145,10 @@ class TensorMerge:
         raw = [base_rows, *(finite(m.get(rows, base_rows), m.reader.label, name)
                             for m in self.models)]
         if self.masks_ahead:
-            p = self.params
-            raw.append([draw_keep_mask(d, g, base_rows.numel()) if d < 1 and w != 0 else None
-                        for d, w, g in zip(p["density"], p["weights"], self.context["generators"])])
+            p, n = self.params, base_rows.numel()
+            start = rows[0] * math.prod(base_rows.shape[1:]) if rows else 0  # flat offset
+            raw.append([keep_mask(k, d, start, n) if used_density(d) < 1 and w != 0 else None
+                        for d, w, k in zip(p["density"], p["weights"], self.context["mask_keys"])])
         return raw
 
     def merge(self, raw: list[torch.Tensor], device: torch.device,
@@ -174,13 +178,14 @@ class WorkUnit:
     nbytes: int   # the stored inputs read for it (the prefetch budget)
 
 
-def _work_units(spec: MethodSpec, recipe: MergeRecipe, inputs: OpenedInputs) -> list[WorkUnit]:
+def _work_units(spec: MethodSpec, recipe: MergeRecipe, inputs: OpenedInputs,
+                device: torch.device) -> list[WorkUnit]:
     units = []
     for item in inputs.plan.tensors:
         if not item.merge:
             units.append(WorkUnit(item.name, None, item.out.shape, None, item.out.nbytes))
             continue
-        job = TensorMerge(spec, recipe.params, recipe.seed, item, inputs)
+        job = TensorMerge(spec, recipe.params, recipe.seed, item, inputs, device)
         readers = [(inputs.base, item.name), *zip(inputs.models, item.sources)]
         itemsizes = sum(reader.info[name].dtype.itemsize for reader, name in readers)
         units += [WorkUnit(item.name, rows, shape, job, math.prod(shape) * itemsizes)
@@ -228,7 +233,7 @@ def run_merge(recipe: MergeRecipe, *, make_post: HookFactory | None = None) -> P
         total = sum(t.out.nbytes for t in inputs.plan.tensors)
         with torch.inference_mode(), IOThread() as io, tqdm(
                 total=total, unit="B", unit_scale=True, desc=f"merge {recipe.method}") as bar:
-            units = _work_units(spec, recipe, inputs)
+            units = _work_units(spec, recipe, inputs, device)
             loads = ((partial(_read_unit, inputs.base, unit), unit.nbytes) for unit in units)
             for unit, raw in zip(units, io.prefetch(loads)):
                 out = raw if unit.job is None else _merge_unit(unit, raw, device, results, post)

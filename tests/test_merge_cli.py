@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import merge
-from merging_methods.primitives import mask_generator
+from merging_methods.primitives import mask_key
 from merging_methods.registry import METHODS
 from tests.tiny_models import build_finetune, build_llama
 
@@ -106,7 +106,7 @@ def test_streamed_output_equals_in_memory_merge(family, tmp_path, method):
     others = [load_weights(f) for f in fts]
     got = load_weights(out)
     for name, t0 in b.items():   # the dense function (the runner used the fast path if any)
-        facts = {"generators": [mask_generator(7, i, name) for i in range(3)],
+        facts = {"mask_keys": [mask_key(7, i, name) for i in range(3)],
                  "is_input_embedding": name == "model.embed_tokens.weight"}
         context = {k: facts[k] for k in spec.context}
         want = spec.fn(t0.float(), [o[name].float() for o in others], **params,

@@ -15,7 +15,7 @@ import torch
 
 from checkpoints.errors import UserError
 from merging_methods import primitives, reference
-from merging_methods.primitives import keep_topk, mask_generator
+from merging_methods.primitives import keep_topk, mask_generator, mask_key
 from merging_methods.registry import METHODS, get_method, method_warnings
 from merging_methods.widen import Units, direction_change, rank_scores, widen
 
@@ -25,16 +25,17 @@ PATHS = [(m, "dense") for m in sorted(METHODS)] + [(m, "fast") for m in FAST]
 
 
 def ref_generator(seed: int, index: int, name: str) -> torch.Generator:
-    """The DARE mask generator of §4.3, written independently of mask_generator."""
+    """DELLA's mask generator (§17.3), written independently of mask_generator."""
     value = int.from_bytes(hashlib.sha256(f"{seed}:{index}:{name}".encode()).digest()[:8], "big")
     return torch.Generator().manual_seed(value & (2**63 - 1))
 
 
-def context(method, n_models, generator=mask_generator, is_input_embedding=False):
+def context(method, n_models, is_input_embedding=False):
     """The per-tensor keyword arguments the method declares (tensor NAME, seed SEED)."""
     facts = {"tensor_name": NAME, "layer_index": 0, "num_layers": 2,
              "is_input_embedding": is_input_embedding,
-             "generators": [generator(SEED, i, NAME) for i in range(n_models)]}
+             "generators": [mask_generator(SEED, i, NAME) for i in range(n_models)],
+             "mask_keys": [mask_key(SEED, i, NAME) for i in range(n_models)]}
     return {k: facts[k] for k in METHODS[method].context}
 
 
@@ -51,9 +52,11 @@ def run(method, base, others, path="dense", **overrides):
 
 
 def expected(method, base, others, params, **ctx):
-    """The float64 reference result (its own DARE generators)."""
-    return getattr(reference, method)(base, others, **params,
-                                      **context(method, len(others), ref_generator, **ctx))
+    """The float64 reference result (DARE: its own masks, from SEED and NAME)."""
+    given = context(method, len(others), **ctx)
+    if given.pop("mask_keys", None) is not None:
+        given.update(seed=SEED, tensor_name=NAME)
+    return getattr(reference, method)(base, others, **params, **given)
 
 
 def grid(shape, scale, gen, levels=64):
@@ -313,34 +316,36 @@ def test_an_exactly_zero_sign_sum_elects_plus_one(method):
 
 
 # ----------------------------------------------------------------------------- DARE
-def test_dare_mask_is_torch_rand_below_density(block):
+@pytest.mark.parametrize("path", ["dense", "fast"])
+def test_dare_mask_is_mask_rule_2(path, block):
     base, (other,) = family(n=1, shape=(33, 31))
-    out, _ = run("dare_linear", base, [other], density=0.4, rescale=False)
-    kept = torch.rand(base.shape, generator=ref_generator(SEED, 0, NAME)) < 0.4
+    out, _ = run("dare_linear", base, [other], path, density=0.4, rescale=False)
+    kept = reference.dare_mask(SEED, 0, NAME, 0.4, base.numel())[0].view(base.shape) == 1
     assert torch.equal(out, torch.where(kept, other, base))
 
 
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
 @pytest.mark.parametrize("mode", ["inverse_density", "l1"])
-def test_keep_masks_drawn_ahead_equal_the_generators(method, mode, block):
+def test_keep_masks_drawn_ahead_equal_the_blocked_draws(method, mode, block):
     """Masks drawn at once per model (the runner draws them on its I/O thread) give the result
-    of the per-block generator draws; a model with density 1 needs no mask."""
+    of the per-block draws; a model with density 1 needs no mask."""
     base, others = family(shape=(33, 31))
     density = [0.4, 1.0, 0.7]
     want, params = run(method, base, others, density=density, rescale_mode=mode)
-    masks = [primitives.draw_keep_mask(d, ref_generator(SEED, i, NAME), base.numel())
+    masks = [reference.dare_mask(SEED, i, NAME, d, base.numel())[0].float()
              if d < 1 else None for i, d in enumerate(density)]
     got = METHODS[method].fast.fn(base, others, **params, **context(method, 3), keep_masks=masks)
     assert torch.equal(got, want)
 
 
-def test_dare_kept_entries_equal_delta_over_density():
+def test_dare_kept_entries_equal_delta_over_the_density_used():
+    """Rescaled by the quantised density: round(0.3 · 65536) / 65536 = 19661 / 65536."""
     delta = family(n=1)[1][0]
     zero = torch.zeros_like(delta)
     out, _ = run("dare_linear", zero, [delta], density=0.3)
     kept = out != 0
     assert 0 < int(kept.sum()) < delta.numel()
-    torch.testing.assert_close(out[kept], delta[kept] / 0.3)
+    torch.testing.assert_close(out[kept], delta[kept] / (19661 / 65536), rtol=1e-7, atol=0)
 
 
 def test_dare_l1_mode_matches_the_l1_norm():
@@ -355,8 +360,8 @@ def test_same_seed_same_result_new_seed_new_result(method):
     params = resolved(method, 3, density=0.5)
 
     def merge(seed):
-        generators = [mask_generator(seed, i, NAME) for i in range(3)]
-        return METHODS[method].fn(base, others, **params, generators=generators)
+        keys = [mask_key(seed, i, NAME) for i in range(3)]
+        return METHODS[method].fn(base, others, **params, mask_keys=keys)
 
     assert torch.equal(merge(1), merge(1))
     assert not torch.equal(merge(1), merge(2))
@@ -464,6 +469,7 @@ def test_unknown_method_lists_the_choices():
 @pytest.mark.parametrize("method, params, flag", [
     ("ties", {"density": [0.0, 0.5]}, "--density"),
     ("dare_ties", {"density": 1.5}, "--density"),
+    ("dare_ties", {"density": [0.5, 1e-6]}, "--density"),  # rounds to 0 at 1/65536
     ("ties", {"weights": [1.0, 1.0, 1.0]}, "--weights"),
     ("task_arithmetic", {"density": 0.5}, "--density"),
     ("widen", {"weights": 1.0}, "--weights"),
