@@ -19,8 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     from merging_methods.recipe import add_merge_arguments
 
     parser = argparse.ArgumentParser(
-        description="Merge fine-tunes of one base model (task arithmetic, TIES, DARE, WIDEN, "
-                    "linear), optionally followed by Activation-Informed Merging (--aim).")
+        description="Merge fine-tunes of one base model (--method, see the list below), "
+                    "optionally followed by Activation-Informed Merging (--aim).")
     add_merge_arguments(parser)
     parser.add_argument("--aim", action="store_true",
                         help="apply Activation-Informed Merging to each merged tensor in the same "

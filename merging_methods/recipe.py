@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from checkpoints.checkpoint import parse_dtype, parse_size
 from checkpoints.errors import UserError
 from merging_methods.params import Param
-from merging_methods.registry import METHODS, declared_params, get_method
+from merging_methods.registry import ALIASES, METHODS, declared_params, get_method
 
 VOCAB_MODES = ("base", "union")
 
@@ -45,8 +45,15 @@ class MergeRecipe:
         if self.dtype is not None:
             parse_dtype(self.dtype)
         parse_size(self.max_shard_size)
+        spec.check_count(len(models))
+        object.__setattr__(self, "method", spec.name)   # an alias is recorded by its method
         object.__setattr__(self, "models", models)
         object.__setattr__(self, "params", spec.resolve(self.params, len(models)))
+        self.arguments()
+
+    def arguments(self) -> dict:
+        """The keyword arguments of the method function (a named model becomes its index)."""
+        return get_method(self.method).arguments(self.params, self.models)
 
     def as_record(self) -> dict:
         return asdict(self)
@@ -73,10 +80,9 @@ def _add_param_flag(group: argparse._ArgumentGroup, param: Param) -> None:
     if param.kind is bool:
         group.add_argument(param.flag, dest=param.name, action=argparse.BooleanOptionalAction,
                            default=None, help=text)
-    elif param.choices:
-        group.add_argument(param.flag, dest=param.name, choices=param.choices, default=None,
-                           help=text)
-    elif param.per_model:   # comma-separated text, parsed by the recipe builder (one-line errors)
+    elif param.per_model or param.kind is str:
+        # text (per-model: comma-separated), checked when the recipe is built (one-line errors;
+        # the allowed choices can differ between methods)
         group.add_argument(param.flag, dest=param.name, default=None, help=text)
     else:
         group.add_argument(param.flag, dest=param.name, type=param.kind, default=None, help=text)
@@ -85,7 +91,8 @@ def _add_param_flag(group: argparse._ArgumentGroup, param: Param) -> None:
 def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
     """The merge flags (published names kept: --method, --base_model, --models_to_merge, --save_path)."""
     parser.add_argument("--method", required=True, metavar="NAME",
-                        help=f"merge method: {', '.join(sorted(METHODS))}")
+                        help=f"merge method: {', '.join(sorted(METHODS))} (aliases: "
+                             f"{', '.join(f'{a} = {m}' for a, m in sorted(ALIASES.items()))})")
     parser.add_argument("--base_model", required=True,
                         help="base (pre-trained) model: local folder or hub id (e.g. "
                              "unsloth/llama-2-13b); for 'linear' it supplies config and tokenizer")

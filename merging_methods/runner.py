@@ -175,12 +175,12 @@ class WorkUnit:
 
 
 def _work_units(spec: MethodSpec, recipe: MergeRecipe, inputs: OpenedInputs) -> list[WorkUnit]:
-    units = []
+    units, arguments = [], recipe.arguments()
     for item in inputs.plan.tensors:
         if not item.merge:
             units.append(WorkUnit(item.name, None, item.out.shape, None, item.out.nbytes))
             continue
-        job = TensorMerge(spec, recipe.params, recipe.seed, item, inputs)
+        job = TensorMerge(spec, arguments, recipe.seed, item, inputs)
         readers = [(inputs.base, item.name), *zip(inputs.models, item.sources)]
         itemsizes = sum(reader.info[name].dtype.itemsize for reader, name in readers)
         units += [WorkUnit(item.name, rows, shape, job, math.prod(shape) * itemsizes)
