@@ -152,3 +152,6 @@ EXPERT_DENSITY = Param("expert_density", float, 0.01, flag="--free_expert_densit
                        high=1.0, low_open=True, mergekit="expert_density",
                        help="free_merging: fraction of the task model's |delta| kept as its "
                             "expert, in (0, 1]")
+SCALE = Param("scale", float, 1.0, per_model=True, mergekit="scale",
+              help="passthrough: multiplier of each slice's copied tensors, one value for all "
+                   "or one per slice")

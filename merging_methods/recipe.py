@@ -32,6 +32,7 @@ class MergeRecipe:
     device: str = "auto"
     max_shard_size: str = "5GB"
     overwrite: bool = False
+    layer_ranges: tuple[tuple[int, int], ...] | None = None   # passthrough: [a, b) per model
 
     def __post_init__(self):
         spec = get_method(self.method)
@@ -46,6 +47,12 @@ class MergeRecipe:
             parse_dtype(self.dtype)
         parse_size(self.max_shard_size)
         spec.check_count(len(models))
+        if spec.stacks_layers:
+            object.__setattr__(self, "layer_ranges", _check_layer_ranges(self.layer_ranges,
+                                                                         len(models)))
+        elif self.layer_ranges is not None:
+            raise UserError(f"--layer_ranges applies only to --method passthrough, not "
+                            f"{spec.name}")
         object.__setattr__(self, "method", spec.name)   # an alias is recorded by its method
         object.__setattr__(self, "models", models)
         object.__setattr__(self, "params", spec.resolve(self.params, len(models)))
@@ -57,6 +64,30 @@ class MergeRecipe:
 
     def as_record(self) -> dict:
         return asdict(self)
+
+
+def _check_layer_ranges(ranges: object, n_models: int) -> tuple[tuple[int, int], ...]:
+    """One half-open [a, b) layer range per model, 0 <= a < b (the depth is checked in preflight)."""
+    if ranges is None:
+        raise UserError("--layer_ranges: passthrough needs one layer range per model, e.g. "
+                        "--layer_ranges 0:4,2:6")
+    ranges = tuple(tuple(r) for r in ranges)
+    if len(ranges) != n_models:
+        raise UserError(f"--layer_ranges: {len(ranges)} ranges for {n_models} models; give one "
+                        "per --models_to_merge entry (list a model twice to take two ranges)")
+    for a, b in ranges:
+        if not 0 <= a < b:
+            raise UserError(f"--layer_ranges: {a}:{b} must satisfy 0 <= start < end")
+    return ranges
+
+
+def parse_layer_ranges(text: str) -> tuple[tuple[int, int], ...]:
+    """'0:4,2:6' -> ((0, 4), (2, 6)): half-open ranges of decoder layers."""
+    try:
+        return tuple((int(a), int(b)) for a, b in (part.split(":") for part in text.split(",")))
+    except ValueError:
+        raise UserError(f"--layer_ranges: expected comma-separated start:end pairs (end "
+                        f"excluded), e.g. 0:4,2:6; got {text!r}") from None
 
 
 def _defaults_text(name: str) -> str:
@@ -103,8 +134,14 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
     p = parser.add_argument_group("method parameters (default: the method's mergekit default)")
     for param in declared_params().values():
         _add_param_flag(p, param)
+    p.add_argument("--layer_ranges", default=None, metavar="A:B,...",
+                   help="passthrough: the decoder layers [A, B) taken from each model, in "
+                        "--models_to_merge order, stacked and renumbered from 0 (e.g. "
+                        "--models_to_merge M1,M2 --layer_ranges 0:4,2:6 gives 8 layers); "
+                        "embeddings come from the first slice's model, the final norm and "
+                        "lm_head from the last one's, config.json and tokenizer from --base_model")
     p.add_argument("--seed", type=int, default=0,
-                   help="seed of DARE's random masks (per tensor name; default 0)")
+                   help="seed of DARE's and DELLA's random masks (per tensor name; default 0)")
     r = parser.add_argument_group("runtime and output")
     r.add_argument("--vocab", choices=VOCAB_MODES, default="base",
                    help="output vocabulary: 'base' (default, what mergekit did for the AIM "
@@ -138,4 +175,6 @@ def recipe_from_args(args: argparse.Namespace) -> MergeRecipe:
                        models=tuple(m.strip() for m in args.models_to_merge.split(",") if m.strip()),
                        save_path=args.save_path, params=given, seed=args.seed, vocab=args.vocab,
                        dtype=args.dtype, device=args.device, max_shard_size=args.max_shard_size,
-                       overwrite=args.overwrite)
+                       overwrite=args.overwrite,
+                       layer_ranges=parse_layer_ranges(args.layer_ranges) if args.layer_ranges
+                       else None)

@@ -43,10 +43,11 @@ from merging_methods.della import check_window, della, della_linear
 from merging_methods.fr_merging import fr_merging
 from merging_methods.free_merging import free_merging
 from merging_methods.model_stock import model_stock
+from merging_methods.passthrough import passthrough
 from merging_methods.params import (
     ABOVE_AVERAGE_VALUE_RATIO, DELLA_RESCALE_MODE, DENSITY, EPSILON, EXPERT_DENSITY, FILTER_WISE,
     FR_FAITHFUL, FR_RATIO, GAMMA, NORMALIZE, RESCALE, RESCALE_MODE, SCALING,
-    SCORE_CALIBRATION_VALUE, T, TASK_MODEL, WEIGHTS, Param,
+    SCALE, SCORE_CALIBRATION_VALUE, T, TASK_MODEL, WEIGHTS, Param,
 )
 from merging_methods.slerp import slerp
 from merging_methods.widen import widen
@@ -82,6 +83,9 @@ class MethodSpec:
     summary: str
     context: frozenset[str] = frozenset()
     others: tuple[int, int | None] = (1, None)   # models besides the base: (min, max or None)
+    # layers copied from slices of the models, renumbered (passthrough): the runner plans the
+    # output from --layer_ranges instead of merging tensor by tensor
+    stacks_layers: bool = False
     fast: FastPath | None = None
     check: Callable[[Values], None] | None = None        # cross-parameter checks (UserError)
     warn: Callable[[Values], list[str]] | None = None    # valid but likely unmeant settings
@@ -209,6 +213,8 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
            warn=_negative_weights(False)),
     method("fr_merging", fr_merging, "Fourier high-pass filter of each 2-D task vector, TIES "
            "sign consensus", *_FR, warn=_negative_weights(True)),
+    method("passthrough", passthrough, "layer ranges of the models stacked into one model "
+           "(--layer_ranges, one per model)", SCALE, stacks_layers=True),
     method("free_merging", free_merging, "fr_merging + the top-|delta| expert of one task model",
            *_FR, TASK_MODEL, EXPERT_DENSITY, warn=_negative_weights(True)),
 )}

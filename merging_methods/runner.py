@@ -21,8 +21,8 @@ import torch
 from tqdm import tqdm
 
 from checkpoints.checkpoint import (
-    CheckpointReader, ShardedWriter, copy_model_files, dtype_config_update, finite, parse_dtype,
-    parse_size, resolve_model_dir,
+    HEAD_SUFFIXES, CheckpointReader, ShardedWriter, TensorInfo, copy_model_files,
+    dtype_config_update, finite, parse_dtype, parse_size, resolve_model_dir,
 )
 from checkpoints.device import resolve_device
 from checkpoints.errors import UserError
@@ -30,7 +30,9 @@ from checkpoints.output import check_output_path, staged_output
 from checkpoints.overlap import IOThread
 from checkpoints.record import write_model_card, write_record
 from checkpoints.rows import AlignedRows, RowRange, row_ranges
-from merging_methods.plan import MergePlan, TensorPlan, build_plan, input_embedding_rows
+from merging_methods.passthrough import LayerSlice, PassthroughPlan, Source, passthrough_plan
+from merging_methods.plan import (MergePlan, TensorPlan, build_plan, input_embedding_name,
+                                  input_embedding_rows, num_layers)
 from merging_methods.primitives import draw_keep_mask, mask_generator
 from merging_methods.recipe import MergeRecipe
 from merging_methods.registry import MethodSpec, get_method, method_warnings, splits_by_rows
@@ -213,6 +215,11 @@ def run_merge(recipe: MergeRecipe, *, make_post: HookFactory | None = None) -> P
     """
     spec = get_method(recipe.method)
     check_output_path(recipe.save_path, recipe.overwrite, (*recipe.models, recipe.base_model))
+    if spec.stacks_layers:
+        if make_post is not None:
+            raise UserError(f"--aim: {spec.name} has no base to relax toward (its layers are "
+                            "copied from slices of the models); drop --aim")
+        return run_stacked(recipe, spec)
     device = resolve_device(recipe.device)
     max_shard_bytes = parse_size(recipe.max_shard_size)
     inputs = open_inputs(recipe)
@@ -250,3 +257,77 @@ def run_merge(recipe: MergeRecipe, *, make_post: HookFactory | None = None) -> P
              merged_count, len(inputs.plan.tensors) - merged_count, save_path)
     return save_path
 
+
+
+# ------------------------------------------------------------------------------- passthrough
+ScaleOf = Callable[[str, Source], float]   # (output tensor name, its source) -> scale
+
+
+def _heads_like_donor(plan: PassthroughPlan, donor: CheckpointReader,
+                      readers: list[CheckpointReader]) -> PassthroughPlan:
+    """Output heads as the donor's config.json declares them (§0.2): none when it ties its
+    embeddings; else each head, read from the last slice's model or, when that model ties its
+    head, from its input embedding."""
+    sources = {n: s for n, s in plan.sources.items()
+               if not (n.endswith(HEAD_SUFFIXES) and donor.tie_word_embeddings)}
+    if not donor.tie_word_embeddings:
+        last = plan.sources[next(reversed(plan.sources))].model
+        for head in (n for n in donor.info if n.endswith(HEAD_SUFFIXES) and n not in sources):
+            embedding = input_embedding_name(readers[last])
+            if embedding is None:
+                raise UserError(f"{readers[last].label} has neither {head} nor an input "
+                                "embedding to use as the output head")
+            sources[head] = Source(last, embedding)
+    return PassthroughPlan(sources, plan.num_hidden_layers)
+
+
+def _stacked_config(donor: CheckpointReader, readers: list[CheckpointReader],
+                    slices: list[LayerSlice], depth: int, out_dtype: torch.dtype) -> dict:
+    """config.json updates: the output depth, per-layer lists (`layer_types`) taken from the
+    slices' models, the output dtype."""
+    updates = {**dtype_config_update(donor.config, out_dtype), "num_hidden_layers": depth}
+    if isinstance(donor.config.get("layer_types"), list):
+        updates["layer_types"] = [readers[s.model].config["layer_types"][layer]
+                                  for s in slices for layer in range(s.start, s.end)]
+    return updates
+
+
+def run_stacked(recipe: MergeRecipe, spec: MethodSpec, scale_of: ScaleOf | None = None) -> Path:
+    """Passthrough (§7): copy the layer ranges of `recipe.layer_ranges` (one per model) into one
+    model, renumbered; each tensor times `scale_of(name, source)` (default: its slice's scale)."""
+    donor = CheckpointReader(resolve_model_dir(recipe.base_model, "--base_model"),
+                             recipe.base_model)
+    readers = [CheckpointReader(resolve_model_dir(m, "--models_to_merge"), m)
+               for m in recipe.models]
+    slices = [LayerSlice(i, a, b) for i, (a, b) in enumerate(recipe.layer_ranges)]
+    depths = [num_layers(r.config) or 0 for r in readers]
+    plan = _heads_like_donor(passthrough_plan(slices, [list(r.info) for r in readers], depths),
+                             donor, readers)
+    scales = recipe.params["scale"]
+    scale_of = scale_of or (lambda _name, source: scales[source.model])
+    out_dtype = parse_dtype(recipe.dtype) if recipe.dtype else donor.stored_dtype
+
+    def out_info(source: Source) -> TensorInfo:
+        info = readers[source.model].info[source.name]
+        return TensorInfo(info.shape, out_dtype if info.dtype.is_floating_point else info.dtype)
+
+    infos = {name: out_info(source) for name, source in plan.sources.items()}
+    save_path = Path(recipe.save_path)
+    folders = [donor.folder, *(r.folder for r in readers)]
+    with staged_output(save_path, recipe.overwrite, folders) as tmp, torch.inference_mode():
+        writer = ShardedWriter(tmp, infos, parse_size(recipe.max_shard_size))
+        for name, source in tqdm(plan.sources.items(), desc=f"{spec.name}", unit="tensor"):
+            reader = readers[source.model]
+            tensor = finite(reader.get(source.name), reader.label, source.name)
+            if tensor.dtype.is_floating_point:
+                tensor = spec.fn(tensor, [tensor], scale=[scale_of(name, source)]).to(out_dtype)
+            writer.add(name, tensor)
+        writer.close()
+        copy_model_files(donor.folder, tmp, config_updates=_stacked_config(
+            donor, readers, slices, plan.num_hidden_layers, out_dtype))
+        record = {"merge": recipe.as_record()}
+        write_record(tmp, record)
+        write_model_card(tmp, record)
+    log.info("stacked %d layers from %d slices -> %s", plan.num_hidden_layers, len(slices),
+             save_path)
+    return save_path

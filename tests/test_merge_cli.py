@@ -91,7 +91,7 @@ def test_task_arithmetic_matches_float64_reference_and_loads(family, tmp_path):
     assert (out / "README.md").exists() and (out / "generation_config.json").exists()
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(m for m in METHODS if not METHODS[m].stacks_layers))
 def test_streamed_output_equals_in_memory_merge(family, tmp_path, method):
     """The streamed, sharded result is bit-identical to applying the method's dense function to
     whole state dicts."""

@@ -65,11 +65,15 @@ def test_bad_settings_are_one_line_errors(tied, tmp_path, capsys, method, n, ext
     assert_user_error(capsys, code, fragment)
 
 
-def test_aliases_record_their_method(tied, tmp_path):
+@pytest.mark.parametrize("alias, method", [("fourier", "fr_merging"), ("free", "free_merging")])
+def test_aliases_record_their_method_and_free_its_task_model(tied, tmp_path, alias, method):
     import yaml
 
     base, fts, _ = tied
-    out = tmp_path / "fourier"
-    assert merge.main(["--method", "fourier", "--base_model", str(base), "--models_to_merge",
-                       ",".join(map(str, fts[:2])), "--save_path", str(out)]) == 0
-    assert yaml.safe_load((out / "merge_recipe.yaml").read_text())["merge"]["method"] == "fr_merging"
+    out = tmp_path / alias
+    task = ["--free_task_model", str(fts[1])] if alias == "free" else []
+    assert merge.main(["--method", alias, "--base_model", str(base), "--models_to_merge",
+                       ",".join(map(str, fts[:2])), "--save_path", str(out), *task]) == 0
+    record = yaml.safe_load((out / "merge_recipe.yaml").read_text())["merge"]
+    assert record["method"] == method
+    assert record["params"].get("task_model") == (str(fts[1]) if task else None)
