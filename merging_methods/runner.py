@@ -37,6 +37,7 @@ from merging_methods.primitives import draw_keep_mask, mask_generator
 from merging_methods.recipe import MergeRecipe
 from merging_methods.registry import MethodSpec, get_method, method_warnings, splits_by_rows
 from merging_methods.vocab import VocabUnion, plan_union, save_union_tokenizer, vocab_config_update
+from merging_methods.yaml_recipe import record_of, tensor_arguments
 
 log = logging.getLogger(__name__)
 
@@ -177,12 +178,14 @@ class WorkUnit:
 
 
 def _work_units(spec: MethodSpec, recipe: MergeRecipe, inputs: OpenedInputs) -> list[WorkUnit]:
-    units, arguments = [], recipe.arguments()
+    units = []
+    depth = inputs.plan.num_layers or 0   # same shapes, so the same depth for every model
+    arguments = tensor_arguments(recipe, {m: depth for m in (recipe.base_model, *recipe.models)})
     for item in inputs.plan.tensors:
         if not item.merge:
             units.append(WorkUnit(item.name, None, item.out.shape, None, item.out.nbytes))
             continue
-        job = TensorMerge(spec, arguments, recipe.seed, item, inputs)
+        job = TensorMerge(spec, arguments(item.name), recipe.seed, item, inputs)
         readers = [(inputs.base, item.name), *zip(inputs.models, item.sources)]
         itemsizes = sum(reader.info[name].dtype.itemsize for reader, name in readers)
         units += [WorkUnit(item.name, rows, shape, job, math.prod(shape) * itemsizes)
@@ -224,7 +227,9 @@ def run_merge(recipe: MergeRecipe, *, make_post: HookFactory | None = None) -> P
     max_shard_bytes = parse_size(recipe.max_shard_size)
     inputs = open_inputs(recipe)
     union_notes = list(inputs.union.notes) if inputs.union else []
-    for note in inputs.plan.notes + union_notes + method_warnings(spec, recipe.params):
+    # (a config's values vary by tensor; its warnings would be per tensor)
+    warnings = method_warnings(spec, recipe.params) if recipe.config is None else []
+    for note in inputs.plan.notes + union_notes + warnings:
         log.warning(note)
     post, extra_record = make_post(inputs) if make_post else (None, {})
     save_path = Path(recipe.save_path)
@@ -249,7 +254,7 @@ def run_merge(recipe: MergeRecipe, *, make_post: HookFactory | None = None) -> P
         copy_model_files(inputs.base.folder, tmp, config_updates=config_updates)
         if inputs.union and inputs.union.tokens:
             save_union_tokenizer(inputs.base.folder, inputs.union, tmp)
-        record = {"merge": recipe.as_record(), **extra_record}
+        record = record_of(recipe, extra_record)
         write_record(tmp, record)
         write_model_card(tmp, record)
     merged_count = sum(t.merge for t in inputs.plan.tensors)
@@ -260,7 +265,15 @@ def run_merge(recipe: MergeRecipe, *, make_post: HookFactory | None = None) -> P
 
 
 # ------------------------------------------------------------------------------- passthrough
-ScaleOf = Callable[[str, Source], float]   # (output tensor name, its source) -> scale
+def _stacked_arguments(recipe: MergeRecipe,
+                       depths: dict[str, int]) -> Callable[[str, Source], dict]:
+    """(output name, its source) -> passthrough's keywords: the source slice's --scale, or the
+    scale a config resolves for that tensor."""
+    if recipe.config is None:
+        scales = recipe.params["scale"]
+        return lambda _name, source: {"scale": [scales[source.model]]}
+    at = tensor_arguments(recipe, depths)
+    return lambda name, _source: at(name)
 
 
 def _heads_like_donor(plan: PassthroughPlan, donor: CheckpointReader,
@@ -292,9 +305,9 @@ def _stacked_config(donor: CheckpointReader, readers: list[CheckpointReader],
     return updates
 
 
-def run_stacked(recipe: MergeRecipe, spec: MethodSpec, scale_of: ScaleOf | None = None) -> Path:
+def run_stacked(recipe: MergeRecipe, spec: MethodSpec) -> Path:
     """Passthrough (§7): copy the layer ranges of `recipe.layer_ranges` (one per model) into one
-    model, renumbered; each tensor times `scale_of(name, source)` (default: its slice's scale)."""
+    model, renumbered, each tensor times its scale."""
     donor = CheckpointReader(resolve_model_dir(recipe.base_model, "--base_model"),
                              recipe.base_model)
     readers = [CheckpointReader(resolve_model_dir(m, "--models_to_merge"), m)
@@ -303,8 +316,8 @@ def run_stacked(recipe: MergeRecipe, spec: MethodSpec, scale_of: ScaleOf | None 
     depths = [num_layers(r.config) or 0 for r in readers]
     plan = _heads_like_donor(passthrough_plan(slices, [list(r.info) for r in readers], depths),
                              donor, readers)
-    scales = recipe.params["scale"]
-    scale_of = scale_of or (lambda _name, source: scales[source.model])
+    arguments = _stacked_arguments(recipe, {r.label: num_layers(r.config) or 0
+                                            for r in (donor, *readers)})
     out_dtype = parse_dtype(recipe.dtype) if recipe.dtype else donor.stored_dtype
 
     def out_info(source: Source) -> TensorInfo:
@@ -320,12 +333,12 @@ def run_stacked(recipe: MergeRecipe, spec: MethodSpec, scale_of: ScaleOf | None 
             reader = readers[source.model]
             tensor = finite(reader.get(source.name), reader.label, source.name)
             if tensor.dtype.is_floating_point:
-                tensor = spec.fn(tensor, [tensor], scale=[scale_of(name, source)]).to(out_dtype)
+                tensor = spec.fn(tensor, [tensor], **arguments(name, source)).to(out_dtype)
             writer.add(name, tensor)
         writer.close()
         copy_model_files(donor.folder, tmp, config_updates=_stacked_config(
             donor, readers, slices, plan.num_hidden_layers, out_dtype))
-        record = {"merge": recipe.as_record()}
+        record = record_of(recipe, {})
         write_record(tmp, record)
         write_model_card(tmp, record)
     log.info("stacked %d layers from %d slices -> %s", plan.num_hidden_layers, len(slices),
