@@ -43,6 +43,10 @@ YAML_DEFAULTS: dict[str, dict[str, object]] = {  # mergekit 0.1.5's defaults whe
     "passthrough": {"scale": None},
 }
 BASE_AS_INPUT = {"linear": (1, None), "passthrough": (1, 1)}  # method -> inputs per slice
+IN_MERGEKIT = frozenset({"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp",
+                         "passthrough", "model_stock", "breadcrumbs", "breadcrumbs_ties", "della",
+                         "della_linear"})
+"""Our methods that mergekit 0.1.5 registers too (§19.1); the others are this toolkit's own."""
 
 
 def yaml_key(param: Param) -> str:

@@ -17,8 +17,9 @@ class Param:
     """One method parameter.
 
     `low`/`high` bound a number (`low_open`: the bound itself is excluded; `high` is inclusive);
-    `choices` list a string's allowed values; `mergekit` is the YAML key (mergekit's name where
-    it has one), `yaml_required`: a YAML config must set it (mergekit 0.1.5 has no default, §18.5).
+    `choices` list a string's allowed values; `mergekit` is mergekit's YAML key, where it has one
+    (else the YAML key is `name`); `yaml_required`: a YAML config must set it (mergekit 0.1.5 has
+    no default there, §18.5).
     `names_model`: a string naming one of the merged models; the method gets that model's index.
     """
 
@@ -138,18 +139,17 @@ T = Param("t", float, 0.5, mergekit="t", yaml_required=True,
                "extrapolates)")
 FILTER_WISE = Param("filter_wise", bool, False, mergekit="filter_wise",
                     help="model_stock: one interpolation factor per row instead of per tensor")
-FR_RATIO = Param("fr_ratio", float, 0.9, low=0.0, low_open=True, mergekit="fr_ratio",
+FR_RATIO = Param("fr_ratio", float, 0.9, low=0.0, low_open=True,
                  help="fr_merging/free_merging: keep radius of the Fourier filter as a fraction "
                       "of min(rows, columns) (0.9: the reference's LLM setting)")
-FR_FAITHFUL = Param("fr_faithful", bool, False, mergekit="fr_faithful",
+FR_FAITHFUL = Param("fr_faithful", bool, False,
                     help="fr_merging/free_merging: the reference's filter, which counts the ring "
                          "at min(rows, columns)/10 twice")
 TASK_MODEL = Param("task_model", str, None, flag="--free_task_model", names_model=True,
-                   mergekit="task_model",
                    help="free_merging: the model (one of --models_to_merge) whose expert is "
                         "added; one output per task model")
 EXPERT_DENSITY = Param("expert_density", float, 0.01, flag="--free_expert_density", low=0.0,
-                       high=1.0, low_open=True, mergekit="expert_density",
+                       high=1.0, low_open=True,
                        help="free_merging: fraction of the task model's |delta| kept as its "
                             "expert, in (0, 1]")
 SCALE = Param("scale", float, 1.0, per_model=True, mergekit="scale",
