@@ -56,23 +56,18 @@ def write(tmp_path, text: str):
     return path
 
 
+def models_config(method: str, base, models: dict, tail: str = "") -> str:
+    """A `models:` config: {model folder: its parameters as a YAML flow mapping}."""
+    entries = "".join(f"  - model: {m}\n    parameters: {p}\n" for m, p in models.items())
+    return f"merge_method: {method}\nbase_model: {base}\nmodels:\n{entries}{tail}"
+
+
 def test_a_mergekit_config_with_gradients_and_filters(models, tmp_path):
     base, (ft1, ft2, _) = models
-    config = write(tmp_path, f"""\
-merge_method: ties
-base_model: {base}
-models:
-  - model: {ft1}
-    parameters:
-      weight: [1.0, 0.5]
-      density: [{{filter: mlp, value: 0.5}}, {{value: 1.0}}]
-  - model: {ft2}
-    parameters: {{weight: 0.7, density: 0.8}}
-parameters:
-  normalize: true
-dtype: bfloat16
-tokenizer_source: base
-""")
+    config = write(tmp_path, models_config("ties", base, {
+        ft1: "{weight: [1.0, 0.5], density: [{filter: mlp, value: 0.5}, {value: 1.0}]}",
+        ft2: "{weight: 0.7, density: 0.8}"},
+        "parameters: {normalize: true}\ndtype: bfloat16\ntokenizer_source: base\n"))
     out = tmp_path / "out"
     assert run("--config", config, "--save_path", out) == 0
     got, b = load_weights(out), load_weights(base)
@@ -96,16 +91,8 @@ tokenizer_source: base
 
 def test_seeded_dare_from_yaml_uses_l1_rescale_and_the_seed(models, tmp_path):
     base, (ft1, ft2, _) = models
-    config = write(tmp_path, f"""\
-merge_method: dare_ties
-base_model: {base}
-models:
-  - model: {ft1}
-    parameters: {{weight: 0.6, density: 0.5}}
-  - model: {ft2}
-    parameters: {{weight: 0.4, density: 0.5}}
-seed: 11
-""")
+    config = write(tmp_path, models_config("dare_ties", base, {
+        ft1: "{weight: 0.6, density: 0.5}", ft2: "{weight: 0.4, density: 0.5}"}, "seed: 11\n"))
     out = tmp_path / "out"
     assert run("--config", config, "--save_path", out) == 0
     name = "model.layers.1.mlp.down_proj.weight"
