@@ -1,9 +1,10 @@
 """Merge fine-tuned LLMs into one model, streaming tensor by tensor.
 
-Example:
+Examples:
     python merge.py --method ties --base_model unsloth/llama-2-13b \
         --models_to_merge WizardLMTeam/WizardLM-13B-V1.2,vanillaOVO/WizardMath-13B-V1.0 \
         --density 0.3 --save_path ./TIES_InstructMath
+    python merge.py --config merge.yml --save_path ./out      # a mergekit YAML config
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     from merging_methods.recipe import add_merge_arguments
 
     parser = argparse.ArgumentParser(
-        description="Merge fine-tunes of one base model (task arithmetic, TIES, DARE, WIDEN, "
-                    "linear), optionally followed by Activation-Informed Merging (--aim).")
+        description="Merge fine-tunes of one base model (--method, see the list below), "
+                    "optionally followed by Activation-Informed Merging (--aim).")
     add_merge_arguments(parser)
     parser.add_argument("--aim", action="store_true",
                         help="apply Activation-Informed Merging to each merged tensor in the same "
@@ -51,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     def work() -> int:
         from checkpoints.device import resolve_device
         from checkpoints.errors import UserError
-        from merging_methods.recipe import recipe_from_args
+        from merging_methods.recipe import method_flags_given, recipe_from_args
         from merging_methods.runner import run_merge
+        from merging_methods.yaml_recipe import recipe_from_config
 
         args = build_parser().parse_args(argv)
         if args.threads < 1:
@@ -62,7 +64,16 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-        recipe = recipe_from_args(args)
+        if args.config:
+            given = method_flags_given(args)
+            if given:
+                raise UserError(f"{given[0]} cannot be combined with --config; set it in "
+                                f"{args.config}")
+            recipe = recipe_from_config(args.config, save_path=args.save_path, device=args.device,
+                                        max_shard_size=args.max_shard_size,
+                                        overwrite=args.overwrite)
+        else:
+            recipe = recipe_from_args(args)
         make_post = None
         if args.aim:
             from aim.pipeline import inline_hook_factory, settings_from_args

@@ -1,10 +1,13 @@
 """Time merge.py per method on a synthetic family; compare with mergekit when it is available.
 
-Prints wall time, the child's peak RSS (os.wait4) and input GB/s for every run, the median of
---repeats interleaved runs, and, when --mergekit points at a `mergekit-yaml` executable (a
-separate virtualenv; never a dependency), our/mergekit ratios. Also times a plain
-read-add-write loop over the same tensors (bench/plain_loop.py) as the floor for
-task_arithmetic.
+Every method runs from a YAML config written from its recipe (yaml_recipe.config_of), so both
+tools merge the same thing: ours with `merge.py --config`, mergekit, for the methods it has, with
+the same config less this toolkit's own keys. Prints wall time, the child's peak RSS (os.wait4)
+and input GB/s for every run, the median of --repeats interleaved runs, and, when --mergekit
+points at a `mergekit-yaml` executable (a separate virtualenv; never a dependency),
+our/mergekit ratios. Also times a plain read-add-write loop over the same tensors
+(bench/plain_loop.py) as the floor for task_arithmetic. --dry-run writes and prints the configs
+without running anything.
 
     python bench/make_family.py --out bench_out/family
     python bench/bench_merge.py --family bench_out/family --mergekit /path/venv/bin/mergekit-yaml
@@ -12,6 +15,8 @@ task_arithmetic.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import shutil
 import statistics
@@ -21,8 +26,16 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "widen"]
-MERGEKIT_METHODS = {"task_arithmetic", "ties", "dare_linear", "dare_ties"}
+sys.path.insert(0, str(REPO))
+
+from merging_methods.mergekit_config import MergeConfig, Source, to_yaml  # noqa: E402
+from merging_methods.mergekit_methods import IN_MERGEKIT  # noqa: E402
+from merging_methods.recipe import MergeRecipe  # noqa: E402
+from merging_methods.registry import METHODS as REGISTRY, declared_params  # noqa: E402
+from merging_methods.yaml_recipe import config_of  # noqa: E402
+
+METHODS = sorted(REGISTRY)
+MERGEKIT_KEYS = {p.mergekit for p in declared_params().values() if p.mergekit}
 
 
 def run_child(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
@@ -52,30 +65,64 @@ def warm_page_cache(files: list[Path]) -> None:
                 pass
 
 
-def ours_cmd(family: Path, method: str, experts: list[str], out: Path, density: float,
-             threads: int | None, device: str = "cpu") -> list[str]:
-    cmd = [sys.executable, str(REPO / "merge.py"), "--method", method,
-           "--base_model", str(family / "base"), "--models_to_merge", ",".join(experts),
+def bench_recipe(family: Path, method: str, experts: list[str], density: float) -> MergeRecipe:
+    """The benchmarked merge of `method`: its typical setting on this family, bf16 output."""
+    spec = REGISTRY[method]
+    models = experts[:spec.others[1] or len(experts)]
+    names = set(spec.params)
+    params = {"density": density} if "density" in names else {}
+    if "rescale_mode" in names:
+        params["rescale_mode"] = "l1"   # mergekit 0.1.5's only rescale (§19.3)
+    if "task_model" in names:
+        params["task_model"] = models[0]
+    layer_ranges = None
+    if spec.stacks_layers:   # a frankenmerge: the first half of one, the second of the next
+        depth = json.loads((family / "base" / "config.json").read_text())["num_hidden_layers"]
+        models, layer_ranges = experts[:2], ((0, depth // 2), (depth // 2, depth))
+    return MergeRecipe(method=method, base_model=str(family / "base"), models=tuple(models),
+                       save_path="unused", params=params, dtype="bfloat16",
+                       layer_ranges=layer_ranges)
+
+
+def mergekit_config(config: MergeConfig) -> MergeConfig | None:
+    """The config less this toolkit's own keys, for the methods mergekit has (else None)."""
+    if config.merge_method not in IN_MERGEKIT:
+        return None
+
+    def keep(params):
+        return {k: v for k, v in params.items() if k in MERGEKIT_KEYS}
+
+    def source(s: Source) -> Source:
+        return dataclasses.replace(s, parameters=keep(s.parameters))
+
+    return dataclasses.replace(
+        config, seed=None, parameters=keep(config.parameters),
+        models=config.models and tuple(map(source, config.models)),
+        slices=config.slices and tuple(dataclasses.replace(p, sources=tuple(map(source, p.sources)))
+                                       for p in config.slices))
+
+
+def write_configs(family: Path, method: str, experts: list[str], density: float,
+                  work: Path) -> tuple[Path, Path | None]:
+    """(our config, mergekit's config or None) for `method`, written under `work`."""
+    config = config_of(bench_recipe(family, method, experts, density))
+    ours = work / f"ours_{method}.yml"
+    ours.write_text(to_yaml(config))
+    theirs = mergekit_config(config)
+    if theirs is None:
+        return ours, None
+    path = work / f"mergekit_{method}.yml"
+    path.write_text(to_yaml(theirs))
+    return ours, path
+
+
+def ours_cmd(config: Path, out: Path, threads: int | None, device: str = "cpu") -> list[str]:
+    cmd = [sys.executable, str(REPO / "merge.py"), "--config", str(config),
            "--save_path", str(out), "--overwrite", "--device", device]
-    if method in ("ties", "dare_linear", "dare_ties"):
-        cmd += ["--density", str(density)]
-    if threads:
-        cmd += ["--threads", str(threads)]
-    return cmd
+    return cmd + (["--threads", str(threads)] if threads else [])
 
 
-def mergekit_cmd(exe: str, family: Path, method: str, experts: list[str], out: Path,
-                 density: float, work: Path) -> list[str]:
-    params = {"weight": 1.0}
-    if method != "task_arithmetic":
-        params["density"] = density
-    lines = [f"merge_method: {method}", f"base_model: {family / 'base'}", "dtype: bfloat16",
-             "models:"]
-    for e in experts:
-        lines += [f"  - model: {e}", "    parameters:"]
-        lines += [f"      {k}: {v}" for k, v in params.items()]
-    config = work / f"mergekit_{method}.yml"
-    config.write_text("\n".join(lines) + "\n")
+def mergekit_cmd(exe: str, config: Path, out: Path) -> list[str]:
     return [exe, str(config), str(out), "--out-shard-size", "5B", "--lazy-unpickle"]
 
 
@@ -89,12 +136,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="passed to merge.py --threads")
     ap.add_argument("--mergekit", default=None, help="path to a mergekit-yaml executable")
     ap.add_argument("--work", default="bench_out/work")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="write and print every method's configs; run nothing")
     args = ap.parse_args(argv)
 
     family = Path(args.family).resolve()
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     experts = [str(family / f"expert{i}") for i in range(1, args.experts + 1)]
+    methods = args.methods.split(",")
+    configs = {m: write_configs(family, m, experts, args.density, work) for m in methods}
+    if args.dry_run:
+        for method, (ours, theirs) in configs.items():
+            print(f"# {method}: {ours}" + (f", mergekit: {theirs}" if theirs else ""))
+            print(ours.read_text())
+        return 0
     files = input_files(family, args.experts)
     gb_in = sum(f.stat().st_size for f in files) / 1e9
     print(f"family {family}: {gb_in:.2f} GB of input shards, {args.experts} experts, "
@@ -115,14 +171,12 @@ def main(argv: list[str] | None = None) -> int:
              *experts, str(plain_out)]
     for _ in range(args.repeats):
         timed("plain loop", "task_arithmetic", plain, plain_out)
-        for method in args.methods.split(","):
+        for method, (ours, theirs) in configs.items():
             out = work / f"ours_{method}"
-            timed("ours", method, ours_cmd(family, method, experts, out, args.density,
-                                           args.threads), out)
-            if args.mergekit and method in MERGEKIT_METHODS:
+            timed("ours", method, ours_cmd(ours, out, args.threads), out)
+            if args.mergekit and theirs is not None:
                 out = work / f"mergekit_{method}"
-                timed("mergekit", method, mergekit_cmd(args.mergekit, family, method, experts,
-                                                       out, args.density, work), out)
+                timed("mergekit", method, mergekit_cmd(args.mergekit, theirs, out), out)
 
     print(f"\n| tool | method | wall s | peak RSS GiB | input GB/s | wall ratio | RSS ratio |")
     print("|---|---|---|---|---|---|---|")

@@ -23,7 +23,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.bench_merge import ours_cmd, run_child  # noqa: E402
+from bench.bench_merge import ours_cmd, run_child, write_configs  # noqa: E402
 from merging_methods.primitives import keep_mask, mask_key  # noqa: E402
 from merging_methods.registry import METHODS  # noqa: E402
 
@@ -83,8 +83,8 @@ def compare_outputs(a: Path, b: Path) -> str:
 def timed_merge(family: Path, method: str, out: Path, device: str, experts: list[str]
                 ) -> tuple[float, float, float]:
     """(wall s, peak RSS GiB, peak GPU GiB) of merge.py in a child process."""
-    cmd = [sys.executable, "-c", CHILD,
-           *ours_cmd(family, method, experts, out, 0.5, None, device)[2:]]
+    config, _ = write_configs(family, method, experts, 0.5, out.parent)
+    cmd = [sys.executable, "-c", CHILD, *ours_cmd(config, out, None, device)[2:]]
     with tempfile.NamedTemporaryFile() as peak:
         wall, rss = run_child(cmd, {**os.environ, "PEAK_FILE": peak.name})
         return wall, rss, int(Path(peak.name).read_text() or 0) / 2**30

@@ -22,12 +22,13 @@ from typing import Collection, Mapping, Union
 import yaml
 
 from checkpoints.errors import UserError
-from merging_methods.mergekit_methods import (ALIASES, BOOL_PARAMS, METHODS, NOT_FROM_YAML,
+from merging_methods.mergekit_methods import (BOOL_PARAMS, METHODS, NOT_FROM_YAML, TEXT_CHOICES,
                                               MethodParams)
+from merging_methods.registry import ALIASES
 
 log = logging.getLogger(__name__)
 
-Scalar = Union[float, bool]
+Scalar = Union[float, bool, str]
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,8 @@ VOCAB_SOURCES = ("base",)  # mergekit's `union` and model sources are not §13's
 CHAT_TEMPLATES = ("auto", "alpaca", "chatml", "llama3", "mistral", "exaone")
 TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
             "tokenizer_source", "tokenizer", "chat_template", "seed")
+RECORD_KEYS = ("merge", "aim", "versions", "created")
+"""What this toolkit writes beside the config in merge_recipe.yaml: read and ignored."""
 UNSUPPORTED = {  # mergekit keys we refuse -> why
     "modules": "multi-module (vision-language) configs; use models: or slices:",
     "residual_weight": "mergekit 0.1.5 parses it but never applies it",
@@ -157,7 +160,7 @@ def _config(raw: object, origin: str) -> MergeConfig:
         raise UserError(f"{origin}: expected a mapping of mergekit keys (merge_method, ...)")
     method = _method(raw.get("merge_method"), origin)
     spec = METHODS[method]
-    _check_keys(raw, TOP_KEYS, "", origin, params=[*spec.per_model, *spec.shared])
+    _check_keys(raw, TOP_KEYS + RECORD_KEYS, "", origin, params=[*spec.per_model, *spec.shared])
     if ("models" in raw) == ("slices" in raw):
         raise _fail(origin, "", "give exactly one of 'models' or 'slices'")
     models = slices = None
@@ -317,7 +320,14 @@ def _rule(entry: Mapping, name: str, where: str, origin: str) -> Rule:
 
 
 def _scalar(value: object, name: str, where: str, origin: str) -> Scalar:
-    """Validate to the parameter's type: bool, or float (true -> 1.0, "1e-5" -> 1e-05)."""
+    """Validate to the parameter's type: bool, text (a choice or a model reference), or float
+    (true -> 1.0, "1e-5" -> 1e-05)."""
+    if name in TEXT_CHOICES:
+        choices = TEXT_CHOICES[name]
+        if isinstance(value, str) and value and (choices is None or value in choices):
+            return value
+        wanted = "a model reference" if choices is None else f"one of {', '.join(choices)}"
+        raise _fail(origin, where, f"expected {wanted}, got {value!r}")
     if name in BOOL_PARAMS:
         if isinstance(value, bool):
             return value
@@ -413,6 +423,11 @@ def _check_inputs(config: MergeConfig) -> None:
 
 def to_yaml(config: MergeConfig) -> str:
     """The config as mergekit YAML; load_config(to_yaml(c)) == c."""
+    return yaml.safe_dump(config_doc(config), sort_keys=False, default_flow_style=None, width=100)
+
+
+def config_doc(config: MergeConfig) -> dict[str, object]:
+    """The config as the plain mapping to_yaml writes."""
     doc: dict[str, object] = {"merge_method": config.merge_method}
     if config.base_model is not None:
         doc["base_model"] = str(config.base_model)
@@ -426,7 +441,7 @@ def to_yaml(config: MergeConfig) -> str:
     for key in ("dtype", "out_dtype", "tokenizer_source", "chat_template", "seed"):
         if getattr(config, key) is not None:
             doc[key] = getattr(config, key)
-    return yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=100)
+    return doc
 
 
 def _source_doc(source: Source) -> dict[str, object]:

@@ -1,20 +1,25 @@
-"""The YAML parameters of every method merge.py reads from mergekit configs (ALGORITHMS.md §19.2).
+"""The YAML parameters of every method merge.py reads from mergekit configs (ALGORITHMS.md §19.2),
+derived from the registry's `Param` declarations: a parameter's YAML key is its mergekit name
+(`Param.mergekit`) or, for our own methods and options, its own name.
 
-mergekit's names and 0.1.5's defaults, plus the names our method functions take. This is the one
-place to update when the registry's `Param` declarations carry their YAML key: derive these
-tables from them then.
+Only mergekit 0.1.5's facts that no declaration carries are written here: which YAML keys it
+accepts without any effect on our methods, where its YAML defaults differ from our flags' (a
+required `weight`/`t` is `Param.yaml_required`), and which methods treat the base as an input.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Mapping
 
+from merging_methods.params import Param
+from merging_methods.registry import METHODS as SPECS, MethodSpec, declared_params
+
 REQUIRED = object()  # a parameter without default: mergekit errors when no scope sets it
 
 
 @dataclass(frozen=True)
 class MethodParams:
-    """The YAML parameters of one method (mergekit names) with 0.1.5's defaults (§19.2).
+    """The YAML parameters of one method (YAML keys) with their YAML defaults (§19.2).
 
     A default of None means "unset" (passthrough's `scale`). `uses_base`: the base is the
     origin of the deltas; False: it is an ordinary input with its own per-model values.
@@ -27,43 +32,66 @@ class MethodParams:
     others: tuple[int, int | None] = (0, None)
 
 
-def _gta(normalize: bool, rescale: bool, **per_model: float) -> MethodParams:
-    return MethodParams({"weight": REQUIRED, "density": 1.0, **per_model},
-                        {"normalize": normalize, "rescale": rescale, "lambda": 1.0,
-                         "int8_mask": False})
-
-
-METHODS: dict[str, MethodParams] = {
-    "linear": MethodParams({"weight": REQUIRED}, {"normalize": True}, uses_base=False,
-                           others=(1, None)),
-    "task_arithmetic": _gta(False, False),
-    "ties": _gta(True, False),
-    "dare_linear": _gta(False, True),
-    "dare_ties": _gta(False, True),
-    "breadcrumbs": _gta(False, False, gamma=0.01),
-    "breadcrumbs_ties": _gta(False, False, gamma=0.01),
-    "della": _gta(True, True, epsilon=0.15),
-    "della_linear": _gta(False, True, epsilon=0.15),
-    "slerp": MethodParams({}, {"t": REQUIRED}, others=(1, 1)),
-    "passthrough": MethodParams({"scale": None}, {}, uses_base=False, others=(1, 1)),
-    "model_stock": MethodParams({}, {"filter_wise": False}, others=(2, None)),
-    "fr_merging": MethodParams({"weight": REQUIRED},
-                               {"lambda": 1.0, "normalize": False, "fr_faithful": False}),
-    "widen": MethodParams({}, {"above_average_value_ratio": 1.0, "score_calibration_value": 1.0},
-                          others=(1, None)),
+_GTA = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
+        "della", "della_linear")
+ACCEPTED_NO_EFFECT: dict[str, dict[str, object]] = {  # mergekit keys that change nothing here
+    **{m: {"int8_mask": False} for m in _GTA},          # a mergekit memory option
+    "task_arithmetic": {"int8_mask": False, "density": 1.0, "rescale": False},  # no sparsifier
 }
-ALIASES = {"fourier": "fr_merging"}
-NOT_FROM_YAML = {  # method -> why `merge_method:` refuses it
-    **dict.fromkeys(("nuslerp", "multislerp", "karcher", "sce", "nearswap", "arcee_fusion", "ram",
-                     "ramplus_tl"), "a mergekit method this toolkit does not implement"),
-    **dict.fromkeys(("free_merging", "free"), "it needs a task model; use merge.py's flags"),
+YAML_DEFAULTS: dict[str, dict[str, object]] = {  # mergekit 0.1.5's defaults where ours differ
+    "dare_linear": {"rescale_mode": "l1"}, "dare_ties": {"rescale_mode": "l1"},  # §19.3
+    "passthrough": {"scale": None},
 }
-BOOL_PARAMS = frozenset({"normalize", "rescale", "int8_mask", "filter_wise", "fr_faithful"})
+BASE_AS_INPUT = {"linear": (1, None), "passthrough": (1, 1)}  # method -> inputs per slice
+IN_MERGEKIT = frozenset({"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp",
+                         "passthrough", "model_stock", "breadcrumbs", "breadcrumbs_ties", "della",
+                         "della_linear"})
+"""Our methods that mergekit 0.1.5 registers too (§19.1); the others are this toolkit's own."""
 
-INTERNAL_NAMES = {"weight": "weights", "lambda": "scaling"}
+
+def yaml_key(param: Param) -> str:
+    return param.mergekit or param.name
+
+
+def _default(method: str, param: Param) -> object:
+    if param.yaml_required:
+        return REQUIRED
+    return YAML_DEFAULTS.get(method, {}).get(param.name, param.default)
+
+
+def _table(spec: MethodSpec) -> MethodParams:
+    declared = declared_params()
+    per_model, shared = {}, {}
+    for param in spec.params.values():
+        (per_model if param.per_model else shared)[yaml_key(param)] = _default(spec.name, param)
+    for key, default in ACCEPTED_NO_EFFECT.get(spec.name, {}).items():
+        (per_model if key in declared and declared[key].per_model else shared)[key] = default
+    if spec.name in BASE_AS_INPUT:
+        return MethodParams(per_model, shared, uses_base=False, others=BASE_AS_INPUT[spec.name])
+    return MethodParams(per_model, shared, others=spec.others)
+
+
+METHODS: dict[str, MethodParams] = {name: _table(spec) for name, spec in SPECS.items()}
+NOT_FROM_YAML = dict.fromkeys(  # method -> why `merge_method:` refuses it
+    ("nuslerp", "multislerp", "karcher", "sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl"),
+    "a mergekit method this toolkit does not implement")
+BOOL_PARAMS = frozenset({yaml_key(p) for p in declared_params().values() if p.kind is bool}
+                        | {"int8_mask"})
+def _text_choices() -> dict[str, tuple[str, ...] | None]:
+    choices: dict[str, tuple[str, ...] | None] = {}
+    for spec in SPECS.values():
+        for param in (p for p in spec.params.values() if p.kind is str):
+            known = choices.get(yaml_key(param)) or ()
+            choices[yaml_key(param)] = None if param.names_model else (
+                *known, *(c for c in param.choices if c not in known))
+    return choices
+
+
+TEXT_CHOICES = _text_choices()
+"""YAML keys whose values are text -> every method's choices together (None: a model reference,
+`Param.names_model`); a method's own choices are checked with its parameters."""
+INTERNAL_NAMES = {yaml_key(p): p.name for p in declared_params().values()
+                  if yaml_key(p) != p.name}
 """YAML parameter -> our method's keyword, where they differ."""
-NO_EFFECT = {**{method: ("int8_mask",) for method in METHODS},  # a mergekit memory option
-             "task_arithmetic": ("int8_mask", "density", "rescale")}  # declared, no sparsifier
+NO_EFFECT = {method: tuple(ACCEPTED_NO_EFFECT.get(method, {})) for method in METHODS}
 """Parameters mergekit accepts that change nothing in our method: read, never passed on."""
-FIXED_INTERNAL = {"dare_linear": {"rescale_mode": "l1"}, "dare_ties": {"rescale_mode": "l1"}}
-"""Keywords a YAML merge implies: mergekit 0.1.5's DARE rescale is L1-norm matching (§19.3)."""

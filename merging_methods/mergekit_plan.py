@@ -16,8 +16,7 @@ from typing import Literal, Mapping, Union
 from merging_methods.mergekit_config import (Gradient, MergeConfig, ModelRef, Params, Scalar,
                                              Setting, Slice, Source, UserError, base_index,
                                              effective_slices)
-from merging_methods.mergekit_methods import (FIXED_INTERNAL, INTERNAL_NAMES, METHODS, NO_EFFECT,
-                                              REQUIRED)
+from merging_methods.mergekit_methods import INTERNAL_NAMES, METHODS, NO_EFFECT, REQUIRED
 
 PRE, POST = "pre", "post"  # embeddings before the layers; final norm and lm_head after them
 Position = Union[int, Literal["pre", "post"]]  # int: the output layer index
@@ -131,14 +130,15 @@ def method_params(merge: TensorMerge) -> dict[str, object]:
     names = dict.fromkeys(n for i in merge.others for n in i.params)
     values = {**{n: [i.params.get(n) for i in merge.others] for n in names}, **merge.shared}
     return {INTERNAL_NAMES.get(n, n): v for n, v in values.items()
-            if n not in NO_EFFECT[merge.method]} | FIXED_INTERNAL.get(merge.method, {})
+            if n not in NO_EFFECT[merge.method]}
 
 
 def gradient_value(values: tuple[Scalar, ...], x: float) -> Scalar:
-    """mergekit's interpolation at depth x in [0, 1] (§18.4); booleans are picked, not mixed."""
+    """mergekit's interpolation at depth x in [0, 1] (§18.4); booleans and texts are picked,
+    not mixed."""
     s = x * (len(values) - 1)
     i0 = math.floor(s)
-    if any(isinstance(v, bool) for v in values):
+    if any(isinstance(v, (bool, str)) for v in values):
         return values[i0]
     i1, f = min(len(values) - 1, i0 + 1), s - i0
     return (1 - f) * values[i0] + f * values[i1]

@@ -17,7 +17,10 @@ class Param:
     """One method parameter.
 
     `low`/`high` bound a number (`low_open`: the bound itself is excluded; `high` is inclusive);
-    `choices` list a string's allowed values; `mergekit` is mergekit's YAML key, where it has one.
+    `choices` list a string's allowed values; `mergekit` is mergekit's YAML key, where it has one
+    (else the YAML key is `name`); `yaml_required`: a YAML config must set it (mergekit 0.1.5 has
+    no default there, §18.5).
+    `names_model`: a string naming one of the merged models; the method gets that model's index.
     """
 
     name: str
@@ -31,6 +34,8 @@ class Param:
     low_open: bool = False
     choices: tuple[str, ...] = ()
     mergekit: str | None = None
+    yaml_required: bool = False
+    names_model: bool = False
 
     def __post_init__(self):
         if not self.flag:
@@ -64,6 +69,11 @@ class Param:
             if not isinstance(value, bool):
                 raise UserError(f"{self.flag}: expected true or false, got {value!r}")
             return value
+        if self.names_model:
+            if not isinstance(value, str) or not value:
+                got = "it is required" if value is None else f"got {value!r}"
+                raise UserError(f"{self.flag}: name one of the merged models; {got}")
+            return value
         if self.kind is str:
             if value not in self.choices:
                 raise UserError(f"{self.flag}: expected one of {', '.join(self.choices)}, "
@@ -92,13 +102,14 @@ class Param:
 
 
 WEIGHTS = Param(
-    "weights", float, 1.0, per_model=True, mergekit="weight",
+    "weights", float, 1.0, per_model=True, mergekit="weight", yaml_required=True,
     help="per-model multipliers of the task vectors, one value for all or one per model, "
          "comma-separated; negative subtracts a task vector (negation; use with --no-normalize)")
 DENSITY = Param(
     "density", float, 1.0, per_model=True, low=0.0, high=1.0, low_open=True, mergekit="density",
-    help="fraction of each task vector KEPT, in (0, 1]; one value or one per model. ties: "
-         "top-|delta| entries per tensor; dare_*: keep probability (drop rate = 1 - density). "
+    help="fraction of each task vector KEPT, in (0, 1]; one value or one per model. ties, "
+         "breadcrumbs*: top-|delta| entries per tensor; dare_*: keep probability (drop rate = "
+         "1 - density); della*: mean keep probability. "
          "1.0 keeps all (the AIM paper's setting; 0.2-0.5 is typical for real TIES/DARE use)")
 SCALING = Param("scaling", float, 1.0, flag="--lambda", mergekit="lambda",
                 help="global scale of the merged task vector")
@@ -108,10 +119,39 @@ RESCALE = Param("rescale", bool, True, mergekit="rescale",
                 help="rescale the kept entries (DARE; TIES: to the untrimmed L1 norm)")
 RESCALE_MODE = Param(
     "rescale_mode", str, "inverse_density", choices=("inverse_density", "l1"),
-    help="DARE rescale: divide by density (DARE paper) or match the task vector's L1 norm "
-         "(newer mergekit)")
+    help="rescale of the kept entries: l1 matches the task vector's L1 norm (mergekit 0.1.5); "
+         "dare_*: or inverse_density, divide by density (DARE paper); della*: or inverse_prob, "
+         "divide by each entry's keep probability (the DELLA authors' code)")
+DELLA_RESCALE_MODE = replace(RESCALE_MODE, default="l1", choices=("l1", "inverse_prob"))
 ABOVE_AVERAGE_VALUE_RATIO = Param(
     "above_average_value_ratio", float, 1.0, low=0.0, low_open=True,
     help="WIDEN t: ranks above t x mean count as important")
 SCORE_CALIBRATION_VALUE = Param("score_calibration_value", float, 1.0, low=0.0,
                                 help="WIDEN s: score given to important entries")
+GAMMA = Param("gamma", float, 0.01, per_model=True, low=0.0, high=1.0, mergekit="gamma",
+              help="breadcrumbs: fraction of the largest |delta| entries removed (outliers); "
+                   "one value or one per model")
+EPSILON = Param("epsilon", float, 0.15, per_model=True, low=0.0, high=1.0, mergekit="epsilon",
+                help="della: half-width of the keep-probability window density +- epsilon, "
+                     "which must stay inside (0, 1); one value or one per model")
+T = Param("t", float, 0.5, mergekit="t", yaml_required=True,
+          help="slerp: interpolation factor, 0 = the base, 1 = the other model (outside [0, 1] "
+               "extrapolates)")
+FILTER_WISE = Param("filter_wise", bool, False, mergekit="filter_wise",
+                    help="model_stock: one interpolation factor per row instead of per tensor")
+FR_RATIO = Param("fr_ratio", float, 0.9, low=0.0, low_open=True,
+                 help="fr_merging/free_merging: keep radius of the Fourier filter as a fraction "
+                      "of min(rows, columns) (0.9: the reference's LLM setting)")
+FR_FAITHFUL = Param("fr_faithful", bool, False,
+                    help="fr_merging/free_merging: the reference's filter, which counts the ring "
+                         "at min(rows, columns)/10 twice")
+TASK_MODEL = Param("task_model", str, None, flag="--free_task_model", names_model=True,
+                   help="free_merging: the model (one of --models_to_merge) whose expert is "
+                        "added; one output per task model")
+EXPERT_DENSITY = Param("expert_density", float, 0.01, flag="--free_expert_density", low=0.0,
+                       high=1.0, low_open=True,
+                       help="free_merging: fraction of the task model's |delta| kept as its "
+                            "expert, in (0, 1]")
+SCALE = Param("scale", float, 1.0, per_model=True, mergekit="scale",
+              help="passthrough: multiplier of each slice's copied tensors, one value for all "
+                   "or one per slice")

@@ -10,7 +10,9 @@ tensor copies. For slices (model m_s, layers [a_s, b_s)) in order:
     (final norm, lm_head) from slices[-1]'s model, each under its own name
     out = source·scale, or the source copied unchanged when no scale is set
 
-The optional per-model `scale` is resolved by the parameter layer for (slice, source tensor
+The runner (`--method passthrough --layer_ranges`, or a YAML `slices:` config) reads the
+`passthrough_plan` and writes `passthrough(...)` of each source. The optional per-model `scale`
+is resolved by the parameter layer for (slice, source tensor
 name, x), with x the layer's position in its slice (§18.4: j/(Ls − 1), 1 when Ls = 1; 0 for
 pre- and post-layer tensors); filters match the *source* name (§18.5).
 """
@@ -118,3 +120,9 @@ def passthrough_plan(slices: Sequence[LayerSlice], names: Sequence[Sequence[str]
 def scaled_copy(source: Tensor, scale: float | None) -> Tensor:
     """The output tensor: `source` itself when no scale is set, else source·scale in float32."""
     return source if scale is None else source.float() * scale
+
+
+def passthrough(base: Tensor, others: list[Tensor], *, scale: Sequence[float]) -> Tensor:
+    """One output tensor in the method contract's form: its one source `others[0]` times its
+    slice's scale, float32 (`base` is unused: the runner's layer plan picks the source)."""
+    return scaled_copy(others[0].float(), scale[0])

@@ -63,7 +63,7 @@ def _is_head(name: str) -> bool:
     return name.endswith(HEAD_SUFFIXES)
 
 
-def _input_embedding_name(reader: CheckpointReader) -> str | None:
+def input_embedding_name(reader: CheckpointReader) -> str | None:
     """The input-embedding tensor: a 2-D tensor with vocab_size rows that is not an output head."""
     vocab = reader.vocab_size
     candidates = [n for n, i in reader.info.items()
@@ -74,7 +74,7 @@ def _input_embedding_name(reader: CheckpointReader) -> str | None:
 
 def input_embedding_rows(reader: CheckpointReader) -> int | None:
     """Rows of the model's input embedding (its vocabulary size in the weights), if it has one."""
-    name = _input_embedding_name(reader)
+    name = input_embedding_name(reader)
     return reader.info[name].shape[0] if name else None
 
 
@@ -89,7 +89,7 @@ def build_plan(base: CheckpointReader, models: list[CheckpointReader],
     """Compare key sets and shapes of all inputs with the base; one UserError lists problems.
 
     `vocab_rows` (`--vocab union`) is the output's vocabulary size; None keeps the base's."""
-    embed_name = _input_embedding_name(base)
+    embed_name = input_embedding_name(base)
     problems: list[str] = []
     notes: list[str] = []
     tensors: list[TensorPlan] = []
@@ -112,7 +112,7 @@ def build_plan(base: CheckpointReader, models: list[CheckpointReader],
         for model in models:
             source = name
             if name not in model.info:
-                tied_embed = _input_embedding_name(model)
+                tied_embed = input_embedding_name(model)
                 if _is_head(name) and model.tie_word_embeddings and tied_embed:
                     source = tied_embed   # a tied fine-tune's head is its input embedding
                 else:

@@ -16,6 +16,9 @@ A method is a plain function over whole float32 tensors of one shape and device:
   masks, mask rule 2) and `generators: list[torch.Generator]` (one per model,
   `mask_generator(seed, i, tensor_name)`, DELLA's draws): randomness keyed by name, so any
   order and device gives the same bits.
+* A parameter that names a model (`Param.names_model`, e.g. free_merging's task model) arrives
+  as that model's index in `others`.
+* `others` bounds how many models besides the base it takes (slerp: exactly 1).
 * It returns a new float32 tensor shaped like `base`: no I/O, no device moves, no dtype choices.
   Its docstring points to its float64 paper-box version in reference.py.
 
@@ -24,8 +27,9 @@ buffer-reusing form the runner then uses instead, which must return the bits of 
 (tests/test_methods.py checks every fast path against its dense function, fp32 and bf16 inputs).
 
 Adding a method: one file with its function, one row in METHODS with its `Param`s (existing
-declarations, or new ones in params.py); the CLI flags, validation and recipe follow. Defaults
-follow ALGORITHMS.md §0.6, §1, §3.1, §4.1 and §5.1 (the mergekit the AIM paper ran).
+declarations, or new ones in params.py); the CLI flags, validation, recipe and YAML keys
+(mergekit_methods.py) follow. Defaults follow ALGORITHMS.md §0.6, §1, §3.1, §4.1 and §5.1 (the
+mergekit the AIM paper ran) and §6-§11, §17 for the later methods.
 """
 from __future__ import annotations
 
@@ -36,11 +40,19 @@ from torch import Tensor
 
 from checkpoints.errors import UserError
 from merging_methods import gta, gta_blocked
+from merging_methods.breadcrumbs import breadcrumbs, breadcrumbs_ties
+from merging_methods.della import check_window, della, della_linear
+from merging_methods.fr_merging import fr_merging
+from merging_methods.free_merging import free_merging
+from merging_methods.model_stock import model_stock
+from merging_methods.passthrough import passthrough
 from merging_methods.params import (
-    ABOVE_AVERAGE_VALUE_RATIO, DENSITY, NORMALIZE, RESCALE, RESCALE_MODE, SCALING,
-    SCORE_CALIBRATION_VALUE, WEIGHTS, Param,
+    ABOVE_AVERAGE_VALUE_RATIO, DELLA_RESCALE_MODE, DENSITY, EPSILON, EXPERT_DENSITY, FILTER_WISE,
+    FR_FAITHFUL, FR_RATIO, GAMMA, NORMALIZE, RESCALE, RESCALE_MODE, SCALING,
+    SCALE, SCORE_CALIBRATION_VALUE, T, TASK_MODEL, WEIGHTS, Param,
 )
 from merging_methods.primitives import keep_threshold
+from merging_methods.slerp import slerp
 from merging_methods.widen import widen
 
 CONTEXT = frozenset({"tensor_name", "layer_index", "num_layers", "is_input_embedding",
@@ -74,6 +86,10 @@ class MethodSpec:
     params: Mapping[str, Param]
     summary: str
     context: frozenset[str] = frozenset()
+    others: tuple[int, int | None] = (1, None)   # models besides the base: (min, max or None)
+    # layers copied from slices of the models, renumbered (passthrough): the runner plans the
+    # output from --layer_ranges instead of merging tensor by tensor
+    stacks_layers: bool = False
     fast: FastPath | None = None
     check: Callable[[Values], None] | None = None        # cross-parameter checks (UserError)
     warn: Callable[[Values], list[str]] | None = None    # valid but likely unmeant settings
@@ -87,6 +103,26 @@ class MethodSpec:
     @property
     def stochastic(self) -> bool:
         return bool(self.context & RANDOM_CONTEXT)
+
+    def check_count(self, n_models: int) -> None:
+        """A UserError when the method cannot merge `n_models` models besides the base."""
+        low, high = self.others
+        if n_models < low or (high is not None and n_models > high):
+            wanted = f"exactly {low}" if low == high else f"at least {low}"
+            raise UserError(f"--models_to_merge: {self.name} takes {wanted} model(s) besides "
+                            f"--base_model, got {n_models}")
+
+    def arguments(self, values: Values, models: tuple[str, ...]) -> dict[str, object]:
+        """The keyword arguments of `fn`: `values` with each model-naming parameter replaced by
+        that model's index in `models` (a UserError naming the flag when it is not one of them)."""
+        args = dict(values)
+        for name, param in self.params.items():
+            if param.names_model:
+                if values[name] not in models:
+                    raise UserError(f"{param.flag}: {values[name]!r} is not one of the merged "
+                                    f"models ({', '.join(models)})")
+                args[name] = models.index(values[name])
+        return args
 
     def resolve(self, given: Values, n_models: int) -> dict[str, object]:
         """Every parameter of the method, `given` values checked and defaults filled in; a
@@ -137,7 +173,16 @@ def _negative_weights(consensus: bool) -> Callable[[Values], list[str]]:
     return warn
 
 
+def _della_windows(values: Values) -> None:
+    for density, epsilon in zip(values["density"], values["epsilon"]):
+        check_window(density, epsilon)
+
+
 _DARE = (WEIGHTS, SCALING, DENSITY, NORMALIZE.with_default(False), RESCALE, RESCALE_MODE)
+_BREADCRUMBS = (WEIGHTS, SCALING, DENSITY, GAMMA, NORMALIZE.with_default(False),
+                RESCALE.with_default(False))
+_DELLA = (WEIGHTS, SCALING, DENSITY, EPSILON, RESCALE, DELLA_RESCALE_MODE)
+_FR = (WEIGHTS, SCALING, NORMALIZE.with_default(False), FR_RATIO, FR_FAITHFUL)
 METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     method("linear", gta.linear, "weighted average of the models (the base is not averaged in)",
            WEIGHTS, NORMALIZE.with_default(True), check=_weights_sum_to_nonzero,
@@ -163,11 +208,34 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     method("widen", widen, "per-column magnitude/direction ranking of task vectors (WIDEN)",
            ABOVE_AVERAGE_VALUE_RATIO, SCORE_CALIBRATION_VALUE,
            context=frozenset({"is_input_embedding"})),
+    method("slerp", slerp, "spherical interpolation from the base to one other model", T,
+           others=(1, 1)),
+    method("model_stock", model_stock, "base-to-average interpolation set by the task vectors' "
+           "angles", FILTER_WISE, others=(2, None)),
+    method("breadcrumbs", breadcrumbs, "drop the smallest and the largest |delta|, then task "
+           "arithmetic", *_BREADCRUMBS, warn=_negative_weights(False)),
+    method("breadcrumbs_ties", breadcrumbs_ties, "breadcrumbs with TIES sign consensus",
+           *_BREADCRUMBS, warn=_negative_weights(True)),
+    method("della", della, "magnitude-ranked random drop + rescale, TIES sign consensus",
+           *_DELLA, NORMALIZE.with_default(True), context=frozenset({"generators"}),
+           check=_della_windows, warn=_negative_weights(True)),
+    method("della_linear", della_linear, "magnitude-ranked random drop + rescale, task "
+           "arithmetic", *_DELLA, NORMALIZE.with_default(False),
+           context=frozenset({"generators"}), check=_della_windows,
+           warn=_negative_weights(False)),
+    method("fr_merging", fr_merging, "Fourier high-pass filter of each 2-D task vector, TIES "
+           "sign consensus", *_FR, warn=_negative_weights(True)),
+    method("passthrough", passthrough, "layer ranges of the models stacked into one model "
+           "(--layer_ranges, one per model)", SCALE, stacks_layers=True),
+    method("free_merging", free_merging, "fr_merging + the top-|delta| expert of one task model",
+           *_FR, TASK_MODEL, EXPERT_DENSITY, warn=_negative_weights(True)),
 )}
+ALIASES = {"fourier": "fr_merging", "free": "free_merging"}
 
 
 def get_method(name: str) -> MethodSpec:
-    """The spec of method `name`; an unknown name is a UserError listing the choices."""
+    """The spec of method `name` (or alias); an unknown name is a UserError listing the choices."""
+    name = ALIASES.get(name, name)
     if name not in METHODS:
         raise UserError(f"--method: unknown method {name!r}; "
                         f"choose one of {', '.join(sorted(METHODS))}")

@@ -21,8 +21,8 @@ import torch
 from tqdm import tqdm
 
 from checkpoints.checkpoint import (
-    CheckpointReader, ShardedWriter, copy_model_files, dtype_config_update, finite, parse_dtype,
-    parse_size, resolve_model_dir,
+    HEAD_SUFFIXES, CheckpointReader, ShardedWriter, TensorInfo, copy_model_files,
+    dtype_config_update, finite, parse_dtype, parse_size, resolve_model_dir,
 )
 from checkpoints.device import resolve_device
 from checkpoints.errors import UserError
@@ -30,11 +30,14 @@ from checkpoints.output import check_output_path, staged_output
 from checkpoints.overlap import IOThread
 from checkpoints.record import write_model_card, write_record
 from checkpoints.rows import AlignedRows, RowRange, row_ranges
-from merging_methods.plan import MergePlan, TensorPlan, build_plan, input_embedding_rows
+from merging_methods.passthrough import LayerSlice, PassthroughPlan, Source, passthrough_plan
+from merging_methods.plan import (MergePlan, TensorPlan, build_plan, input_embedding_name,
+                                  input_embedding_rows, num_layers)
 from merging_methods.primitives import keep_mask, mask_generator, mask_key, used_density
 from merging_methods.recipe import MergeRecipe
 from merging_methods.registry import MethodSpec, get_method, method_warnings, splits_by_rows
 from merging_methods.vocab import VocabUnion, plan_union, save_union_tokenizer, vocab_config_update
+from merging_methods.yaml_recipe import record_of, tensor_arguments
 
 log = logging.getLogger(__name__)
 
@@ -181,11 +184,13 @@ class WorkUnit:
 def _work_units(spec: MethodSpec, recipe: MergeRecipe, inputs: OpenedInputs,
                 device: torch.device) -> list[WorkUnit]:
     units = []
+    depth = inputs.plan.num_layers or 0   # same shapes, so the same depth for every model
+    arguments = tensor_arguments(recipe, {m: depth for m in (recipe.base_model, *recipe.models)})
     for item in inputs.plan.tensors:
         if not item.merge:
             units.append(WorkUnit(item.name, None, item.out.shape, None, item.out.nbytes))
             continue
-        job = TensorMerge(spec, recipe.params, recipe.seed, item, inputs, device)
+        job = TensorMerge(spec, arguments(item.name), recipe.seed, item, inputs, device)
         readers = [(inputs.base, item.name), *zip(inputs.models, item.sources)]
         itemsizes = sum(reader.info[name].dtype.itemsize for reader, name in readers)
         units += [WorkUnit(item.name, rows, shape, job, math.prod(shape) * itemsizes)
@@ -218,11 +223,18 @@ def run_merge(recipe: MergeRecipe, *, make_post: HookFactory | None = None) -> P
     """
     spec = get_method(recipe.method)
     check_output_path(recipe.save_path, recipe.overwrite, (*recipe.models, recipe.base_model))
+    if spec.stacks_layers:
+        if make_post is not None:
+            raise UserError(f"--aim: {spec.name} has no base to relax toward (its layers are "
+                            "copied from slices of the models); drop --aim")
+        return run_stacked(recipe, spec)
     device = resolve_device(recipe.device)
     max_shard_bytes = parse_size(recipe.max_shard_size)
     inputs = open_inputs(recipe)
     union_notes = list(inputs.union.notes) if inputs.union else []
-    for note in inputs.plan.notes + union_notes + method_warnings(spec, recipe.params):
+    # (a config's values vary by tensor; its warnings would be per tensor)
+    warnings = method_warnings(spec, recipe.params) if recipe.config is None else []
+    for note in inputs.plan.notes + union_notes + warnings:
         log.warning(note)
     post, extra_record = make_post(inputs) if make_post else (None, {})
     save_path = Path(recipe.save_path)
@@ -247,7 +259,7 @@ def run_merge(recipe: MergeRecipe, *, make_post: HookFactory | None = None) -> P
         copy_model_files(inputs.base.folder, tmp, config_updates=config_updates)
         if inputs.union and inputs.union.tokens:
             save_union_tokenizer(inputs.base.folder, inputs.union, tmp)
-        record = {"merge": recipe.as_record(), **extra_record}
+        record = record_of(recipe, extra_record)
         write_record(tmp, record)
         write_model_card(tmp, record)
     merged_count = sum(t.merge for t in inputs.plan.tensors)
@@ -255,3 +267,85 @@ def run_merge(recipe: MergeRecipe, *, make_post: HookFactory | None = None) -> P
              merged_count, len(inputs.plan.tensors) - merged_count, save_path)
     return save_path
 
+
+
+# ------------------------------------------------------------------------------- passthrough
+def _stacked_arguments(recipe: MergeRecipe,
+                       depths: dict[str, int]) -> Callable[[str, Source], dict]:
+    """(output name, its source) -> passthrough's keywords: the source slice's --scale, or the
+    scale a config resolves for that tensor."""
+    if recipe.config is None:
+        scales = recipe.params["scale"]
+        return lambda _name, source: {"scale": [scales[source.model]]}
+    at = tensor_arguments(recipe, depths)
+    return lambda name, _source: at(name)
+
+
+def _heads_like_donor(plan: PassthroughPlan, donor: CheckpointReader,
+                      readers: list[CheckpointReader]) -> PassthroughPlan:
+    """Output heads as the donor's config.json declares them (§0.2): none when it ties its
+    embeddings; else each head, read from the last slice's model or, when that model ties its
+    head, from its input embedding."""
+    sources = {n: s for n, s in plan.sources.items()
+               if not (n.endswith(HEAD_SUFFIXES) and donor.tie_word_embeddings)}
+    if not donor.tie_word_embeddings:
+        last = plan.sources[next(reversed(plan.sources))].model
+        for head in (n for n in donor.info if n.endswith(HEAD_SUFFIXES) and n not in sources):
+            embedding = input_embedding_name(readers[last])
+            if embedding is None:
+                raise UserError(f"{readers[last].label} has neither {head} nor an input "
+                                "embedding to use as the output head")
+            sources[head] = Source(last, embedding)
+    return PassthroughPlan(sources, plan.num_hidden_layers)
+
+
+def _stacked_config(donor: CheckpointReader, readers: list[CheckpointReader],
+                    slices: list[LayerSlice], depth: int, out_dtype: torch.dtype) -> dict:
+    """config.json updates: the output depth, per-layer lists (`layer_types`) taken from the
+    slices' models, the output dtype."""
+    updates = {**dtype_config_update(donor.config, out_dtype), "num_hidden_layers": depth}
+    if isinstance(donor.config.get("layer_types"), list):
+        updates["layer_types"] = [readers[s.model].config["layer_types"][layer]
+                                  for s in slices for layer in range(s.start, s.end)]
+    return updates
+
+
+def run_stacked(recipe: MergeRecipe, spec: MethodSpec) -> Path:
+    """Passthrough (§7): copy the layer ranges of `recipe.layer_ranges` (one per model) into one
+    model, renumbered, each tensor times its scale."""
+    donor = CheckpointReader(resolve_model_dir(recipe.base_model, "--base_model"),
+                             recipe.base_model)
+    readers = [CheckpointReader(resolve_model_dir(m, "--models_to_merge"), m)
+               for m in recipe.models]
+    slices = [LayerSlice(i, a, b) for i, (a, b) in enumerate(recipe.layer_ranges)]
+    depths = [num_layers(r.config) or 0 for r in readers]
+    plan = _heads_like_donor(passthrough_plan(slices, [list(r.info) for r in readers], depths),
+                             donor, readers)
+    arguments = _stacked_arguments(recipe, {r.label: num_layers(r.config) or 0
+                                            for r in (donor, *readers)})
+    out_dtype = parse_dtype(recipe.dtype) if recipe.dtype else donor.stored_dtype
+
+    def out_info(source: Source) -> TensorInfo:
+        info = readers[source.model].info[source.name]
+        return TensorInfo(info.shape, out_dtype if info.dtype.is_floating_point else info.dtype)
+
+    infos = {name: out_info(source) for name, source in plan.sources.items()}
+    save_path = Path(recipe.save_path)
+    folders = [donor.folder, *(r.folder for r in readers)]
+    with staged_output(save_path, recipe.overwrite, folders) as tmp, torch.inference_mode():
+        writer = ShardedWriter(tmp, infos, parse_size(recipe.max_shard_size))
+        for name, source in tqdm(plan.sources.items(), desc=f"{spec.name}", unit="tensor"):
+            reader = readers[source.model]
+            tensor = finite(reader.get(source.name), reader.label, source.name)
+            if tensor.dtype.is_floating_point:
+                tensor = spec.fn(tensor, [tensor], **arguments(name, source)).to(out_dtype)
+            writer.add(name, tensor)
+        writer.close()
+        copy_model_files(donor.folder, tmp, config_updates=_stacked_config(
+            donor, readers, slices, plan.num_hidden_layers, out_dtype))
+        record = record_of(recipe, {})
+        write_record(tmp, record)
+        write_model_card(tmp, record)
+    log.info("stacked %d layers from %d slices -> %s", plan.num_hidden_layers, len(slices),
+             save_path)
+    return save_path

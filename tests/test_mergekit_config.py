@@ -186,7 +186,8 @@ def test_example_c_passthrough_frankenmerge(name, model, source, scale):
 def test_example_d_dare_ties_per_model_weights(name, expected):
     merge = at(plan_of(EXAMPLE_D), name)
     assert per_model(merge, "weight", "density") == [pytest.approx(e, abs=1e-6) for e in expected]
-    assert merge.shared == {"normalize": False, "rescale": True, "lambda": 1.1, "int8_mask": True}
+    assert merge.shared == {"normalize": False, "rescale": True, "lambda": 1.1, "int8_mask": True,
+                            "rescale_mode": "l1"}   # our extension key, mergekit 0.1.5's rescale
     params = method_params(merge)  # our keywords: lists over the models, L1 rescale (§19.3)
     assert params["weights"] == [e[0] for e in per_model(merge, "weight")]
     assert params["scaling"] == 1.1 and params["rescale_mode"] == "l1"
@@ -400,7 +401,7 @@ def test_fourier_is_an_alias_of_fr_merging():
     merge = resolve(plan_merge(config, {ModelRef("b"): 1, ModelRef("m"): 1}), "lm_head.weight",
                     POST)
     assert method_params(merge) == {"weights": [0.8], "scaling": 1.1, "normalize": False,
-                                    "fr_faithful": False}
+                                    "fr_ratio": 0.9, "fr_faithful": False}
 
 
 def test_read_from_a_file(tmp_path):

@@ -22,7 +22,7 @@ def test_every_declared_param_has_its_flag_with_the_methods_defaults():
     for param in declared_params().values():
         assert param.flag in flags, param.name
     helps = {a.dest: a.help for a in parser._actions}
-    assert "on for linear, ties; off otherwise" in helps["normalize"]
+    assert "on for della, linear, ties; off otherwise" in helps["normalize"]
     assert declared_params()["scaling"].flag == "--lambda"
     assert declared_params()["weights"].mergekit == "weight"
 

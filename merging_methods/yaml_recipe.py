@@ -1,0 +1,118 @@
+"""mergekit YAML and MergeRecipe, both ways (ALGORITHMS.md §18).
+
+    recipe = recipe_from_config("merge.yml", save_path="out")   # merge.py --config
+    args_at = tensor_arguments(recipe, depths)                   # one tensor's method keywords
+    record = record_of(recipe, {})                               # what merge_recipe.yaml holds
+
+A config recipe keeps its `MergeConfig`: the runner resolves the method's parameters for every
+tensor from it (scopes, filters, layer gradients). Every recipe, from flags or from a config,
+is written as a config (plus this toolkit's `merge` record), so `merge.py --config
+OUT/merge_recipe.yaml` reproduces OUT.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+from checkpoints.checkpoint import CheckpointReader, resolve_model_dir
+from checkpoints.errors import UserError
+from merging_methods.mergekit_config import (MergeConfig, ModelRef, Slice, Source, base_index,
+                                             config_doc, load_config)
+from merging_methods.mergekit_methods import yaml_key
+from merging_methods.mergekit_plan import (POST, PRE, Position, donor, method_params, plan_merge,
+                                           referenced_models, resolve)
+from merging_methods.passthrough import is_pre_layer, split_layer_name
+from merging_methods.plan import num_layers
+from merging_methods.recipe import MergeRecipe
+from merging_methods.registry import get_method
+
+
+def model_path(ref: ModelRef) -> str:
+    """The folder or hub id of a config's model reference (revisions are not supported yet)."""
+    if ref.revision is not None:
+        raise UserError(f"{ref}: model revisions (path@revision) are not supported by merge.py; "
+                        "download that revision and give its folder")
+    return ref.path
+
+
+def _depths(config: MergeConfig) -> dict[str, int]:
+    """num_hidden_layers of every model the config reads (headers and config.json only)."""
+    def depth(path: str) -> int:
+        return num_layers(CheckpointReader(resolve_model_dir(path, "--config"), path).config) or 0
+    return {path: depth(path) for path in map(model_path, referenced_models(config))}
+
+
+def recipe_from_config(path: str, **runtime) -> MergeRecipe:
+    """The recipe of a mergekit YAML file; `runtime`: save_path, device, max_shard_size,
+    overwrite. `slices:` other than passthrough's one-source slices are refused in one line."""
+    config = load_config(path)
+    spec = get_method(config.merge_method)
+    depths = _depths(config)
+    plan = plan_merge(config, {ref: depths[model_path(ref)] for ref in referenced_models(config)})
+    common = dict(method=spec.name, base_model=model_path(donor(config)), seed=config.seed or 0,
+                  dtype=config.out_dtype or config.dtype, config=config, **runtime)
+    if spec.stacks_layers:
+        sources = [piece.sources[0] for piece in plan.slices]
+        return MergeRecipe(models=tuple(model_path(s.model) for s in sources),
+                           layer_ranges=tuple(s.layer_range for s in sources), **common)
+    if config.slices is not None:
+        raise UserError(f"{config.origin}: slices: merge.py runs slices for merge_method "
+                        f"passthrough only; use models: for {spec.name}")
+    piece = plan.slices[0]
+    base = base_index(config, piece)
+    return MergeRecipe(models=tuple(model_path(s.model) for k, s in enumerate(piece.sources)
+                                    if k != base), **common)
+
+
+def _position(name: str) -> Position:
+    parts = split_layer_name(name)
+    if parts is not None:
+        return parts[1]
+    return PRE if is_pre_layer(name) else POST
+
+
+def tensor_arguments(recipe: MergeRecipe, depths: Mapping[str, int]) -> Callable[[str], dict]:
+    """Output tensor name -> the method's keyword arguments there: the recipe's own for a recipe
+    from flags; resolved from the config for that tensor otherwise (`depths`: num_hidden_layers
+    by model path). Values are checked as flags are (the flag named in an error)."""
+    if recipe.config is None:
+        arguments = recipe.arguments()
+        return lambda _name: arguments
+    spec = get_method(recipe.method)
+    refs = referenced_models(recipe.config)
+    plan = plan_merge(recipe.config, {ref: depths[model_path(ref)] for ref in refs})
+
+    def at(name: str) -> dict:
+        merge = resolve(plan, name, _position(name))
+        values = spec.resolve(method_params(merge), len(merge.others))
+        return spec.arguments(values, tuple(model_path(i.model) for i in merge.others))
+    return at
+
+
+def config_of(recipe: MergeRecipe) -> MergeConfig:
+    """A recipe from flags as the config that reproduces it: per-model values under each model,
+    the others under `parameters:`, every one written out. A `linear` config has no base_model
+    (mergekit would average it in), so the first model donates config.json and tokenizer then."""
+    if recipe.config is not None:
+        return recipe.config
+    spec = get_method(recipe.method)
+
+    def values(index: int | None) -> dict:
+        return {yaml_key(p): recipe.params[n] if index is None else recipe.params[n][index]
+                for n, p in spec.params.items() if p.per_model == (index is not None)}
+
+    models = [Source(ModelRef(m), values(i)) for i, m in enumerate(recipe.models)]
+    shared = dict(parameters=values(None), out_dtype=recipe.dtype, seed=recipe.seed,
+                  tokenizer_source=recipe.vocab)
+    if spec.stacks_layers:
+        slices = tuple(Slice((Source(s.model, s.parameters, r),))
+                       for s, r in zip(models, recipe.layer_ranges))
+        return MergeConfig(spec.name, slices=slices, base_model=ModelRef(recipe.base_model),
+                           **shared)
+    base = None if spec.name == "linear" else ModelRef(recipe.base_model)
+    return MergeConfig(spec.name, models=tuple(models), base_model=base, **shared)
+
+
+def record_of(recipe: MergeRecipe, extra: dict) -> dict:
+    """merge_recipe.yaml: the config that reproduces the merge, this toolkit's `merge` record
+    (read by aim/, evaluation/, study/ and the report) and `extra` (e.g. the `aim` record)."""
+    return {**config_doc(config_of(recipe)), "merge": recipe.as_record(), **extra}

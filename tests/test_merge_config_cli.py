@@ -1,0 +1,154 @@
+"""merge.py --config: mergekit YAML configs run end to end on tiny checkpoints, parameters
+resolved per tensor (gradients, filters), slices for passthrough, and every output's
+merge_recipe.yaml is itself a config that reproduces it bit for bit."""
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+import merge
+from merging_methods.primitives import mask_key
+from merging_methods.registry import METHODS
+from tests.method_cases import case
+from tests.test_merge_cli import assert_user_error, load_weights
+from tests.tiny_models import build_finetune, build_llama
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A base (fp32, sharded) and three fine-tunes (one bf16)."""
+    root = tmp_path_factory.mktemp("config")
+    base = build_llama(root / "base", seed=0, max_shard_size="40KB")
+    fts = [build_finetune(base, root / f"ft{i}", seed=i, scale=0.2,
+                          dtype=torch.bfloat16 if i == 2 else None) for i in (1, 2, 3)]
+    return base, fts
+
+
+def run(*args) -> int:
+    return merge.main([str(a) for a in args])
+
+
+def same(a, b) -> bool:
+    wa, wb = load_weights(a), load_weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_the_recipe_file_reproduces_the_merge(models, tmp_path, method):
+    base, fts = models
+    if METHODS[method].stacks_layers:
+        chosen, flags = fts[:2], ["--layer_ranges", "1:2,0:2", "--scale", "0.5,1"]
+    else:
+        chosen, flags, _ = case(method, fts)
+    first, again = tmp_path / "first", tmp_path / "again"
+    assert run("--method", method, "--base_model", base, "--models_to_merge",
+               ",".join(map(str, chosen)), "--save_path", first, "--seed", 5, *flags) == 0
+    assert run("--config", first / "merge_recipe.yaml", "--save_path", again) == 0
+    assert same(first, again)
+    record = yaml.safe_load((again / "merge_recipe.yaml").read_text())
+    assert record["merge_method"] == method and record["merge"]["method"] == method
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "merge.yml"
+    path.write_text(text)
+    return path
+
+
+def models_config(method: str, base, models: dict, tail: str = "") -> str:
+    """A `models:` config: {model folder: its parameters as a YAML flow mapping}."""
+    entries = "".join(f"  - model: {m}\n    parameters: {p}\n" for m, p in models.items())
+    return f"merge_method: {method}\nbase_model: {base}\nmodels:\n{entries}{tail}"
+
+
+def test_a_mergekit_config_with_gradients_and_filters(models, tmp_path):
+    base, (ft1, ft2, _) = models
+    config = write(tmp_path, models_config("ties", base, {
+        ft1: "{weight: [1.0, 0.5], density: [{filter: mlp, value: 0.5}, {value: 1.0}]}",
+        ft2: "{weight: 0.7, density: 0.8}"},
+        "parameters: {normalize: true}\ndtype: bfloat16\ntokenizer_source: base\n"))
+    out = tmp_path / "out"
+    assert run("--config", config, "--save_path", out) == 0
+    got, b = load_weights(out), load_weights(base)
+    others = [load_weights(ft1), load_weights(ft2)]
+    spec = METHODS["ties"]
+
+    def want(name, weights, density):
+        params = spec.resolve({"weights": weights, "density": density, "normalize": True}, 2)
+        return spec.fn(b[name].float(), [o[name].float() for o in others], **params)
+
+    layer1_mlp = "model.layers.1.mlp.up_proj.weight"     # x = 1: the gradient's last value
+    assert torch.equal(got[layer1_mlp], want(layer1_mlp, [0.5, 0.7], [0.5, 0.8]).bfloat16())
+    attn0 = "model.layers.0.self_attn.q_proj.weight"      # x = 0, no mlp filter match
+    assert torch.equal(got[attn0], want(attn0, [1.0, 0.7], [1.0, 0.8]).bfloat16())
+    head = "lm_head.weight"                                # post-layer: x = 0
+    assert torch.equal(got[head], want(head, [1.0, 0.7], [1.0, 0.8]).bfloat16())
+    again = tmp_path / "again"
+    assert run("--config", out / "merge_recipe.yaml", "--save_path", again) == 0
+    assert same(out, again)
+
+
+def test_seeded_dare_from_yaml_uses_l1_rescale_and_the_seed(models, tmp_path):
+    base, (ft1, ft2, _) = models
+    config = write(tmp_path, models_config("dare_ties", base, {
+        ft1: "{weight: 0.6, density: 0.5}", ft2: "{weight: 0.4, density: 0.5}"}, "seed: 11\n"))
+    out = tmp_path / "out"
+    assert run("--config", config, "--save_path", out) == 0
+    name = "model.layers.1.mlp.down_proj.weight"
+    b, others = load_weights(base), [load_weights(ft1), load_weights(ft2)]
+    spec = METHODS["dare_ties"]
+    params = spec.resolve({"weights": [0.6, 0.4], "density": 0.5, "rescale_mode": "l1"}, 2)
+    want = spec.fn(b[name].float(), [o[name].float() for o in others], **params,
+                   mask_keys=[mask_key(11, i, name) for i in range(2)])
+    assert torch.equal(load_weights(out)[name], want)
+
+
+def test_passthrough_slices_with_a_filtered_scale(models, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base, (ft1, _, _) = models
+    config = write(tmp_path, f"""\
+merge_method: passthrough
+slices:
+  - sources: [{{model: {base}, layer_range: [0, 2]}}]
+  - sources: [{{model: {ft1}, layer_range: [1, 2]}}]
+    parameters:
+      scale: [{{filter: down_proj, value: 0.5}}, {{value: 1.0}}]
+""")
+    out = tmp_path / "out"
+    assert run("--config", config, "--save_path", out) == 0
+    got, b, f = load_weights(out), load_weights(base), load_weights(ft1)
+    down, up = "model.layers.{}.mlp.down_proj.weight", "model.layers.{}.mlp.up_proj.weight"
+    assert torch.equal(got[down.format(1)], b[down.format(1)])
+    assert torch.equal(got[down.format(2)], f[down.format(1)] * 0.5)
+    assert torch.equal(got[up.format(2)], f[up.format(1)])
+    assert torch.equal(got["lm_head.weight"], f["lm_head.weight"])   # the last slice's model
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 3
+
+
+@pytest.mark.parametrize("extra, text, fragment", [
+    (["--density", "0.5"], "merge_method: ties", "--density cannot be combined with --config"),
+    (["--method", "ties"], "merge_method: ties", "--method cannot be combined with --config"),
+    ([], "merge_method: ties\nbase_model: {base}\nslices:\n  - sources: [{{model: {base}, "
+         "layer_range: [0, 2]}}, {{model: {ft}, layer_range: [0, 2], parameters: {{weight: 1}}}}]\n",
+     "slices: merge.py runs slices for merge_method passthrough only"),
+    ([], "merge_method: ties\nbase_model: {base}\nmodels: [{{model: {ft}}}]\n",
+     "missing required parameter 'weight'"),
+    ([], "merge_method: slerp\nbase_model: {base}\nmodels: [{{model: {ft}}}]\nparameters: {{t: 0.5}}\n"
+         "desnity: 3\n", "unknown key 'desnity'"),
+])
+def test_config_refusals_are_one_line(models, tmp_path, capsys, extra, text, fragment):
+    base, fts = models
+    body = text.format(base=base, ft=fts[0])
+    if "models" not in body and "slices" not in body:
+        body += f"\nbase_model: {base}\nmodels: [{{model: {fts[0]}, parameters: {{weight: 1}}}}]\n"
+    code = run("--config", write(tmp_path, body), "--save_path", tmp_path / "o", *extra)
+    assert_user_error(capsys, code, fragment)
+    assert not (tmp_path / "o").exists()
+
+
+def test_method_flags_are_required_without_config(models, tmp_path, capsys):
+    base, _ = models
+    code = run("--base_model", base, "--save_path", tmp_path / "o")
+    assert_user_error(capsys, code, "--method, --models_to_merge: required (or give a mergekit")
