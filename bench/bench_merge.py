@@ -95,8 +95,10 @@ def mergekit_config(config: MergeConfig) -> MergeConfig | None:
     def source(s: Source) -> Source:
         return dataclasses.replace(s, parameters=keep(s.parameters))
 
+    # no tokenizer_source: mergekit then copies the base's tokenizer files as they are (what
+    # `base` means for us), while `base` would make it load the synthetic family's tokenizer
     return dataclasses.replace(
-        config, seed=None, parameters=keep(config.parameters),
+        config, seed=None, tokenizer_source=None, parameters=keep(config.parameters),
         models=config.models and tuple(map(source, config.models)),
         slices=config.slices and tuple(dataclasses.replace(p, sources=tuple(map(source, p.sources)))
                                        for p in config.slices))
