@@ -28,6 +28,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.plain_loop import DONE_FILE as PLAIN_LOOP_DONE  # noqa: E402
+from checkpoints.record import RECIPE_FILE  # noqa: E402
 from merging_methods.mergekit_config import MergeConfig, Source, to_yaml  # noqa: E402
 from merging_methods.mergekit_methods import IN_MERGEKIT  # noqa: E402
 from merging_methods.recipe import MergeRecipe  # noqa: E402
@@ -36,6 +38,20 @@ from merging_methods.yaml_recipe import config_of  # noqa: E402
 
 METHODS = sorted(REGISTRY)
 MERGEKIT_KEYS = {p.mergekit for p in declared_params().values() if p.mergekit}
+# the file each tool leaves in its output: a folder is deleted before a rerun only if it holds one
+OUTPUT_MARKERS = (RECIPE_FILE, "mergekit_config.yml", PLAIN_LOOP_DONE)
+
+
+def remove_output(out: Path) -> None:
+    """Delete `out` when it is an earlier output of a benchmarked tool (it holds one of
+    OUTPUT_MARKERS); anything else under that name is refused, never deleted, so a --work
+    pointing at a user's folder costs nothing."""
+    if not out.exists():
+        return
+    if not any((out / marker).is_file() for marker in OUTPUT_MARKERS):
+        raise SystemExit(f"{out} exists and is not an output of this benchmark (none of "
+                         f"{', '.join(OUTPUT_MARKERS)}); move it or choose another --work")
+    shutil.rmtree(out)
 
 
 def run_child(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
@@ -161,8 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[tuple[str, str], list[tuple[float, float]]] = {}
 
     def timed(tool: str, method: str, cmd: list[str], out: Path) -> None:
-        if out.exists():
-            shutil.rmtree(out)
+        remove_output(out)
         warm_page_cache(files)
         wall, rss = run_child(cmd)
         runs.setdefault((tool, method), []).append((wall, rss))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -23,7 +22,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.bench_merge import ours_cmd, run_child, write_configs  # noqa: E402
+from bench.bench_merge import ours_cmd, remove_output, run_child, write_configs  # noqa: E402
 from merging_methods.primitives import keep_mask, mask_key  # noqa: E402
 from merging_methods.registry import METHODS  # noqa: E402
 
@@ -106,7 +105,7 @@ def run_merges(family: Path, device: str, work: Path, methods: list[str]) -> boo
             continue
         finally:
             for out in outs.values():
-                shutil.rmtree(out, ignore_errors=True)
+                remove_output(out)
         rows.append(f"| {method} | {cpu[0]:.1f} | {cpu[1]:.2f} | {dev[0]:.1f} | {dev[1]:.2f} | "
                     f"{dev[2]:.2f} | {agree} |")
         print(f"  {method}: cpu {cpu[0]:.1f} s, {device} {dev[0]:.1f} s, {agree}", flush=True)

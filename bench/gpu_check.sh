@@ -102,9 +102,12 @@ family() {
   # shellcheck disable=SC2086  # the size flags split into words on purpose
   if [[ -f "$WORK/family/expert3/config.json" ]]; then
     echo "reusing $WORK/family"
+  elif [[ -e "$WORK/family" ]]; then  # never delete a folder this script did not make
+    echo "family: $WORK/family exists but holds no family; move it or set GPU_CHECK_WORK"
+    return 1
   elif ! timeout 100 $PY bench/make_family.py --out "$WORK/family" --experts 3 $FAMILY_ARGS; then
     echo "family: the family did not build within 100 s; using a smaller one ($SMALL_FAMILY)"
-    rm -rf "$WORK/family"
+    rm -rf "$WORK/family"  # made just now by the timed-out build
     $PY bench/make_family.py --out "$WORK/family" --experts 3 $SMALL_FAMILY
   fi
   du -sh "$WORK/family"

@@ -15,6 +15,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+DONE_FILE = "plain_loop.txt"
+
 
 def main(argv: list[str]) -> int:
     *inputs, out = [Path(a) for a in argv]
@@ -33,6 +35,7 @@ def main(argv: list[str]) -> int:
                         acc.add_(h.get_tensor(name).float()).sub_(b)
                     result[name] = acc.to(torch.bfloat16)
             save_file(result, str(out / shard.name), metadata={"format": "pt"})
+    (out / DONE_FILE).write_text("written by bench/plain_loop.py\n")  # marks the folder ours
     return 0
 
 

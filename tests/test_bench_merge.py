@@ -43,3 +43,22 @@ def test_dry_run_writes_a_config_per_method(tmp_path, capsys):
     stacked = load_config(str(work / "ours_passthrough.yml"))
     assert [s.sources[0].layer_range for s in stacked.slices] == [(0, 2), (2, 4)]
     assert "# dare_ties" in capsys.readouterr().out
+
+
+def test_a_rerun_deletes_only_earlier_benchmark_outputs(tmp_path):
+    import pytest
+
+    bench = bench_module()
+    ours, theirs, mine = tmp_path / "ours_ties", tmp_path / "mergekit_ties", tmp_path / "my_model"
+    for folder, marker in ((ours, "merge_recipe.yaml"), (theirs, "mergekit_config.yml"),
+                           (mine, "config.json")):
+        folder.mkdir()
+        (folder / marker).write_text("x")
+        (folder / "model.safetensors").write_bytes(b"weights")
+    bench.remove_output(ours)
+    bench.remove_output(theirs)
+    bench.remove_output(tmp_path / "absent")
+    with pytest.raises(SystemExit, match="not an output of this benchmark"):
+        bench.remove_output(mine)
+    assert not ours.exists() and not theirs.exists()
+    assert (mine / "model.safetensors").read_bytes() == b"weights"

@@ -229,7 +229,7 @@ def test_ci_zoo_is_reused_only_for_the_same_recipe(ci_zoo, tmp_path):
     assert str(moved.resolve() / "data") in (moved / "tasks" / "toy_math.yaml").read_text()
 
 
-def test_build_refuses_a_folder_that_is_not_a_zoo(tmp_path):
+def test_build_refuses_a_folder_that_is_not_a_zoo(tmp_path, monkeypatch):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="holds files but no zoo.json"):
         ensure_zoo(tmp_path, ZooRecipe(steps_scale=0.01))
@@ -239,6 +239,13 @@ def test_build_refuses_a_folder_that_is_not_a_zoo(tmp_path):
     with pytest.raises(UserError, match="staging folder.*holds files but no building.json"):
         ensure_zoo(tmp_path / "zoo", ZooRecipe(steps_scale=0.01))
     assert (stage / "notes.txt").read_text() == "mine" and not (tmp_path / "zoo").exists()
+    cwd = tmp_path / "work"  # even a real zoo is not replaced while it is the working directory
+    cwd.mkdir()
+    (cwd / ZOO_FILE).write_text("{}")
+    monkeypatch.chdir(cwd)
+    with pytest.raises(UserError, match="working directory or one of its parents"):
+        build_zoo(cwd, ZooRecipe(steps_scale=0.01))
+    assert sorted(p.name for p in cwd.iterdir()) == [ZOO_FILE]
     for bad in (["--steps-scale", "0"], ["--eval-size", "0"], ["--outlier-factor", "-1"]):
         assert cli.main(["build", "--out", str(tmp_path / "z"), *bad]) == 2
     assert not (tmp_path / "z").exists()
