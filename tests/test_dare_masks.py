@@ -11,7 +11,8 @@ import torch
 
 from checkpoints.errors import UserError
 from merging_methods.primitives import (
-    MASK_RULE, keep_mask, keep_threshold, mask_key, splitmix64_, used_density,
+    MASK_RULE, _splitmix64_numpy_, _splitmix64_torch_, keep_mask, keep_threshold, mask_key,
+    splitmix64_, used_density,
 )
 from merging_methods.recipe import MergeRecipe
 
@@ -43,6 +44,18 @@ def test_mixer_matches_python_integers():
     got = splitmix64_(torch.tensor([signed(s) for s in states]), torch.empty(3, dtype=torch.int64))
     assert mix(states[0]) == 6457827717110365317
     assert [v & WORD for v in got.tolist()] == [mix(s) for s in states]
+
+
+def test_numpy_mixer_gives_the_torch_ops_bits():
+    """The CPU mix (numpy uint64 views) and the device mix (torch int64 ops) agree bit for bit,
+    so a CPU merge and a CUDA merge draw the same masks."""
+    words = torch.randint(-(1 << 63), (1 << 63) - 1, (4099,), dtype=torch.int64,
+                          generator=torch.Generator().manual_seed(0))
+    scratch = torch.empty_like(words)
+    via_numpy = _splitmix64_numpy_(words.clone(), scratch)
+    via_torch = _splitmix64_torch_(words.clone(), scratch)
+    assert torch.equal(via_numpy, via_torch)
+    assert [v & WORD for v in via_numpy[:50].tolist()] == [mix(v & WORD) for v in words[:50].tolist()]
 
 
 def test_keep_mask_matches_python_integers():
