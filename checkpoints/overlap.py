@@ -1,9 +1,10 @@
-"""Reading and writing on a second thread while the merge math runs.
+"""Reading and writing on threads of their own while the merge math runs.
 
 Positioned reads and writes release the GIL, so on a machine with two or more cores the I/O of
 one unit of work (a chunk of rows of one tensor) overlaps the math of another: while unit k is
-merged, the I/O thread writes unit k-1's result and reads unit k+1's inputs. At most one read
-and one write are ahead of the math, and a read is prefetched only when it and the unit being
+merged, the write thread writes unit k-1's result and the read thread reads unit k+1's inputs
+(one thread for both made the math wait for the writes too). At most one read and one write are ahead
+of the math, and a read is prefetched only when it and the unit being
 merged are together under PREFETCH_BYTES, so the largest tensor (the peak of whole-tensor
 methods) never has another one's inputs beside it.
 """
@@ -46,33 +47,34 @@ def tune_malloc() -> None:
 
 
 class IOThread:
-    """One background thread running reads and writes in submission order."""
+    """Two background threads: one runs the reads in submission order, one the writes."""
 
     def __init__(self):
-        tune_malloc()   # before the thread's first allocation
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-io")
+        tune_malloc()   # before the threads' first allocation
+        self._reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-io-read")
+        self._writes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-io-write")
         self._write: Future | None = None
 
     def prefetch(self, loads: Iterable[tuple[Callable[[], T], int]]) -> Iterator[T]:
-        """Results of the `(load, nbytes)` calls, in order, each load run on the I/O thread; the
+        """Results of the `(load, nbytes)` calls, in order, each load run on the read thread; the
         next load starts before a result is handed out when both nbytes sum under
         PREFETCH_BYTES."""
         upcoming = iter(loads)
         current = next(upcoming, None)
         if current is None:
             return
-        future = self._pool.submit(current[0])
+        future = self._reads.submit(current[0])
         for following in upcoming:
             small = current[1] + following[1] <= PREFETCH_BYTES
-            ahead = self._pool.submit(following[0]) if small else None
+            ahead = self._reads.submit(following[0]) if small else None
             yield future.result()
-            future, current = ahead or self._pool.submit(following[0]), following
+            future, current = ahead or self._reads.submit(following[0]), following
         yield future.result()
 
     def write(self, work: Callable[[], None]) -> None:
         """Queue `work` (a write) after the previous one, first re-raising that one's error."""
         self.flush()
-        self._write = self._pool.submit(work)
+        self._write = self._writes.submit(work)
 
     def flush(self) -> None:
         """Wait for the queued write; its exception is raised here."""
@@ -84,4 +86,5 @@ class IOThread:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        for pool in (self._reads, self._writes):
+            pool.shutdown(wait=True, cancel_futures=True)

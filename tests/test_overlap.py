@@ -10,7 +10,7 @@ from checkpoints.errors import UserError
 from checkpoints.overlap import IOThread
 
 
-def test_prefetch_yields_in_order_on_the_io_thread():
+def test_prefetch_yields_in_order_on_the_read_thread():
     threads = set()
 
     def load(i):
@@ -20,7 +20,7 @@ def test_prefetch_yields_in_order_on_the_io_thread():
     with IOThread() as io:
         got = list(io.prefetch(((lambda i=i: load(i)), 1) for i in range(6)))
     assert got == [0, 1, 4, 9, 16, 25]
-    assert threads and all(name.startswith("merge-io") for name in threads)
+    assert threads and all(name.startswith("merge-io-read") for name in threads)
     with IOThread() as io:
         assert list(io.prefetch([])) == []
 
@@ -38,8 +38,7 @@ def test_prefetch_reads_ahead_only_within_the_budget(monkeypatch, sizes, ahead):
         seen = []
         for k in range(len(sizes)):
             assert next(results) == k
-            io.write(lambda: None)   # a barrier: the single I/O thread runs tasks in order
-            io.flush()
+            io._reads.submit(lambda: None).result()  # a barrier: reads run in order
             seen.append(k + 1 in started)   # was the next unit read ahead?
     assert seen[:-1] == ahead
 
