@@ -3,10 +3,10 @@
 Positioned reads and writes release the GIL, so on a machine with two or more cores the I/O of
 one unit of work (a chunk of rows of one tensor) overlaps the math of another: while unit k is
 merged, the write thread writes unit k-1's result and the read thread reads unit k+1's inputs
-(one thread for both made the math wait for the writes too). At most one read and one write are ahead
-of the math, and a read is prefetched only when it and the unit being
-merged are together under PREFETCH_BYTES, so the largest tensor (the peak of whole-tensor
-methods) never has another one's inputs beside it.
+(with one thread for both, the math also waited for the writes). At most one read and one write
+are ahead of the math, and a read is prefetched only when it and the unit being merged are
+together under PREFETCH_BYTES, so the largest tensor (the peak of whole-tensor methods) never
+has another one's inputs beside it.
 """
 from __future__ import annotations
 
