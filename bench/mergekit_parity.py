@@ -51,11 +51,11 @@ def tensor_diff(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[float, float,
 
 
 def delta_stats(ours: torch.Tensor, theirs: torch.Tensor,
-                base: torch.Tensor) -> tuple[float, float, float, float]:
-    """(fraction of entries our output changes from the base, the same for mergekit's, L2 norm
-    of our merged delta, of mergekit's): the statistics random masks leave comparable."""
+                base: torch.Tensor) -> tuple[int, int, float, float]:
+    """(how many entries our output changes from the base, the same for mergekit's, L2 norm of
+    our merged delta, of mergekit's): the statistics random masks leave comparable."""
     d_ours, d_theirs = ours.double() - base.double(), theirs.double() - base.double()
-    return ((d_ours != 0).double().mean().item(), (d_theirs != 0).double().mean().item(),
+    return (int((d_ours != 0).sum().item()), int((d_theirs != 0).sum().item()),
             d_ours.norm().item(), d_theirs.norm().item())
 
 
@@ -77,17 +77,27 @@ def compare_exact(names: Iterable[str], ours: Tensors, theirs: Tensors) -> dict:
 
 def compare_statistics(names: Iterable[str], ours: Tensors, theirs: Tensors,
                        base: Tensors) -> dict:
-    """Changed-entry fractions (means over tensors, the largest gap and its tensor) and the
-    L2-norm ratio of the merged deltas, ours over mergekit's: per tensor (range) and overall."""
-    stats = {name: delta_stats(ours(name), theirs(name), base(name)) for name in names}
-    worst = max(stats, key=lambda n: abs(stats[n][0] - stats[n][1]))
+    """The fractions of entries each output changes from the base (over all tensors; the largest
+    per-tensor gap and its tensor) and the L2-norm ratio of the merged deltas, ours over
+    mergekit's: overall and its range over tensors."""
+    stats = {}
+    for name in names:
+        tensor = ours(name)
+        stats[name] = (*delta_stats(tensor, theirs(name), base(name)), tensor.numel())
+
+    def gap(name: str) -> float:
+        changed_ours, changed_theirs, _, _, size = stats[name]
+        return abs(changed_ours - changed_theirs) / size
+
+    worst = max(stats, key=gap)
+    entries = sum(s[4] for s in stats.values())
     ratios = [s[2] / max(s[3], 1e-30) for s in stats.values()]
     overall = (sum(s[2] ** 2 for s in stats.values()) /
                max(sum(s[3] ** 2 for s in stats.values()), 1e-30)) ** 0.5
     return {"kind": "statistics",
-            "changed_ours": sum(s[0] for s in stats.values()) / len(stats),
-            "changed_mergekit": sum(s[1] for s in stats.values()) / len(stats),
-            "max_changed_gap": abs(stats[worst][0] - stats[worst][1]), "worst_gap": worst,
+            "changed_ours": sum(s[0] for s in stats.values()) / entries,
+            "changed_mergekit": sum(s[1] for s in stats.values()) / entries,
+            "max_changed_gap": gap(worst), "worst_gap": worst,
             "l2_ratio": overall, "l2_ratio_min": min(ratios), "l2_ratio_max": max(ratios)}
 
 
@@ -100,13 +110,15 @@ def config_mismatches(ours: dict, theirs: dict) -> dict[str, list]:
             if value(ours, k) != value(theirs, k)}
 
 
-def compare_outputs(ours_dir: Path, theirs_dir: Path, base_dir: Path, random: bool) -> dict:
-    """One method's record: the tensor comparison, tensors only one side wrote, config fields."""
+def compare_outputs(ours_dir: Path, theirs_dir: Path, base_dir: Path, stochastic: bool) -> dict:
+    """One method's record: the tensor comparison (statistics for a `stochastic` method), the
+    tensors only one side wrote, the config fields that differ."""
     ours = CheckpointReader(ours_dir, "ours")
     theirs = CheckpointReader(theirs_dir, "mergekit")
     names = [n for n in ours.names if n in theirs.info]
-    if random:
-        result = compare_statistics(names, ours.get, theirs.get, CheckpointReader(base_dir, "base").get)
+    if stochastic:
+        base = CheckpointReader(base_dir, "base")
+        result = compare_statistics(names, ours.get, theirs.get, base.get)
     else:
         result = compare_exact(names, ours.get, theirs.get)
     return {**result, "tensors": len(names),
@@ -133,13 +145,16 @@ def parity_configs(family: Path, methods: list[str], density: float,
                          f"choose from {', '.join(SHARED)}")
     dtype = dtype_name(CheckpointReader(family / "base", "--family").stored_dtype)
     experts = family_experts(family)
+    if not experts:
+        raise SystemExit(f"--family: {family} has no expert1 folder; write the family with "
+                         "bench/make_family.py")
     return {m: write_configs(family, m, experts, density, work, dtype) for m in methods}
 
 
 def table(results: dict[str, dict]) -> str:
     """The results as one markdown table: exact rows give differences, random rows statistics."""
-    lines = [f"| method | compared | max abs diff | max rel diff | entries beyond {REL_TOL:g} rel | "
-             "worst tensor | changed fraction ours / mergekit | L2 ratio ours/mergekit | "
+    lines = [f"| method | compared | max abs diff | max rel diff | entries beyond {REL_TOL:g} "
+             "rel | worst tensor | changed fraction ours / mergekit | L2 ratio ours/mergekit | "
              "config.json |", "|---|---|---|---|---|---|---|---|---|"]
     for method, r in results.items():
         config = "agrees" if not r["config_mismatches"] else json.dumps(r["config_mismatches"])
