@@ -81,8 +81,9 @@ def warm_page_cache(files: list[Path]) -> None:
                 pass
 
 
-def bench_recipe(family: Path, method: str, experts: list[str], density: float) -> MergeRecipe:
-    """The benchmarked merge of `method`: its typical setting on this family, bf16 output."""
+def bench_recipe(family: Path, method: str, experts: list[str], density: float,
+                 dtype: str = "bfloat16") -> MergeRecipe:
+    """The benchmarked merge of `method`: its typical setting on this family, `dtype` output."""
     spec = REGISTRY[method]
     models = experts[:spec.others[1] or len(experts)]
     names = set(spec.params)
@@ -96,7 +97,7 @@ def bench_recipe(family: Path, method: str, experts: list[str], density: float) 
         depth = json.loads((family / "base" / "config.json").read_text())["num_hidden_layers"]
         models, layer_ranges = experts[:2], ((0, depth // 2), (depth // 2, depth))
     return MergeRecipe(method=method, base_model=str(family / "base"), models=tuple(models),
-                       save_path="unused", params=params, dtype="bfloat16",
+                       save_path="unused", params=params, dtype=dtype,
                        layer_ranges=layer_ranges)
 
 
@@ -121,9 +122,9 @@ def mergekit_config(config: MergeConfig) -> MergeConfig | None:
 
 
 def write_configs(family: Path, method: str, experts: list[str], density: float,
-                  work: Path) -> tuple[Path, Path | None]:
+                  work: Path, dtype: str = "bfloat16") -> tuple[Path, Path | None]:
     """(our config, mergekit's config or None) for `method`, written under `work`."""
-    config = config_of(bench_recipe(family, method, experts, density))
+    config = config_of(bench_recipe(family, method, experts, density, dtype))
     ours = work / f"ours_{method}.yml"
     ours.write_text(to_yaml(config))
     theirs = mergekit_config(config)
