@@ -17,7 +17,7 @@ from checkpoints.checkpoint import CheckpointReader, resolve_model_dir
 from checkpoints.errors import UserError
 from merging_methods.mergekit_config import (MergeConfig, ModelRef, Slice, Source, base_index,
                                              config_doc, load_config)
-from merging_methods.mergekit_methods import yaml_key
+from merging_methods.mergekit_methods import BASE_AS_INPUT, BASE_OPTIONAL, yaml_key
 from merging_methods.mergekit_plan import (POST, PRE, Position, donor, method_params, plan_merge,
                                            referenced_models, resolve)
 from merging_methods.passthrough import is_pre_layer, split_layer_name
@@ -90,15 +90,18 @@ def tensor_arguments(recipe: MergeRecipe, depths: Mapping[str, int]) -> Callable
 
 def config_of(recipe: MergeRecipe) -> MergeConfig:
     """A recipe from flags as the config that reproduces it: per-model values under each model,
-    the others under `parameters:`, every one written out. A `linear` config has no base_model
-    (mergekit would average it in), so the first model donates config.json and tokenizer then."""
+    the others under `parameters:`, every one written out. A `linear` or `karcher` config has no
+    base_model (mergekit would average it in), nor has a nuslerp/multislerp one of the models
+    themselves (--no-task_vectors), so the first model donates config.json and tokenizer then."""
     if recipe.config is not None:
         return recipe.config
     spec = get_method(recipe.method)
+    base_flag = BASE_OPTIONAL.get(spec.name)   # said by base_model's presence, not a YAML key
 
     def values(index: int | None) -> dict:
         return {yaml_key(p): recipe.params[n] if index is None else recipe.params[n][index]
-                for n, p in spec.params.items() if p.per_model == (index is not None)}
+                for n, p in spec.params.items()
+                if p.per_model == (index is not None) and n != base_flag}
 
     models = [Source(ModelRef(m), values(i)) for i, m in enumerate(recipe.models)]
     shared = dict(parameters=values(None), out_dtype=recipe.dtype, seed=recipe.seed,
@@ -108,7 +111,8 @@ def config_of(recipe: MergeRecipe) -> MergeConfig:
                        for s, r in zip(models, recipe.layer_ranges))
         return MergeConfig(spec.name, slices=slices, base_model=ModelRef(recipe.base_model),
                            **shared)
-    base = None if spec.name == "linear" else ModelRef(recipe.base_model)
+    no_base = spec.name in BASE_AS_INPUT or (base_flag is not None and not recipe.params[base_flag])
+    base = None if no_base else ModelRef(recipe.base_model)
     return MergeConfig(spec.name, models=tuple(models), base_model=base, **shared)
 
 
