@@ -13,9 +13,14 @@ inputs with ni > tol (none: zeros), each weighing 1/|V|:
     out = (Σ_all ni / N) · μ   (zero-norm inputs still count in the 1/N)
 
 One input is returned as it is; two converge at once to the normalised u1 + u2 (the SLERP
-midpoint of their directions). Decision: float32 arithmetic, norms and dot products included
-(mergekit takes the dot products in the input dtype, bf16 in bf16 merges). It needs whole
-tensors (norms): μ and T, two float32 copies besides the inputs; the ui are never stored.
+midpoint of their directions). Decisions: float32 arithmetic, norms and dot products included
+(mergekit takes the dot products in the input dtype, bf16 in bf16 merges); θi is computed as
+atan2(‖ui − ci·μ‖, ci), which equals arccos ci but keeps its precision for the nearly parallel
+inputs of fine-tunes of one base (float32 arccos cannot tell angles below ~2e-4 from 0, so the
+tol skip would drop them at random); dot products are sums of products, not BLAS dots, whose
+rounding depends on memory alignment (streamed and in-memory merges give the same bits). It
+needs whole tensors (norms): μ, T and a scratch vector, three float32 copies besides the
+inputs; the ui are never stored.
 """
 from __future__ import annotations
 
@@ -42,15 +47,17 @@ def karcher(base: Tensor, others: list[Tensor], *, max_iter: int = 10,
         mu.add_(x, alpha=alpha / n)
     length = float(torch.linalg.vector_norm(mu))
     mu = valid[0][0] / valid[0][1] if length < tol else mu.div_(length)
+    scratch = torch.empty_like(mu)
     for _ in range(max_iter):
         tangent = torch.zeros_like(mu)
         for x, n in valid:   # T += α θ/sin θ (x/n − c μ)
-            c = min(max(float(torch.dot(mu, x)) / n, -1.0), 1.0)
-            theta = math.acos(c)
-            if theta < tol:
+            c = min(max(float(torch.mul(mu, x, out=scratch).sum()) / n, -1.0), 1.0)
+            away = torch.mul(mu, -c, out=scratch).add_(x, alpha=1.0 / n)   # length sin θ
+            sin_theta = float(torch.linalg.vector_norm(away))
+            theta = math.atan2(sin_theta, c)   # arccos c, without its float32 noise near c = 1
+            if theta < tol or sin_theta == 0.0:
                 continue
-            scale = alpha * theta / math.sin(theta)
-            tangent.add_(x, alpha=scale / n).add_(mu, alpha=-scale * c)
+            tangent.add_(away, alpha=alpha * theta / sin_theta)
         step = float(torch.linalg.vector_norm(tangent))
         if step < tol:
             break
