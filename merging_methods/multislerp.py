@@ -15,7 +15,8 @@ inputs whose weights balance, or all-zero task vectors): two models give w1·v1 
 are an error (as in mergekit).
 
 Decision: float32 arithmetic (mergekit computes in the input dtype, bf16 in bf16 merges). It
-needs whole tensors (norms): about 2 float32 copies of the tensor besides the inputs.
+needs whole tensors (norms): besides the inputs, the N task vectors (none without a base), the
+mean and one product, float32 copies of the tensor each.
 """
 from __future__ import annotations
 
@@ -35,10 +36,11 @@ def multislerp(base: Tensor, others: list[Tensor], *, weights: list[float],
     total = sum(weights)
     w = [x / total for x in weights] if normalize_weights else list(weights)
     vs = [o - base for o in others] if task_vectors else others
-    norms = [float(torch.linalg.vector_norm(v)) for v in vs]
+    norms = [torch.linalg.vector_norm(v) for v in vs]
     mean = torch.zeros_like(base)
-    for wi, v, n in zip(w, vs, norms):
-        mean.add_(v, alpha=wi / (n + eps))
+    for wi, v, n in zip(w, vs, norms):   # wi·ui rounded on its own (no fused multiply-add) and
+        mean += v * (wi / float(n + eps))  # n + eps in float32, as mergekit: antipodes cancel
+    norms = [float(n) for n in norms]
     mean_norm = float(torch.linalg.vector_norm(mean))
     if mean_norm >= eps:
         out = mean.mul_(sum(wi * n for wi, n in zip(w, norms)) / mean_norm)

@@ -16,7 +16,8 @@ default), else every slice along the last axis (each row of a matrix), or, with
 say "row vectors"). A 1-D tensor is one vector either way.
 
 Decision: float32 arithmetic (mergekit computes in the input dtype, bf16 in bf16 merges). It
-needs the whole tensor (norms): about 4 float32 copies of it besides the inputs.
+needs the whole tensor (norms): besides the inputs, up to 4 float32 copies of it at once (the two
+task vectors, x·y and the result; 2 more with nuslerp_row_wise, whose columns are copied out).
 """
 from __future__ import annotations
 
@@ -53,16 +54,18 @@ def from_vectors(v: Tensor, like: Tensor, flatten: bool, row_wise: bool) -> Tens
 
 def slerp_rows(x: Tensor, y: Tensor, t: float) -> Tensor:
     """Spherical interpolation of each row of x (t = 0) with the same row of y (t = 1), on the
-    un-normalised rows; colinear rows are lerped."""
-    def unit(v: Tensor) -> Tensor:
-        return v / torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp(min=NORM_FLOOR)
+    un-normalised rows; colinear rows are lerped. Per-row coefficients, so the only full-size
+    temporaries are x·y and the result."""
+    def norm(v: Tensor) -> Tensor:
+        return torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp(min=NORM_FLOOR)
 
-    c = (unit(x) * unit(y)).sum(-1, keepdim=True).clamp(-1.0, 1.0)   # (vectors, 1)
+    c = ((x * y).sum(-1, keepdim=True) / (norm(x) * norm(y))).clamp(-1.0, 1.0)   # (vectors, 1)
     colinear = 1.0 - c * c <= COLINEAR
     theta = torch.acos(c)
     sin_theta = torch.sin(theta).masked_fill(colinear, 1.0)
-    spherical = (torch.sin((1.0 - t) * theta) * x + torch.sin(t * theta) * y) / sin_theta
-    return torch.where(colinear, torch.lerp(x, y, t), spherical)
+    a = torch.where(colinear, 1.0 - t, torch.sin((1.0 - t) * theta) / sin_theta)
+    b = torch.where(colinear, t, torch.sin(t * theta) / sin_theta)
+    return torch.mul(x, a).addcmul_(y, b)
 
 
 def nuslerp(base: Tensor, others: list[Tensor], *, weights: list[float],
@@ -76,4 +79,4 @@ def nuslerp(base: Tensor, others: list[Tensor], *, weights: list[float],
     x, y = (o - base for o in others) if task_vectors else others
     shape = (nuslerp_flatten, nuslerp_row_wise)
     out = from_vectors(slerp_rows(as_vectors(x, *shape), as_vectors(y, *shape), t), x, *shape)
-    return base + out if task_vectors else out
+    return out.add_(base) if task_vectors else out

@@ -20,17 +20,8 @@ from merging_methods.nuslerp import nuslerp
 from merging_methods.registry import METHODS
 from merging_methods.slerp import slerp
 from tests.test_merge_cli import assert_user_error, load_weights
-from tests.tiny_models import build_finetune, build_llama
-
-
-def family(shape=(6, 5), n=2, seed=0, bf16=False):
-    """A base and n models near it (cosines of their task vectors well away from ±1)."""
-    gen = torch.Generator().manual_seed(seed)
-    base = torch.randn(shape, generator=gen)
-    others = [base + 0.3 * torch.randn(shape, generator=gen) for _ in range(n)]
-    if bf16:
-        base, others = base.bfloat16().float(), [o.bfloat16().float() for o in others]
-    return base, others
+from tests.test_merge_config_cli import models, run, write  # noqa: F401 - models is a fixture
+from tests.test_new_methods import family
 
 
 def close(actual, expected, rtol=1e-5, atol=1e-6):
@@ -47,21 +38,21 @@ GROUPINGS = {"flatten": {}, "rows": {"nuslerp_flatten": False},
 @pytest.mark.parametrize("task_vectors", [True, False], ids=["task", "plain"])
 @pytest.mark.parametrize("grouping", GROUPINGS)
 def test_nuslerp_matches_reference(grouping, task_vectors, bf16):
-    base, others = family(bf16=bf16)
+    base, others = family(bf16=bf16, n=2)
     kw = dict(weights=[0.3, 0.9], task_vectors=task_vectors, **GROUPINGS[grouping])
     close(nuslerp(base, others, **kw), reference.nuslerp(base, others, **kw))
 
 
 @pytest.mark.parametrize("grouping", ["rows", "columns"])
 def test_nuslerp_groupings_of_a_3d_tensor_match_reference(grouping):
-    base, others = family(shape=(3, 4, 5), seed=1)
+    base, others = family(shape=(3, 4, 5), seed=1, n=2)
     kw = dict(weights=[1.0, 0.5], **GROUPINGS[grouping])
     close(nuslerp(base, others, **kw), reference.nuslerp(base, others, **kw))
 
 
 @pytest.mark.parametrize("t", [0.3, 0.75])
 def test_nuslerp_without_base_equals_slerp_with_weights_1_minus_t_and_t(t):
-    _, (a, b) = family(seed=2)
+    _, (a, b) = family(seed=2, n=2)
     cos = float(a.flatten() @ b.flatten() / (a.norm() * b.norm()))
     assert abs(cos) <= 0.9995
     out = nuslerp(torch.zeros_like(a), [a, b], weights=[1 - t, t], task_vectors=False)
@@ -89,7 +80,7 @@ def test_nuslerp_quarter_circle_and_colinear_by_hand():
 
 
 def test_nuslerp_weights_summing_to_about_zero_give_t_one_half():
-    base, others = family(seed=3)
+    base, others = family(seed=3, n=2)
     half = nuslerp(base, others, weights=[1.0, 1.0])
     assert torch.equal(nuslerp(base, others, weights=[1.0, -1.0]), half)
     assert torch.equal(nuslerp(base, others, weights=[4e-7, -5e-7]), half)
@@ -97,7 +88,7 @@ def test_nuslerp_weights_summing_to_about_zero_give_t_one_half():
 
 
 def test_nuslerp_task_vectors_add_the_base_back():
-    base, others = family(seed=4)
+    base, others = family(seed=4, n=2)
     deltas = [o - base for o in others]
     want = base + nuslerp(base, deltas, weights=[0.2, 0.6], task_vectors=False)
     close(nuslerp(base, others, weights=[0.2, 0.6]), want)
@@ -117,14 +108,14 @@ def test_multislerp_matches_the_literal_tangent_space_reference(task_vectors, no
 
 @pytest.mark.parametrize("task_vectors", [True, False], ids=["task", "plain"])
 def test_multislerp_of_identical_models_is_that_model(task_vectors):
-    base, (model, _) = family()
+    base, (model, _) = family(n=2)
     out = multislerp(base, [model.clone() for _ in range(3)], weights=[0.2, 0.5, 0.3],
                      task_vectors=task_vectors)
     close(out, model)
 
 
 def test_multislerp_of_one_model_returns_it_unchanged():
-    base, (model, _) = family()
+    base, (model, _) = family(n=2)
     assert torch.equal(multislerp(base, [model], weights=[0.3]), model)
     assert torch.equal(multislerp(base, [model], weights=[0.3], task_vectors=False), model)
 
@@ -142,7 +133,7 @@ def test_multislerp_raw_weights_scale_the_normalised_result_by_their_sum(task_ve
 def test_multislerp_two_antipodal_models_fall_back_to_the_weighted_sum():
     """u2 = −u1 exactly (a zero base keeps v2 = −2·v1 exact), so m = 0: w1·v1 + w2·v2 with
     (w1, w2) = (0.5, 0.5) gives −0.5·v1."""
-    _, (v1, _) = family(seed=6)
+    _, (v1, _) = family(seed=6, n=2)
     zero = torch.zeros_like(v1)
     for task_vectors in (True, False):
         out = multislerp(zero, [v1, -2 * v1], weights=[1.0, 1.0], task_vectors=task_vectors)
@@ -151,7 +142,7 @@ def test_multislerp_two_antipodal_models_fall_back_to_the_weighted_sum():
 
 
 def test_multislerp_zero_mean_direction_of_three_models_names_the_tensor():
-    _, (v1, _) = family(seed=7)
+    _, (v1, _) = family(seed=7, n=2)
     zero = torch.zeros_like(v1)
     with pytest.raises(UserError, match="multislerp: tensor w: the weighted mean of the unit"):
         multislerp(zero, [v1, -v1, zero], weights=[1.0, 1.0, 1.0], tensor_name="w")
@@ -167,7 +158,7 @@ def test_karcher_matches_reference(n, settings, bf16):
 
 
 def test_karcher_of_two_points_is_the_normalised_sum_of_directions_times_mean_norm():
-    _, (a, b) = family(seed=8)
+    _, (a, b) = family(seed=8, n=2)
     b = 3 * b
     na, nb = a.norm(), b.norm()
     direction = a / na + b / nb
@@ -184,7 +175,7 @@ def test_karcher_of_one_input_returns_it_and_ignores_the_base():
 
 
 def test_karcher_zero_norm_inputs_count_only_in_the_mean_norm():
-    _, (a, b) = family(seed=10)
+    _, (a, b) = family(seed=10, n=2)
     zero = torch.zeros_like(a)
     pair = karcher(zero, [a, b])
     close(karcher(zero, [zero, a, b]), pair * 2 / 3)
@@ -225,20 +216,7 @@ def test_defaults_are_mergekits():
 
 
 # ----------------------------------------------------------------------------- end to end
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """A base (fp32, sharded) and three fine-tunes (the first bf16)."""
-    root = tmp_path_factory.mktemp("spherical")
-    base = build_llama(root / "base", seed=0, max_shard_size="40KB")
-    fts = [build_finetune(base, root / f"ft{i}", seed=i, scale=0.2,
-                          dtype=torch.bfloat16 if i == 1 else None) for i in (1, 2, 3)]
-    return base, fts
-
-
-def run(*args) -> int:
-    return merge.main([str(a) for a in args])
-
-
+# `models`: a base (fp32, sharded) and three fine-tunes, the second bf16
 def dense(method, base, fts, dtype=torch.float32, **params) -> dict[str, torch.Tensor]:
     """The method's dense function over whole state dicts, cast to `dtype`."""
     b, others = load_weights(base), [load_weights(f) for f in fts]
@@ -266,19 +244,13 @@ def test_cli_both_base_modes_and_their_recipe_round_trip(models, tmp_path, metho
     first, again = tmp_path / "first", tmp_path / "again"
     donor = fts[2] if not params.get("task_vectors", True) else base   # any config donor will do
     assert run("--method", method, "--base_model", donor, "--models_to_merge",
-               f"{fts[0]},{fts[1]}", "--save_path", first, *flags) == 0
-    assert same(load_weights(first), dense(method, donor, fts[:2], **params))
+               f"{fts[1]},{fts[0]}", "--save_path", first, *flags) == 0   # bf16 first
+    assert same(load_weights(first), dense(method, donor, [fts[1], fts[0]], **params))
     config = yaml.safe_load((first / "merge_recipe.yaml").read_text())
     assert ("base_model" in config) == params.get("task_vectors", True)
     assert "task_vectors" not in config["parameters"]
     assert run("--config", first / "merge_recipe.yaml", "--save_path", again) == 0
     assert same(load_weights(again), load_weights(first))
-
-
-def write(tmp_path, text: str):
-    path = tmp_path / "merge.yml"
-    path.write_text(text)
-    return path
 
 
 @pytest.mark.parametrize("method, with_base", [("nuslerp", False), ("nuslerp", True),
@@ -288,18 +260,18 @@ def test_yaml_base_model_decides_task_vectors(models, tmp_path, method, with_bas
     shared = "eps: 1e-6" if method == "multislerp" else "nuslerp_flatten: false"
     config = write(tmp_path, f"merge_method: {method}\n"
                              + (f"base_model: {base}\n" if with_base else "")
-                             + f"models:\n  - model: {fts[0]}\n    parameters: {{weight: 0.4}}\n"
-                             f"  - model: {fts[1]}\n    parameters: {{weight: 0.8}}\n"
+                             + f"models:\n  - model: {fts[1]}\n    parameters: {{weight: 0.4}}\n"
+                             f"  - model: {fts[0]}\n    parameters: {{weight: 0.8}}\n"
                              f"parameters: {{{shared}}}\n")
     out = tmp_path / "out"
     assert run("--config", config, "--save_path", out) == 0
     extra = {"eps": 1e-6} if method == "multislerp" else {"nuslerp_flatten": False}
-    donor_dtype = torch.float32 if with_base else torch.bfloat16   # the first model's
-    want = dense(method, base, fts[:2], donor_dtype, weights=[0.4, 0.8], task_vectors=with_base,
+    donor_dtype = torch.float32 if with_base else torch.bfloat16   # the first model's (ft2)
+    want = dense(method, base, [fts[1], fts[0]], donor_dtype, weights=[0.4, 0.8], task_vectors=with_base,
                  **extra)
     assert same(load_weights(out), want)
     record = yaml.safe_load((out / "merge_recipe.yaml").read_text())["merge"]
-    assert record["base_model"] == str(base if with_base else fts[0])   # the config donor
+    assert record["base_model"] == str(base if with_base else fts[1])   # the config donor
 
 
 def test_yaml_karcher_averages_a_base_model_in_with_a_warning(models, tmp_path, caplog):
