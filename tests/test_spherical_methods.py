@@ -192,9 +192,12 @@ def test_karcher_of_nearly_parallel_inputs_keeps_float32_precision():
     close(karcher(base, others), reference.karcher(base, others), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("method, params", [
-    (nuslerp, {"weights": [0.3, 0.9], "nuslerp_flatten": False}),
-    (multislerp, {"weights": [0.3, 0.9, 0.5]}), (karcher, {})])
+SETTINGS = [(nuslerp, {"weights": [0.3, 0.9], "nuslerp_flatten": False}),
+            (multislerp, {"weights": [0.3, 0.9, 0.5]}), (karcher, {})]
+IDS = ["nuslerp", "multislerp", "karcher"]
+
+
+@pytest.mark.parametrize("method, params", SETTINGS, ids=IDS)
 def test_results_do_not_depend_on_memory_alignment(method, params):
     """No BLAS dot products (their rounding follows the alignment of the data): the views at odd
     offsets that a streamed merge may hand over give the bits of fresh copies."""
@@ -205,6 +208,17 @@ def test_results_do_not_depend_on_memory_alignment(method, params):
              for i in range(len(params.get("weights", [0] * 3)))]
     copies = [v.clone() for v in views]
     assert torch.equal(method(base, views, **params), method(base, copies, **params))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method, params", SETTINGS, ids=IDS)
+def test_cuda_matches_cpu(method, params):
+    base, others = family(shape=(300, 70), n=len(params.get("weights", [0] * 3)))
+    cpu = method(base, others, **params)
+    gpu = method(base.cuda(), [o.cuda() for o in others], **params)
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-5)
 
 
 def test_defaults_are_mergekits():
