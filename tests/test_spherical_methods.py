@@ -11,7 +11,6 @@ import pytest
 import torch
 import yaml
 
-import merge
 from checkpoints.errors import UserError
 from merging_methods import reference
 from merging_methods.karcher import karcher
