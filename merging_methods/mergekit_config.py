@@ -22,8 +22,8 @@ from typing import Collection, Mapping, Union
 import yaml
 
 from checkpoints.errors import UserError
-from merging_methods.mergekit_methods import (BOOL_PARAMS, METHODS, NOT_FROM_YAML, TEXT_CHOICES,
-                                              MethodParams)
+from merging_methods.mergekit_methods import (BASE_AVERAGED_IN, BASE_OPTIONAL, BOOL_PARAMS, METHODS,
+                                              NOT_FROM_YAML, TEXT_CHOICES, MethodParams)
 from merging_methods.registry import ALIASES
 
 log = logging.getLogger(__name__)
@@ -404,9 +404,9 @@ def _check_inputs(config: MergeConfig) -> None:
     for i, piece in enumerate(effective_slices(config)):
         where = "models" if config.models is not None else f"slices[{i}]"
         base = base_index(config, piece)
-        if spec.uses_base and piece.base_model is None:
+        if piece.base_model is None and spec.uses_base and method not in BASE_OPTIONAL:
             raise _fail(config.origin, where, f"merge_method {method} needs a base_model")
-        if spec.uses_base and base is None:
+        if piece.base_model is not None and spec.uses_base and base is None:
             raise _fail(config.origin, where, f"the base model {piece.base_model} must be one of "
                         "the slice's sources")
         others = len(piece.sources) - (base is not None)
@@ -416,6 +416,10 @@ def _check_inputs(config: MergeConfig) -> None:
             role = "model(s) besides the base" if spec.uses_base else "input model(s)"
             raise _fail(config.origin, where, f"merge_method {method} takes {wanted} {role}, "
                         f"got {others}")
+        if piece.base_model is not None and method in BASE_AVERAGED_IN:
+            log.warning("%s: %s: %s averages the base_model %s in as one more input (as "
+                        "mergekit does); drop base_model to average the other models only",
+                        config.origin, where, method, piece.base_model)
         if base is not None and piece.sources[base].parameters:
             log.warning("%s: %s: the parameters of the base model %s have no effect with %s "
                         "(mergekit ignores them)", config.origin, where, piece.base_model, method)

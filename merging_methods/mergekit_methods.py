@@ -4,7 +4,8 @@ derived from the registry's `Param` declarations: a parameter's YAML key is its 
 
 Only mergekit 0.1.5's facts that no declaration carries are written here: which YAML keys it
 accepts without any effect on our methods, where its YAML defaults differ from our flags' (a
-required `weight`/`t` is `Param.yaml_required`), and which methods treat the base as an input.
+required `weight`/`t` is `Param.yaml_required`), and which methods treat the base as an input
+or take it optionally.
 """
 from __future__ import annotations
 
@@ -42,10 +43,18 @@ YAML_DEFAULTS: dict[str, dict[str, object]] = {  # mergekit 0.1.5's defaults whe
     "dare_linear": {"rescale_mode": "l1"}, "dare_ties": {"rescale_mode": "l1"},  # §19.3
     "passthrough": {"scale": None},
 }
-BASE_AS_INPUT = {"linear": (1, None), "passthrough": (1, 1)}  # method -> inputs per slice
+BASE_AS_INPUT = {"linear": (1, None), "passthrough": (1, 1),   # method -> inputs per slice
+                 "karcher": (1, None)}
+BASE_AVERAGED_IN = frozenset({"karcher"})
+"""Methods that average a configured base_model in as one more input (§19.6 reference quirk,
+kept for parity): a config with a base_model gets a warning."""
+BASE_OPTIONAL = {"nuslerp": "task_vectors", "multislerp": "task_vectors"}
+"""Methods whose base_model is optional -> the parameter saying whether there is one: with a
+base they merge the task vectors, without it the models themselves (§19.4, §19.5). It is no
+YAML key: a config's base_model sets it."""
 IN_MERGEKIT = frozenset({"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp",
                          "passthrough", "model_stock", "breadcrumbs", "breadcrumbs_ties", "della",
-                         "della_linear"})
+                         "della_linear", "nuslerp", "multislerp", "karcher"})
 """Our methods that mergekit 0.1.5 registers too (§19.1); the others are this toolkit's own."""
 
 
@@ -63,6 +72,8 @@ def _table(spec: MethodSpec) -> MethodParams:
     declared = declared_params()
     per_model, shared = {}, {}
     for param in spec.params.values():
+        if param.name == BASE_OPTIONAL.get(spec.name):
+            continue
         (per_model if param.per_model else shared)[yaml_key(param)] = _default(spec.name, param)
     for key, default in ACCEPTED_NO_EFFECT.get(spec.name, {}).items():
         (per_model if key in declared and declared[key].per_model else shared)[key] = default
@@ -73,7 +84,7 @@ def _table(spec: MethodSpec) -> MethodParams:
 
 METHODS: dict[str, MethodParams] = {name: _table(spec) for name, spec in SPECS.items()}
 NOT_FROM_YAML = dict.fromkeys(  # method -> why `merge_method:` refuses it
-    ("nuslerp", "multislerp", "karcher", "sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl"),
+    ("sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl"),
     "a mergekit method this toolkit does not implement")
 BOOL_PARAMS = frozenset({yaml_key(p) for p in declared_params().values() if p.kind is bool}
                         | {"int8_mask"})

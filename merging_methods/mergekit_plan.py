@@ -16,7 +16,8 @@ from typing import Literal, Mapping, Union
 from merging_methods.mergekit_config import (Gradient, MergeConfig, ModelRef, Params, Scalar,
                                              Setting, Slice, Source, UserError, base_index,
                                              effective_slices)
-from merging_methods.mergekit_methods import INTERNAL_NAMES, METHODS, NO_EFFECT, REQUIRED
+from merging_methods.mergekit_methods import (BASE_OPTIONAL, INTERNAL_NAMES, METHODS, NO_EFFECT,
+                                              REQUIRED)
 
 PRE, POST = "pre", "post"  # embeddings before the layers; final norm and lm_head after them
 Position = Union[int, Literal["pre", "post"]]  # int: the output layer index
@@ -126,9 +127,12 @@ def resolve(plan: MergePlan, tensor: str, position: Position) -> TensorMerge:
 
 
 def method_params(merge: TensorMerge) -> dict[str, object]:
-    """The keywords for our method function: per-model values as one list over `others`."""
+    """The keywords for our method function: per-model values as one list over `others`, and
+    for a method whose base is optional whether the config has one."""
     names = dict.fromkeys(n for i in merge.others for n in i.params)
     values = {**{n: [i.params.get(n) for i in merge.others] for n in names}, **merge.shared}
+    if merge.method in BASE_OPTIONAL:
+        values[BASE_OPTIONAL[merge.method]] = merge.base is not None
     return {INTERNAL_NAMES.get(n, n): v for n, v in values.items()
             if n not in NO_EFFECT[merge.method]}
 

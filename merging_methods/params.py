@@ -155,3 +155,30 @@ EXPERT_DENSITY = Param("expert_density", float, 0.01, flag="--free_expert_densit
 SCALE = Param("scale", float, 1.0, per_model=True, mergekit="scale",
               help="passthrough: multiplier of each slice's copied tensors, one value for all "
                    "or one per slice")
+# nuslerp, multislerp, karcher (mergekit 0.1.5, ALGORITHMS.md §19.4-19.6)
+TASK_VECTORS = Param(
+    "task_vectors", bool, True,
+    help="nuslerp/multislerp: interpolate the task vectors (model - base) and add the base back, "
+         "as mergekit does with a base_model; --no-task_vectors interpolates the models "
+         "themselves, as mergekit does without one (--base_model then only donates config and "
+         "tokenizer). In a YAML config the presence of base_model decides")
+NUSLERP_ROW_WISE = Param(
+    "nuslerp_row_wise", bool, False, mergekit="nuslerp_row_wise",
+    help="nuslerp (with --no-nuslerp_flatten): interpolate each slice along the first axis, "
+         "i.e. each COLUMN of a matrix (mergekit's code; its docs say rows); off: each row")
+NUSLERP_FLATTEN = Param(
+    "nuslerp_flatten", bool, True, mergekit="nuslerp_flatten",
+    help="nuslerp: interpolate each tensor as one flat vector; off: row by row or column by "
+         "column (--nuslerp_row_wise)")
+NORMALIZE_WEIGHTS = Param(
+    "normalize_weights", bool, True, mergekit="normalize_weights",
+    help="multislerp: divide the weights by their sum; off: the raw weights also scale the "
+         "result's norm")
+EPS = Param("eps", float, 1e-8, low=0.0, low_open=True, mergekit="eps",
+            help="multislerp: added to each norm before dividing by it, and the norm below which "
+                 "the weighted mean direction counts as zero")
+MAX_ITER = Param("max_iter", int, 10, low=0, mergekit="max_iter",
+                 help="karcher: most iterations of the Riemannian mean on the unit sphere")
+TOL = Param("tol", float, 1e-5, low=0.0, mergekit="tol",
+            help="karcher: convergence tolerance (tangent norm and angle), and the norm at or "
+                 "below which an input counts as zero")

@@ -1,6 +1,7 @@
 """The paper box of every method: its formulas written out densely in float64.
 
-Stacked task vectors, stable sorts and literal cosines, as ALGORITHMS.md §0-5 state them, with
+Stacked task vectors, stable sorts and literal cosines, as ALGORITHMS.md §0-5 and §19.4-19.6
+(nuslerp, multislerp, karcher: checked in tests/test_spherical_methods.py) state them, with
 no concern for memory or speed. Each function takes the method's own arguments and returns a
 float64 tensor; each method's docstring points here, and the tests compare the dense and the
 fast path of every method against these (they share no code with them).
@@ -8,6 +9,7 @@ fast path of every method against these (they share no code with them).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 from functools import partial
 from typing import Callable, Sequence
@@ -158,3 +160,93 @@ def widen(base: Tensor, others: Sequence[Tensor], *, above_average_value_ratio: 
     out = w0 + sum(wt * (w - w0) for wt, w in zip(weight, ws))
     out = out.T if is_input_embedding else out
     return out.reshape(b.shape)
+
+
+def _slerp_pair(x: Tensor, y: Tensor, t: float) -> Tensor:
+    """§19.4 on one vector pair: normalised copies for the cosine, lerp when 1 − c² ≤ 1e-16."""
+    xu, yu = x / max(float(x.norm()), 1e-7), y / max(float(y.norm()), 1e-7)
+    c = min(max(float(xu @ yu), -1.0), 1.0)
+    if 1 - c * c <= 1e-16:
+        return (1 - t) * x + t * y
+    theta = math.acos(c)
+    return (math.sin((1 - t) * theta) * x + math.sin(t * theta) * y) / math.sin(theta)
+
+
+def nuslerp(base: Tensor, others: Sequence[Tensor], *, weights: Sequence[float],
+            nuslerp_row_wise: bool = False, nuslerp_flatten: bool = True,
+            task_vectors: bool = True) -> Tensor:
+    """§19.4: t = w2/(w1 + w2) (0.5 for a zero sum); SLERP of the whole tensors, of each row
+    (index [r, :]) or, row_wise, of each column (index [:, c]), one pair at a time."""
+    b = base.double()
+    x, y = (o.double() - b if task_vectors else o.double() for o in others)
+    w1, w2 = weights
+    t = 0.5 if abs(w1 + w2) < 1e-6 else w2 / (w1 + w2)
+    out = torch.empty_like(x)
+    if nuslerp_flatten or x.dim() <= 1:
+        out = _slerp_pair(x.flatten(), y.flatten(), t).view_as(x)
+    elif nuslerp_row_wise:   # each slice along the first axis: x[:, j, ...]
+        for rest in itertools.product(*map(range, x.shape[1:])):
+            out[(slice(None), *rest)] = _slerp_pair(x[(slice(None), *rest)],
+                                                    y[(slice(None), *rest)], t)
+    else:   # each slice along the last axis: x[i, ..., :]
+        for lead in itertools.product(*map(range, x.shape[:-1])):
+            out[lead] = _slerp_pair(x[lead], y[lead], t)
+    return b + out if task_vectors else out
+
+
+def multislerp(base: Tensor, others: Sequence[Tensor], *, weights: Sequence[float],
+               normalize_weights: bool = True, eps: float = 1e-8, task_vectors: bool = True,
+               tensor_name: str = "") -> Tensor:
+    """§19.5 literally: unit vectors, their weighted mean m̂, the tangent-space sum T at m̂ and
+    the exponential map back, scaled by the weighted mean norm."""
+    b = base.double()
+    if len(others) == 1:
+        return others[0].double()
+    vs = [(o.double() - b if task_vectors else o.double()).flatten() for o in others]
+    w = [x / sum(weights) for x in weights] if normalize_weights else list(weights)
+    norms = [float(v.norm()) for v in vs]
+    units = [v / (n + eps) for v, n in zip(vs, norms)]
+    m = sum(wi * u for wi, u in zip(w, units))
+    if float(m.norm()) < eps:
+        if len(vs) != 2:
+            raise ValueError(f"{tensor_name}: the weighted sum of the unit vectors is zero")
+        out = w[0] * vs[0] + w[1] * vs[1]
+    else:
+        mh = m / m.norm()
+        tangent = sum(wi * (u - (u @ mh) * mh) for wi, u in zip(w, units))
+        tau = float(tangent.norm()) + eps
+        out = sum(wi * n for wi, n in zip(w, norms)) * (
+            math.cos(tau) * mh + math.sin(tau) / tau * tangent)
+    out = out.view(base.shape)
+    return b + out if task_vectors else out
+
+
+def karcher(base: Tensor, others: Sequence[Tensor], *, max_iter: int = 10,
+            tol: float = 1e-5) -> Tensor:
+    """§19.6 with the unit vectors stored: fixed-point iteration of the Riemannian mean on the
+    sphere (equal weights over the non-zero inputs), scaled by the mean norm of all inputs."""
+    if len(others) == 1:
+        return others[0].double()
+    xs = [o.double().flatten() for o in others]
+    norms = [float(x.norm()) for x in xs]
+    units = [x / n if n > 0 else torch.zeros_like(x) for x, n in zip(xs, norms)]
+    valid = [u for u, n in zip(units, norms) if n > tol]
+    if not valid:
+        return torch.zeros_like(base, dtype=torch.float64)
+    a = 1 / len(valid)
+    mu = sum(a * u for u in valid)
+    mu = valid[0] if float(mu.norm()) < tol else mu / mu.norm()
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mu)
+        for u in valid:
+            c = min(max(float(mu @ u), -1.0), 1.0)
+            theta = math.acos(c)
+            if theta >= tol:
+                tangent = tangent + a * theta / math.sin(theta) * (u - c * mu)
+        step = float(tangent.norm())
+        if step < tol:
+            break
+        mu = math.cos(step) * mu + math.sin(step) * tangent / step
+        if float(mu.norm()) > tol:
+            mu = mu / mu.norm()
+    return (sum(norms) / len(norms) * mu).view(base.shape)

@@ -29,7 +29,7 @@ buffer-reusing form the runner then uses instead, which must return the bits of 
 Adding a method: one file with its function, one row in METHODS with its `Param`s (existing
 declarations, or new ones in params.py); the CLI flags, validation, recipe and YAML keys
 (mergekit_methods.py) follow. Defaults follow ALGORITHMS.md §0.6, §1, §3.1, §4.1 and §5.1 (the
-mergekit the AIM paper ran) and §6-§11, §17 for the later methods.
+mergekit the AIM paper ran) and §6-§11, §17, §19 for the later methods.
 """
 from __future__ import annotations
 
@@ -44,12 +44,18 @@ from merging_methods.breadcrumbs import breadcrumbs, breadcrumbs_ties
 from merging_methods.della import check_window, della, della_linear
 from merging_methods.fr_merging import fr_merging
 from merging_methods.free_merging import free_merging
+from merging_methods.karcher import karcher
 from merging_methods.model_stock import model_stock
+from merging_methods.multislerp import multislerp
+from merging_methods.nuslerp import nuslerp
 from merging_methods.passthrough import passthrough
 from merging_methods.params import (
     ABOVE_AVERAGE_VALUE_RATIO, DELLA_RESCALE_MODE, DENSITY, EPSILON, EXPERT_DENSITY, FILTER_WISE,
     FR_FAITHFUL, FR_RATIO, GAMMA, NORMALIZE, RESCALE, RESCALE_MODE, SCALING,
     SCALE, SCORE_CALIBRATION_VALUE, T, TASK_MODEL, WEIGHTS, Param,
+)
+from merging_methods.params import (
+    EPS, MAX_ITER, NORMALIZE_WEIGHTS, NUSLERP_FLATTEN, NUSLERP_ROW_WISE, TASK_VECTORS, TOL,
 )
 from merging_methods.primitives import keep_threshold
 from merging_methods.slerp import slerp
@@ -144,10 +150,13 @@ def method(name: str, fn: Callable[..., Tensor], summary: str, *params: Param,
     return MethodSpec(name, fn, {p.name: p for p in params}, summary, **options)
 
 
-def _weights_sum_to_nonzero(values: Values) -> None:
-    if values["normalize"] and abs(sum(values["weights"])) < gta.SUM_EPS:
-        raise UserError("--weights: the weights sum to 0, so a normalized average is undefined; "
-                        "change the weights or pass --no-normalize")
+def _weights_sum_to_nonzero(switch: Param) -> Callable[[Values], None]:
+    """The check that the weights do not sum to 0 when `switch` (a normalize flag) is on."""
+    def check(values: Values) -> None:
+        if values[switch.name] and abs(sum(values["weights"])) < gta.SUM_EPS:
+            raise UserError("--weights: the weights sum to 0, so a normalized average is "
+                            f"undefined; change the weights or pass --no-{switch.flag[2:]}")
+    return check
 
 
 def _dare_densities(values: Values) -> None:
@@ -185,7 +194,7 @@ _DELLA = (WEIGHTS, SCALING, DENSITY, EPSILON, RESCALE, DELLA_RESCALE_MODE)
 _FR = (WEIGHTS, SCALING, NORMALIZE.with_default(False), FR_RATIO, FR_FAITHFUL)
 METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     method("linear", gta.linear, "weighted average of the models (the base is not averaged in)",
-           WEIGHTS, NORMALIZE.with_default(True), check=_weights_sum_to_nonzero,
+           WEIGHTS, NORMALIZE.with_default(True), check=_weights_sum_to_nonzero(NORMALIZE),
            fast=FastPath(gta_blocked.linear, row_separable=True)),
     method("task_arithmetic", gta.task_arithmetic, "base + lambda * sum of weighted task vectors",
            WEIGHTS, SCALING, NORMALIZE.with_default(False), warn=_negative_weights(False),
@@ -210,6 +219,15 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
            context=frozenset({"is_input_embedding"})),
     method("slerp", slerp, "spherical interpolation from the base to one other model", T,
            others=(1, 1)),
+    method("nuslerp", nuslerp, "spherical interpolation between two models (or their task "
+           "vectors) by weight, per tensor, row or column", WEIGHTS, NUSLERP_ROW_WISE,
+           NUSLERP_FLATTEN, TASK_VECTORS, others=(2, 2)),
+    method("multislerp", multislerp, "weighted spherical mean of the models (or their task "
+           "vectors), scaled by their weighted mean norm", WEIGHTS, NORMALIZE_WEIGHTS, EPS,
+           TASK_VECTORS, context=frozenset({"tensor_name"}),
+           check=_weights_sum_to_nonzero(NORMALIZE_WEIGHTS)),
+    method("karcher", karcher, "Riemannian (Karcher) mean of the models' directions times their "
+           "mean norm (the base is not averaged in)", MAX_ITER, TOL),
     method("model_stock", model_stock, "base-to-average interpolation set by the task vectors' "
            "angles", FILTER_WISE, others=(2, None)),
     method("breadcrumbs", breadcrumbs, "drop the smallest and the largest |delta|, then task "

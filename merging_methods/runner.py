@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from checkpoints.checkpoint import (
     HEAD_SUFFIXES, CheckpointReader, ShardedWriter, TensorInfo, copy_model_files,
-    dtype_config_update, finite, parse_dtype, parse_size, resolve_model_dir,
+    dtype_config_update, dtype_name, finite, parse_dtype, parse_size, resolve_model_dir,
 )
 from checkpoints.device import resolve_device
 from checkpoints.errors import UserError
@@ -259,7 +259,7 @@ def run_merge(recipe: MergeRecipe, *, make_post: HookFactory | None = None) -> P
         copy_model_files(inputs.base.folder, tmp, config_updates=config_updates)
         if inputs.union and inputs.union.tokens:
             save_union_tokenizer(inputs.base.folder, inputs.union, tmp)
-        record = record_of(recipe, extra_record)
+        record = record_of(recipe, extra_record, dtype_name(inputs.out_dtype))
         write_record(tmp, record)
         write_model_card(tmp, record)
     merged_count = sum(t.merge for t in inputs.plan.tensors)

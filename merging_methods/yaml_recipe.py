@@ -17,7 +17,7 @@ from checkpoints.checkpoint import CheckpointReader, resolve_model_dir
 from checkpoints.errors import UserError
 from merging_methods.mergekit_config import (MergeConfig, ModelRef, Slice, Source, base_index,
                                              config_doc, load_config)
-from merging_methods.mergekit_methods import yaml_key
+from merging_methods.mergekit_methods import BASE_AS_INPUT, BASE_OPTIONAL, yaml_key
 from merging_methods.mergekit_plan import (POST, PRE, Position, donor, method_params, plan_merge,
                                            referenced_models, resolve)
 from merging_methods.passthrough import is_pre_layer, split_layer_name
@@ -88,31 +88,37 @@ def tensor_arguments(recipe: MergeRecipe, depths: Mapping[str, int]) -> Callable
     return at
 
 
-def config_of(recipe: MergeRecipe) -> MergeConfig:
+def config_of(recipe: MergeRecipe, out_dtype: str | None = None) -> MergeConfig:
     """A recipe from flags as the config that reproduces it: per-model values under each model,
-    the others under `parameters:`, every one written out. A `linear` config has no base_model
-    (mergekit would average it in), so the first model donates config.json and tokenizer then."""
+    the others under `parameters:`, every one written out. A `linear` or `karcher` config has no
+    base_model (mergekit would average it in), nor has a nuslerp/multislerp one of the models
+    themselves (--no-task_vectors), so the first model donates config.json and tokenizer then;
+    `out_dtype` (the dtype the merge wrote) is then recorded, or the donor's dtype would be used."""
     if recipe.config is not None:
         return recipe.config
     spec = get_method(recipe.method)
+    base_flag = BASE_OPTIONAL.get(spec.name)   # said by base_model's presence, not a YAML key
+    no_base = spec.name in BASE_AS_INPUT or (base_flag is not None and not recipe.params[base_flag])
 
     def values(index: int | None) -> dict:
         return {yaml_key(p): recipe.params[n] if index is None else recipe.params[n][index]
-                for n, p in spec.params.items() if p.per_model == (index is not None)}
+                for n, p in spec.params.items()
+                if p.per_model == (index is not None) and n != base_flag}
 
     models = [Source(ModelRef(m), values(i)) for i, m in enumerate(recipe.models)]
-    shared = dict(parameters=values(None), out_dtype=recipe.dtype, seed=recipe.seed,
-                  tokenizer_source=recipe.vocab)
+    shared = dict(parameters=values(None), seed=recipe.seed, tokenizer_source=recipe.vocab,
+                  out_dtype=recipe.dtype or (out_dtype if no_base else None))
     if spec.stacks_layers:
         slices = tuple(Slice((Source(s.model, s.parameters, r),))
                        for s, r in zip(models, recipe.layer_ranges))
         return MergeConfig(spec.name, slices=slices, base_model=ModelRef(recipe.base_model),
                            **shared)
-    base = None if spec.name == "linear" else ModelRef(recipe.base_model)
+    base = None if no_base else ModelRef(recipe.base_model)
     return MergeConfig(spec.name, models=tuple(models), base_model=base, **shared)
 
 
-def record_of(recipe: MergeRecipe, extra: dict) -> dict:
-    """merge_recipe.yaml: the config that reproduces the merge, this toolkit's `merge` record
-    (read by aim/, evaluation/, study/ and the report) and `extra` (e.g. the `aim` record)."""
-    return {**config_doc(config_of(recipe)), "merge": recipe.as_record(), **extra}
+def record_of(recipe: MergeRecipe, extra: dict, out_dtype: str | None = None) -> dict:
+    """merge_recipe.yaml: the config that reproduces the merge (`out_dtype`: the dtype it wrote),
+    this toolkit's `merge` record (read by aim/, evaluation/, study/ and the report) and `extra`
+    (e.g. the `aim` record)."""
+    return {**config_doc(config_of(recipe, out_dtype)), "merge": recipe.as_record(), **extra}

@@ -15,6 +15,9 @@ CASES: dict[str, tuple[int, dict]] = {
     "dare_ties": (3, {"density": 0.5}),
     "widen": (3, {}),
     "slerp": (1, {"t": 0.3}),
+    "nuslerp": (2, {"weights": [0.3, 0.8], "nuslerp_flatten": False}),
+    "multislerp": (3, {"weights": [0.5, 1.0, 0.7]}),
+    "karcher": (3, {"max_iter": 5}),
     "model_stock": (3, {"filter_wise": True}),
     "breadcrumbs": (3, {"density": 0.5, "gamma": 0.1}),
     "breadcrumbs_ties": (3, {"density": [0.5, 0.7, 0.9], "gamma": 0.05}),
@@ -24,7 +27,7 @@ CASES: dict[str, tuple[int, dict]] = {
     "free_merging": (2, {"task_model": 1, "expert_density": 0.05, "fr_ratio": 0.3}),
 }
 NEW_METHODS = ("slerp", "model_stock", "breadcrumbs", "breadcrumbs_ties", "della",
-               "della_linear", "fr_merging", "free_merging")
+               "della_linear", "fr_merging", "free_merging", "nuslerp", "multislerp", "karcher")
 
 
 def flag_text(value: object) -> str:

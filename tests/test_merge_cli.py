@@ -106,7 +106,8 @@ def test_streamed_output_equals_in_memory_merge(family, tmp_path, method):
     others = [load_weights(f) for f in models]
     got = load_weights(out)
     for name, t0 in b.items():   # the dense function (the runner used the fast path if any)
-        facts = {"mask_keys": [mask_key(7, i, name) for i in range(len(models))],
+        facts = {"tensor_name": name,
+                 "mask_keys": [mask_key(7, i, name) for i in range(len(models))],
                  "generators": [mask_generator(7, i, name) for i in range(len(models))],
                  "is_input_embedding": name == "model.embed_tokens.weight"}
         context = {k: facts[k] for k in spec.context}

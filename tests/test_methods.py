@@ -22,8 +22,10 @@ from merging_methods.widen import Units, direction_change, rank_scores, widen
 SEED, NAME = 7, "model.layers.0.mlp.up_proj.weight"
 FAST = sorted(m for m in METHODS if METHODS[m].fast)
 # the methods with a reference.py paper box; the later ones (§6-§11, §17) are checked against
-# references written in tests/test_new_methods.py
-REFERENCED = sorted(m for m in METHODS if hasattr(reference, m))
+# references written in tests/test_new_methods.py, the spherical ones (§19.4-19.6, two models
+# or zero task vectors) against reference.py in tests/test_spherical_methods.py
+SPHERICAL = ("nuslerp", "multislerp", "karcher")
+REFERENCED = sorted(m for m in METHODS if hasattr(reference, m) and m not in SPHERICAL)
 PATHS = [(m, "dense") for m in REFERENCED] + [(m, "fast") for m in FAST]
 
 
