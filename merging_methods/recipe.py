@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field, fields
 
-from checkpoints.checkpoint import parse_dtype, parse_size
+from checkpoints.checkpoint import dtype_name, parse_dtype, parse_size
 from checkpoints.errors import UserError
 from merging_methods.mergekit_config import MergeConfig, config_doc
 from merging_methods.params import Param
@@ -55,8 +55,8 @@ class MergeRecipe:
             raise UserError(f"--seed: expected a whole number, got {self.seed!r}")
         if self.vocab not in VOCAB_MODES:
             raise UserError(f"--vocab: expected one of {', '.join(VOCAB_MODES)}, got {self.vocab!r}")
-        if self.dtype is not None:
-            parse_dtype(self.dtype)
+        if self.dtype is not None:   # recorded by its full name: an alias is no YAML dtype
+            object.__setattr__(self, "dtype", dtype_name(parse_dtype(self.dtype)))
         parse_size(self.max_shard_size)
         spec.check_count(len(models))
         if spec.stacks_layers:

@@ -50,6 +50,18 @@ def test_the_recipe_file_reproduces_the_merge(models, tmp_path, method):
     assert record["merge_method"] == method and record["merge"]["method"] == method
 
 
+def test_a_dtype_alias_is_recorded_by_its_full_name(models, tmp_path):
+    """--dtype bf16 is written as out_dtype: bfloat16 (mergekit's name; it refuses 'bf16'), so
+    the recipe file runs again."""
+    base, fts = models
+    first, again = tmp_path / "first", tmp_path / "again"
+    assert run("--method", "task_arithmetic", "--base_model", base, "--models_to_merge", fts[0],
+               "--save_path", first, "--dtype", "bf16") == 0
+    assert yaml.safe_load((first / "merge_recipe.yaml").read_text())["out_dtype"] == "bfloat16"
+    assert run("--config", first / "merge_recipe.yaml", "--save_path", again) == 0
+    assert same(first, again)
+
+
 def write(tmp_path, text: str):
     path = tmp_path / "merge.yml"
     path.write_text(text)
