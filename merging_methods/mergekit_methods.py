@@ -37,6 +37,7 @@ _GTA = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "b
 ACCEPTED_NO_EFFECT: dict[str, dict[str, object]] = {  # mergekit keys that change nothing here
     **{m: {"int8_mask": False} for m in _GTA},          # a mergekit memory option
     "task_arithmetic": {"int8_mask": False, "density": 1.0, "rescale": False},  # no sparsifier
+    "sce": {"int8_mask": False},
 }
 YAML_DEFAULTS: dict[str, dict[str, object]] = {  # mergekit 0.1.5's defaults where ours differ
     "dare_linear": {"rescale_mode": "l1"}, "dare_ties": {"rescale_mode": "l1"},  # §19.3
@@ -45,7 +46,8 @@ YAML_DEFAULTS: dict[str, dict[str, object]] = {  # mergekit 0.1.5's defaults whe
 BASE_AS_INPUT = {"linear": (1, None), "passthrough": (1, 1)}  # method -> inputs per slice
 IN_MERGEKIT = frozenset({"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp",
                          "passthrough", "model_stock", "breadcrumbs", "breadcrumbs_ties", "della",
-                         "della_linear"})
+                         "della_linear", "sce", "nearswap", "arcee_fusion", "ram",
+                         "ramplus_tl"})
 """Our methods that mergekit 0.1.5 registers too (§19.1); the others are this toolkit's own."""
 
 
@@ -73,7 +75,7 @@ def _table(spec: MethodSpec) -> MethodParams:
 
 METHODS: dict[str, MethodParams] = {name: _table(spec) for name, spec in SPECS.items()}
 NOT_FROM_YAML = dict.fromkeys(  # method -> why `merge_method:` refuses it
-    ("nuslerp", "multislerp", "karcher", "sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl"),
+    ("nuslerp", "multislerp", "karcher"),
     "a mergekit method this toolkit does not implement")
 BOOL_PARAMS = frozenset({yaml_key(p) for p in declared_params().values() if p.kind is bool}
                         | {"int8_mask"})
@@ -90,8 +92,9 @@ def _text_choices() -> dict[str, tuple[str, ...] | None]:
 TEXT_CHOICES = _text_choices()
 """YAML keys whose values are text -> every method's choices together (None: a model reference,
 `Param.names_model`); a method's own choices are checked with its parameters."""
-INTERNAL_NAMES = {yaml_key(p): p.name for p in declared_params().values()
-                  if yaml_key(p) != p.name}
-"""YAML parameter -> our method's keyword, where they differ."""
+INTERNAL_NAMES = {name: {yaml_key(p): p.name for p in spec.params.values()
+                         if yaml_key(p) != p.name} for name, spec in SPECS.items()}
+"""Method -> {YAML parameter -> its keyword, where they differ} (per method: della's and ram's
+`epsilon` are different parameters)."""
 NO_EFFECT = {method: tuple(ACCEPTED_NO_EFFECT.get(method, {})) for method in METHODS}
 """Parameters mergekit accepts that change nothing in our method: read, never passed on."""

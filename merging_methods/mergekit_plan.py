@@ -129,7 +129,7 @@ def method_params(merge: TensorMerge) -> dict[str, object]:
     """The keywords for our method function: per-model values as one list over `others`."""
     names = dict.fromkeys(n for i in merge.others for n in i.params)
     values = {**{n: [i.params.get(n) for i in merge.others] for n in names}, **merge.shared}
-    return {INTERNAL_NAMES.get(n, n): v for n, v in values.items()
+    return {INTERNAL_NAMES[merge.method].get(n, n): v for n, v in values.items()
             if n not in NO_EFFECT[merge.method]}
 
 

@@ -125,6 +125,8 @@ def parse_layer_ranges(text: str) -> tuple[tuple[int, int], ...]:
 def _defaults_text(name: str) -> str:
     """The per-method defaults of parameter `name`, e.g. 'on for linear, ties; off otherwise'."""
     def show(value: object) -> str:
+        if value is None:
+            return "required"
         return ("on" if value else "off") if isinstance(value, bool) else f"{value}"
 
     by_value: dict[str, list[str]] = {}
