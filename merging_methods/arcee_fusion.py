@@ -29,10 +29,15 @@ IQR_FACTOR = 1.5
 
 def row_kl(base: Tensor, other: Tensor) -> Tensor:
     """KL(softmax(other) ‖ softmax(base)) of each slice along the last axis, both + 1e-8;
-    shaped to broadcast over those slices."""
+    shaped to broadcast over those slices.
+
+    Summed as Σ P·log1p((P − Q)/Q) − (P − Q), equal to Σ P·log(P/Q) since ΣP = ΣQ: for close
+    models the literal terms are first-order in P − Q and cancel in the sum, leaving float32
+    rounding as large as the second-order KL itself; these terms are second-order each."""
     p = torch.softmax(other, dim=-1).add_(PROB_EPS)
     q = torch.softmax(base, dim=-1).add_(PROB_EPS)
-    return (p * (p / q).log_()).sum(dim=-1, keepdim=True)
+    change = p - q
+    return (p * torch.log1p(change / q) - change).sum(dim=-1, keepdim=True)
 
 
 def fusion_threshold(importance: Tensor, sample: str,
