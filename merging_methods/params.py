@@ -139,7 +139,7 @@ EPSILON = Param("epsilon", float, 0.15, per_model=True, low=0.0, high=1.0, merge
 T = Param("t", float, 0.5, mergekit="t", yaml_required=True,
           help="slerp: interpolation factor, 0 = the base, 1 = the other model (outside [0, 1] "
                "extrapolates); nearswap: the most any entry moves from the base toward the other "
-               "model (required)")
+               "model")
 FILTER_WISE = Param("filter_wise", bool, False, mergekit="filter_wise",
                     help="model_stock: one interpolation factor per row instead of per tensor")
 FR_RATIO = Param("fr_ratio", float, 0.9, low=0.0, low_open=True,
