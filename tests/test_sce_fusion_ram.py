@@ -54,7 +54,8 @@ SETTINGS = [  # (method, models, parameters)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("method, n, params", SETTINGS,
-                         ids=[f"{m}-{n}-{p}" for m, n, p in SETTINGS])
+                         ids=[f"{m}-{n}" + "".join(f"-{k}={v}" for k, v in p.items())
+                              for m, n, p in SETTINGS])
 def test_matches_the_float64_reference(method, n, params, dtype):
     base, others = inputs(n, dtype=dtype)
     if "select_topk" in params:
