@@ -37,7 +37,7 @@ _GTA = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "b
 ACCEPTED_NO_EFFECT: dict[str, dict[str, object]] = {  # mergekit keys that change nothing here
     **{m: {"int8_mask": False} for m in _GTA},          # a mergekit memory option
     "task_arithmetic": {"int8_mask": False, "density": 1.0, "rescale": False},  # no sparsifier
-    "sce": {"int8_mask": False},
+    "sce": {"int8_mask": False, "weight": 1.0},  # sce weighs models by their deltas (§19.7)
 }
 YAML_DEFAULTS: dict[str, dict[str, object]] = {  # mergekit 0.1.5's defaults where ours differ
     "dare_linear": {"rescale_mode": "l1"}, "dare_ties": {"rescale_mode": "l1"},  # §19.3
@@ -62,12 +62,12 @@ def _default(method: str, param: Param) -> object:
 
 
 def _table(spec: MethodSpec) -> MethodParams:
-    declared = declared_params()
+    per_model_keys = {yaml_key(p) for p in declared_params().values() if p.per_model}
     per_model, shared = {}, {}
     for param in spec.params.values():
         (per_model if param.per_model else shared)[yaml_key(param)] = _default(spec.name, param)
     for key, default in ACCEPTED_NO_EFFECT.get(spec.name, {}).items():
-        (per_model if key in declared and declared[key].per_model else shared)[key] = default
+        (per_model if key in per_model_keys else shared)[key] = default
     if spec.name in BASE_AS_INPUT:
         return MethodParams(per_model, shared, uses_base=False, others=BASE_AS_INPUT[spec.name])
     return MethodParams(per_model, shared, others=spec.others)

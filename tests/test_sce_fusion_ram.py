@@ -298,3 +298,12 @@ def test_yaml_epsilon_is_ram_epsilon_for_ram_and_per_model_for_della():
     della = plan_of("merge_method: della\nbase_model: b\nmodels:\n  - model: m\n"
                     "    parameters: {weight: 1, density: 0.5, epsilon: 0.2}\n", 2)
     assert method_params(resolve(della, "lm_head.weight", POST))["epsilon"] == [0.2]
+
+
+def test_yaml_sce_accepts_weight_and_int8_mask_with_no_effect():
+    """mergekit's sce has no per-model weights (§19.7) and ignores `weight`; int8_mask is a
+    memory option."""
+    plan = plan_of("merge_method: sce\nbase_model: b\nmodels:\n  - model: m\n"
+                   "    parameters: {weight: 0.3}\n  - model: n\n"
+                   "parameters: {int8_mask: true, select_topk: 0.5}\n", 2)
+    assert method_params(resolve(plan, "lm_head.weight", POST)) == {"select_topk": 0.5}
