@@ -29,7 +29,7 @@ buffer-reusing form the runner then uses instead, which must return the bits of 
 Adding a method: one file with its function, one row in METHODS with its `Param`s (existing
 declarations, or new ones in params.py); the CLI flags, validation, recipe and YAML keys
 (mergekit_methods.py) follow. Defaults follow ALGORITHMS.md §0.6, §1, §3.1, §4.1 and §5.1 (the
-mergekit the AIM paper ran) and §6-§11, §17 for the later methods.
+mergekit the AIM paper ran), §6-§11, §17 for the later methods and §19 for mergekit 0.1.5's.
 """
 from __future__ import annotations
 

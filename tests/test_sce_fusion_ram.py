@@ -8,6 +8,7 @@ file reproduces, inline AIM = post-hoc, tied, loads in transformers.)
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -70,6 +71,19 @@ def test_matches_the_float64_reference(method, n, params, dtype):
     want = getattr(reference, method)(base, others, **values)
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
     assert not torch.equal(out, base)  # the setting does move the base
+
+
+@pytest.mark.parametrize("fn", [sce, nearswap, arcee_fusion, ram, ramplus_tl],
+                         ids=lambda fn: fn.__name__)
+def test_signatures_follow_the_contract(fn):
+    """(base, others, *, the row's parameters by name); only arcee_fusion takes a context
+    keyword (`generators`, for its mergekit sample)."""
+    params = list(inspect.signature(fn).parameters.values())
+    assert [p.name for p in params[:2]] == ["base", "others"]
+    assert all(p.kind is p.KEYWORD_ONLY for p in params[2:])
+    spec = METHODS[fn.__name__]
+    assert {p.name for p in params[2:]} == set(spec.params) | spec.context
+    assert spec.context == ({"generators"} if fn is arcee_fusion else set())
 
 
 # ----------------------------------------------------------------------------- sce (§19.7)
