@@ -12,8 +12,8 @@ tensor is one row):
 The quantiles are exact, over all M entries (Decision, §19.9). `arcee_fusion_sample=mergekit`
 reads them, as mergekit 0.1.5 does, from 10^6 entries drawn with replacement when the tensor
 has more, here from the runner's seeded per-tensor generator; both agree on smaller tensors.
-Dense (whole-tensor quantiles): it holds about six float32 copies of the tensor plus the sort's
-copy and int64 indices.
+Dense (whole-tensor quantiles): besides its inputs it holds about five float32 copies of the
+tensor (the delta, the importance, the row softmaxes; then the sort's values and int64 indices).
 """
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ def row_kl(base: Tensor, other: Tensor) -> Tensor:
     p = torch.softmax(other, dim=-1).add_(PROB_EPS)
     q = torch.softmax(base, dim=-1).add_(PROB_EPS)
     change = p - q
-    return (p * torch.log1p(change / q) - change).sum(dim=-1, keepdim=True)
+    terms = torch.div(change, q).log1p_().mul_(p).sub_(change)
+    return terms.sum(dim=-1, keepdim=True)
 
 
 def fusion_threshold(importance: Tensor, sample: str,

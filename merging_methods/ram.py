@@ -12,8 +12,8 @@ the active models there. Inactive deltas are dropped (even where other models ar
                 out_j = θ0j + Σi active λi·δij   where c_j = 1
 
 ram is per element (the runner merges it in row chunks, blockwise.py); ramplus_tl's ρi counts
-over the whole tensor, so it is dense: it holds the N masked deltas and about four more float32
-copies of the tensor, (N + 4) in all.
+over the whole tensor, so it is dense: besides its inputs it holds the N masked deltas and
+about five more float32 copies of the tensor (counts, sums and their temporaries).
 """
 from __future__ import annotations
 

@@ -10,8 +10,9 @@ Per tensor, with δi = θi − θ0 for the N fine-tunes (no per-model weights):
     erase: s_j = +1 if Σi δij ≥ 0 else −1;  aij = [sign δij = s_j]
     out = θ0 + Σi ωi aij δij / max(Σi ωi aij, 1e-6)
 
-Dense: it holds the N deltas and about five more float32 copies of the tensor, (N + 5) in all
-(plus the sort's int64 indices when select_topk < 1).
+Dense: besides its inputs it holds the N deltas and up to about six more float32 copies of
+the tensor (the variance and the sort's values and int64 indices when select_topk < 1; then
+the elected signs, the sums and their temporaries).
 """
 from __future__ import annotations
 
@@ -37,10 +38,13 @@ def variance_topk_mask(deltas: Tensor, select_topk: float) -> Tensor:
 def sce(base: Tensor, others: list[Tensor], *, select_topk: float = 1.0) -> Tensor:
     """θ0 + the variance-selected, magnitude-weighted, sign-agreeing mean of the deltas (§19.7);
     float64 paper box: reference.sce."""
-    deltas = torch.stack([(other - base).reshape(-1) for other in others])  # (N, n)
+    flat = base.reshape(-1)
+    deltas = flat.new_empty((len(others), flat.numel()))  # (N, n)
+    for row, other in zip(deltas, others):
+        torch.sub(other.reshape(-1), flat, out=row)
     if select_topk < 1:
         deltas *= variance_topk_mask(deltas, select_topk)
-    weights = deltas.square().mean(dim=1)  # (N,)
+    weights = torch.stack([torch.dot(delta, delta) for delta in deltas]) / flat.numel()  # (N,)
     total = weights.sum()
     weights = weights / total if abs(float(total)) >= WEIGHT_SUM_EPS else \
         torch.full_like(weights, 1.0 / len(others))
