@@ -92,6 +92,8 @@ def bench_recipe(family: Path, method: str, experts: list[str], density: float,
         params["rescale_mode"] = "l1"   # mergekit 0.1.5's only rescale (§19.3)
     if "task_model" in names:
         params["task_model"] = models[0]
+    if method == "nearswap":
+        params["t"] = 1e-3   # required: no default (§19.8)
     layer_ranges = None
     if spec.stacks_layers:   # a frankenmerge: the first half of one, the second of the next
         depth = json.loads((family / "base" / "config.json").read_text())["num_hidden_layers"]

@@ -23,7 +23,7 @@ import yaml
 
 from checkpoints.errors import UserError
 from merging_methods.mergekit_methods import (BASE_AVERAGED_IN, BASE_OPTIONAL, BOOL_PARAMS, METHODS,
-                                              NOT_FROM_YAML, TEXT_CHOICES, MethodParams)
+                                              TEXT_CHOICES, MethodParams)
 from merging_methods.registry import ALIASES
 
 log = logging.getLogger(__name__)
@@ -185,8 +185,6 @@ def _method(value: object, origin: str) -> str:
     name = ALIASES.get(str(value), str(value))
     if name in METHODS:
         return name
-    if name in NOT_FROM_YAML:
-        raise _fail(origin, "merge_method", f"{name!r} is not supported ({NOT_FROM_YAML[name]})")
     close = difflib.get_close_matches(name, [*METHODS, *ALIASES], n=1)
     hint = f"did you mean {close[0]!r}?" if close else f"choose one of {', '.join(METHODS)}"
     raise _fail(origin, "merge_method", f"unknown method {name!r}; {hint}")

@@ -38,6 +38,7 @@ _GTA = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "b
 ACCEPTED_NO_EFFECT: dict[str, dict[str, object]] = {  # mergekit keys that change nothing here
     **{m: {"int8_mask": False} for m in _GTA},          # a mergekit memory option
     "task_arithmetic": {"int8_mask": False, "density": 1.0, "rescale": False},  # no sparsifier
+    "sce": {"int8_mask": False, "weight": 1.0},  # sce weighs models by their deltas (§19.7)
 }
 YAML_DEFAULTS: dict[str, dict[str, object]] = {  # mergekit 0.1.5's defaults where ours differ
     "dare_linear": {"rescale_mode": "l1"}, "dare_ties": {"rescale_mode": "l1"},  # §19.3
@@ -54,7 +55,8 @@ base they merge the task vectors, without it the models themselves (§19.4, §19
 YAML key: a config's base_model sets it."""
 IN_MERGEKIT = frozenset({"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp",
                          "passthrough", "model_stock", "breadcrumbs", "breadcrumbs_ties", "della",
-                         "della_linear", "nuslerp", "multislerp", "karcher"})
+                         "della_linear", "nuslerp", "multislerp", "karcher", "sce", "nearswap",
+                         "arcee_fusion", "ram", "ramplus_tl"})
 """Our methods that mergekit 0.1.5 registers too (§19.1); the others are this toolkit's own."""
 
 
@@ -69,23 +71,20 @@ def _default(method: str, param: Param) -> object:
 
 
 def _table(spec: MethodSpec) -> MethodParams:
-    declared = declared_params()
+    per_model_keys = {yaml_key(p) for p in declared_params().values() if p.per_model}
     per_model, shared = {}, {}
     for param in spec.params.values():
         if param.name == BASE_OPTIONAL.get(spec.name):
             continue
         (per_model if param.per_model else shared)[yaml_key(param)] = _default(spec.name, param)
     for key, default in ACCEPTED_NO_EFFECT.get(spec.name, {}).items():
-        (per_model if key in declared and declared[key].per_model else shared)[key] = default
+        (per_model if key in per_model_keys else shared)[key] = default
     if spec.name in BASE_AS_INPUT:
         return MethodParams(per_model, shared, uses_base=False, others=BASE_AS_INPUT[spec.name])
     return MethodParams(per_model, shared, others=spec.others)
 
 
 METHODS: dict[str, MethodParams] = {name: _table(spec) for name, spec in SPECS.items()}
-NOT_FROM_YAML = dict.fromkeys(  # method -> why `merge_method:` refuses it
-    ("sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl"),
-    "a mergekit method this toolkit does not implement")
 BOOL_PARAMS = frozenset({yaml_key(p) for p in declared_params().values() if p.kind is bool}
                         | {"int8_mask"})
 def _text_choices() -> dict[str, tuple[str, ...] | None]:
@@ -101,8 +100,9 @@ def _text_choices() -> dict[str, tuple[str, ...] | None]:
 TEXT_CHOICES = _text_choices()
 """YAML keys whose values are text -> every method's choices together (None: a model reference,
 `Param.names_model`); a method's own choices are checked with its parameters."""
-INTERNAL_NAMES = {yaml_key(p): p.name for p in declared_params().values()
-                  if yaml_key(p) != p.name}
-"""YAML parameter -> our method's keyword, where they differ."""
+INTERNAL_NAMES = {name: {yaml_key(p): p.name for p in spec.params.values()
+                         if yaml_key(p) != p.name} for name, spec in SPECS.items()}
+"""Method -> {YAML parameter -> its keyword, where they differ} (per method: della's and ram's
+`epsilon` are different parameters)."""
 NO_EFFECT = {method: tuple(ACCEPTED_NO_EFFECT.get(method, {})) for method in METHODS}
 """Parameters mergekit accepts that change nothing in our method: read, never passed on."""

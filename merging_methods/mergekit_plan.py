@@ -133,7 +133,7 @@ def method_params(merge: TensorMerge) -> dict[str, object]:
     values = {**{n: [i.params.get(n) for i in merge.others] for n in names}, **merge.shared}
     if merge.method in BASE_OPTIONAL:
         values[BASE_OPTIONAL[merge.method]] = merge.base is not None
-    return {INTERNAL_NAMES.get(n, n): v for n, v in values.items()
+    return {INTERNAL_NAMES[merge.method].get(n, n): v for n, v in values.items()
             if n not in NO_EFFECT[merge.method]}
 
 

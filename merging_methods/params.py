@@ -79,6 +79,8 @@ class Param:
                 raise UserError(f"{self.flag}: expected one of {', '.join(self.choices)}, "
                                 f"got {value!r}")
             return value
+        if value is None:
+            raise UserError(f"{self.flag}: required by this method (it has no default)")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise UserError(f"{self.flag}: expected a finite number, got {value!r}")
         if self.kind is int and value != int(value):
@@ -136,7 +138,8 @@ EPSILON = Param("epsilon", float, 0.15, per_model=True, low=0.0, high=1.0, merge
                      "which must stay inside (0, 1); one value or one per model")
 T = Param("t", float, 0.5, mergekit="t", yaml_required=True,
           help="slerp: interpolation factor, 0 = the base, 1 = the other model (outside [0, 1] "
-               "extrapolates)")
+               "extrapolates); nearswap: the most any entry moves from the base toward the other "
+               "model")
 FILTER_WISE = Param("filter_wise", bool, False, mergekit="filter_wise",
                     help="model_stock: one interpolation factor per row instead of per tensor")
 FR_RATIO = Param("fr_ratio", float, 0.9, low=0.0, low_open=True,
@@ -182,3 +185,21 @@ MAX_ITER = Param("max_iter", int, 10, low=0, mergekit="max_iter",
 TOL = Param("tol", float, 1e-5, low=0.0, mergekit="tol",
             help="karcher: convergence tolerance (tangent norm and angle), and the norm at or "
                  "below which an input counts as zero")
+
+
+# mergekit 0.1.5's later methods (ALGORITHMS.md §19.7-§19.10)
+SELECT_TOPK = Param("select_topk", float, 1.0, mergekit="select_topk",
+                    help="sce: fraction of the entries (those whose deltas differ between models) "
+                         "kept, the ones of largest variance across the models; >= 1 keeps all, "
+                         "<= 0 none (the base)")
+NEARSWAP_T = replace(T, default=None)  # no default: a distance in weight units (§19.8)
+ARCEE_FUSION_SAMPLE = Param(
+    "arcee_fusion_sample", str, "exact", choices=("exact", "mergekit"),
+    help="arcee_fusion: threshold quantiles over every entry (exact) or, as mergekit does, over "
+         "10^6 entries drawn with replacement (seeded by --seed) for tensors larger than that")
+RAM_EPSILON = Param("ram_epsilon", float, 1e-5, low=0.0, mergekit="epsilon",
+                    help="ram/ramplus_tl: a delta entry counts as active when |delta| > this")
+RAMPLUS_R = Param("ramplus_r", float, 0.1, mergekit="r",
+                  help="ramplus_tl: boost r of a model's unique entries, 1 + r*min(rho, alpha)")
+RAMPLUS_ALPHA = Param("ramplus_alpha", float, 0.2, low=0.0, mergekit="alpha",
+                      help="ramplus_tl: cap alpha of the shared/unique ratio rho in the boost")

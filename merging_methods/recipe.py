@@ -125,6 +125,8 @@ def parse_layer_ranges(text: str) -> tuple[tuple[int, int], ...]:
 def _defaults_text(name: str) -> str:
     """The per-method defaults of parameter `name`, e.g. 'on for linear, ties; off otherwise'."""
     def show(value: object) -> str:
+        if value is None:
+            return "required"
         return ("on" if value else "off") if isinstance(value, bool) else f"{value}"
 
     by_value: dict[str, list[str]] = {}
@@ -178,7 +180,8 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
                         "embeddings come from the first slice's model, the final norm and "
                         "lm_head from the last one's, config.json and tokenizer from --base_model")
     p.add_argument("--seed", type=int, default=None,
-                   help="seed of DARE's and DELLA's random masks (per tensor name; default 0)")
+                   help="seed of DARE's and DELLA's random masks and of arcee_fusion's mergekit "
+                        "sample (per tensor name; default 0)")
     r = parser.add_argument_group("runtime and output")
     r.add_argument("--vocab", choices=VOCAB_MODES, default=None,
                    help="output vocabulary: 'base' (default, what mergekit did for the AIM "

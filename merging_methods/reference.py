@@ -250,3 +250,71 @@ def karcher(base: Tensor, others: Sequence[Tensor], *, max_iter: int = 10,
         if float(mu.norm()) > tol:
             mu = mu / mu.norm()
     return (sum(norms) / len(norms) * mu).view(base.shape)
+
+
+def _deltas(base: Tensor, others: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """(θ0 flattened, the stacked flat deltas (N, n)), float64 from float32 differences (§0.3)."""
+    b = base.double().flatten()
+    return b, torch.stack([(o.float() - base.float()).double().flatten() for o in others])
+
+
+def sce(base: Tensor, others: Sequence[Tensor], *, select_topk: float = 1.0) -> Tensor:
+    """§19.7: variance top-K select (stable sort), ω from mean squares, sum-elected signs."""
+    b, d = _deltas(base, others)
+    if select_topk < 1:
+        var = ((d - d.mean(0)) ** 2).mean(0)
+        k = math.floor(select_topk * int((var != 0).sum())) if select_topk > 0 else 0
+        keep = torch.zeros(d.shape[1], dtype=torch.float64)
+        keep[torch.sort(var, descending=True, stable=True).indices[:k]] = 1.0
+        d = d * keep
+    omega = (d ** 2).mean(1)
+    omega = omega / omega.sum() if abs(omega.sum()) >= 1e-6 else torch.full_like(omega, 1 / len(d))
+    s = torch.where(d.sum(0) >= 0, 1.0, -1.0).double()
+    a = (torch.sign(d) == s).double()
+    w = omega[:, None] * a
+    return (b + (w * d).sum(0) / w.sum(0).clamp(min=1e-6)).view(base.shape)
+
+
+def nearswap(base: Tensor, others: Sequence[Tensor], *, t: float) -> Tensor:
+    """§19.8: w = clamp(t / max(|θ0 − θ1|, 1e-6), 0, 1), w·θ1 + (1 − w)·θ0."""
+    b, o = base.double(), others[0].double()
+    w = (t / (b - o).abs().clamp(min=1e-6)).clamp(0, 1)
+    return w * o + (1 - w) * b
+
+
+def arcee_fusion(base: Tensor, others: Sequence[Tensor], *,
+                 arcee_fusion_sample: str = "exact", generators=None) -> Tensor:
+    """§19.9 with exact quantiles (a sample of 10^6 only matters for larger tensors)."""
+    b, o = base.double(), others[0].double()
+    p, q = torch.softmax(o, -1) + 1e-8, torch.softmax(b, -1) + 1e-8
+    kl = (p * torch.log(p / q)).sum(-1, keepdim=True)
+    imp = (o.float() - base.float()).double().abs() * kl
+    ordered = sorted(imp.flatten().tolist())
+    m = len(ordered)
+    q50, q25, q75 = (ordered[math.floor(phi * (m - 1))] for phi in (0.5, 0.25, 0.75))
+    tau = q50 + 1.5 * (q75 - q25)
+    return torch.where(imp >= tau, o, b)
+
+
+def _ram_parts(base: Tensor, others: Sequence[Tensor], epsilon: float):
+    """(θ0, active-masked deltas A⊙δ (N, n), count c (n,), unique U, shared S) of §19.10."""
+    b, d = _deltas(base, others)
+    active = (d.abs() > epsilon).double()
+    c = active.sum(0)
+    return b, active * d, active, c, (c == 1).double(), (c > 1).double()
+
+
+def ram(base: Tensor, others: Sequence[Tensor], *, ram_epsilon: float = 1e-5) -> Tensor:
+    """§19.10: θ0 + Σi Aij δij (U_j + S_j / c_j)."""
+    b, ad, _, c, u, s = _ram_parts(base, others, ram_epsilon)
+    return (b + (ad * (u + s / c.clamp(min=1))).sum(0)).view(base.shape)
+
+
+def ramplus_tl(base: Tensor, others: Sequence[Tensor], *, ram_epsilon: float = 1e-5,
+               ramplus_r: float = 0.1, ramplus_alpha: float = 0.2) -> Tensor:
+    """§19.10: λi = 1 + r·clamp(sharedi / max(uniquei, ε), 0, α);
+    θ0 + Σi Aij δij (λi U_j + S_j / c_j)."""
+    b, ad, a, c, u, s = _ram_parts(base, others, ram_epsilon)
+    rho = (a * s).sum(1) / (a * u).sum(1).clamp(min=ram_epsilon)
+    lam = 1 + ramplus_r * rho.clamp(0, ramplus_alpha)
+    return (b + (ad * (lam[:, None] * u + s / c.clamp(min=1))).sum(0)).view(base.shape)

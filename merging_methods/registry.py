@@ -29,7 +29,7 @@ buffer-reusing form the runner then uses instead, which must return the bits of 
 Adding a method: one file with its function, one row in METHODS with its `Param`s (existing
 declarations, or new ones in params.py); the CLI flags, validation, recipe and YAML keys
 (mergekit_methods.py) follow. Defaults follow ALGORITHMS.md §0.6, §1, §3.1, §4.1 and §5.1 (the
-mergekit the AIM paper ran) and §6-§11, §17, §19 for the later methods.
+mergekit the AIM paper ran), §6-§11, §17 for the later methods and §19 for mergekit 0.1.5's.
 """
 from __future__ import annotations
 
@@ -40,6 +40,8 @@ from torch import Tensor
 
 from checkpoints.errors import UserError
 from merging_methods import gta, gta_blocked
+from merging_methods.arcee_fusion import arcee_fusion
+from merging_methods.blockwise import per_element
 from merging_methods.breadcrumbs import breadcrumbs, breadcrumbs_ties
 from merging_methods.della import check_window, della, della_linear
 from merging_methods.fr_merging import fr_merging
@@ -48,16 +50,20 @@ from merging_methods.karcher import karcher
 from merging_methods.model_stock import model_stock
 from merging_methods.multislerp import multislerp
 from merging_methods.nuslerp import nuslerp
+from merging_methods.nearswap import nearswap
 from merging_methods.passthrough import passthrough
 from merging_methods.params import (
     ABOVE_AVERAGE_VALUE_RATIO, DELLA_RESCALE_MODE, DENSITY, EPSILON, EXPERT_DENSITY, FILTER_WISE,
     FR_FAITHFUL, FR_RATIO, GAMMA, NORMALIZE, RESCALE, RESCALE_MODE, SCALING,
     SCALE, SCORE_CALIBRATION_VALUE, T, TASK_MODEL, WEIGHTS, Param,
+    ARCEE_FUSION_SAMPLE, NEARSWAP_T, RAM_EPSILON, RAMPLUS_ALPHA, RAMPLUS_R, SELECT_TOPK,
 )
 from merging_methods.params import (
     EPS, MAX_ITER, NORMALIZE_WEIGHTS, NUSLERP_FLATTEN, NUSLERP_ROW_WISE, TASK_VECTORS, TOL,
 )
 from merging_methods.primitives import keep_threshold
+from merging_methods.ram import ram, ramplus_tl
+from merging_methods.sce import sce
 from merging_methods.slerp import slerp
 from merging_methods.widen import widen
 
@@ -247,6 +253,19 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
            "(--layer_ranges, one per model)", SCALE, stacks_layers=True),
     method("free_merging", free_merging, "fr_merging + the top-|delta| expert of one task model",
            *_FR, TASK_MODEL, EXPERT_DENSITY, warn=_negative_weights(True)),
+    method("sce", sce, "keep the entries of largest variance across the models, weight each "
+           "model by its mean squared delta, average the sign-agreeing deltas", SELECT_TOPK),
+    method("nearswap", nearswap, "move each base entry toward the other model by at most t",
+           NEARSWAP_T, others=(1, 1),
+           fast=FastPath(per_element(nearswap), stored_dtype_inputs=True, row_separable=True)),
+    method("arcee_fusion", arcee_fusion, "take the other model's changes whose KL-weighted "
+           "importance exceeds median + 1.5 IQR", ARCEE_FUSION_SAMPLE, others=(1, 1),
+           context=frozenset({"generators"})),
+    method("ram", ram, "average each entry's active deltas (|delta| > epsilon) over the models "
+           "active there", RAM_EPSILON,
+           fast=FastPath(per_element(ram), stored_dtype_inputs=True, row_separable=True)),
+    method("ramplus_tl", ramplus_tl, "ram with each model's unique entries boosted by its "
+           "shared/unique ratio", RAM_EPSILON, RAMPLUS_R, RAMPLUS_ALPHA),
 )}
 ALIASES = {"fourier": "fr_merging", "free": "free_merging"}
 

@@ -25,9 +25,15 @@ CASES: dict[str, tuple[int, dict]] = {
     "della_linear": (2, {"density": 0.6, "epsilon": 0.2, "rescale_mode": "inverse_prob"}),
     "fr_merging": (3, {"weights": [0.8], "scaling": 1.1, "fr_ratio": 0.3}),
     "free_merging": (2, {"task_model": 1, "expert_density": 0.05, "fr_ratio": 0.3}),
+    "sce": (3, {"select_topk": 0.5}),
+    "nearswap": (1, {"t": 5e-4}),
+    "arcee_fusion": (1, {}),
+    "ram": (3, {"ram_epsilon": 3e-4}),
+    "ramplus_tl": (2, {"ram_epsilon": 3e-4, "ramplus_r": 0.5, "ramplus_alpha": 1.0}),
 }
 NEW_METHODS = ("slerp", "model_stock", "breadcrumbs", "breadcrumbs_ties", "della",
-               "della_linear", "fr_merging", "free_merging", "nuslerp", "multislerp", "karcher")
+               "della_linear", "fr_merging", "free_merging", "nuslerp", "multislerp", "karcher",
+               "sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl")
 
 
 def flag_text(value: object) -> str:

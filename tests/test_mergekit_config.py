@@ -479,7 +479,6 @@ def test_refusals_name_the_file(tmp_path):
      "give 'tokenizer' or 'tokenizer_source', not both"),
     (f"{GTA}dtype: bf16\n", "dtype: expected one of bfloat16, float16, float32, float64"),
     (f"{GTA}chat_template: vicuna\n", "chat_template: expected auto, alpaca"),
-    ("merge_method: sce\nmodels:\n  - model: a\n", "'sce' is not supported (a mergekit"),
     ("base_model: b\nmodels:\n  - model: m\n", "'merge_method' is required"),
     ("merge_method: linear\nmodels: [{model: a}]\nslices: []\n",
      "give exactly one of 'models' or 'slices'"),

@@ -1,0 +1,59 @@
+"""RAM and RAM+ tensor-local (arXiv 2601.13572; mergekit's `ram`, `ramplus_tl`, ALGORITHMS.md
+§19.10).
+
+Per tensor, with δi = θi − θ0: entry j of model i is active when |δij| > epsilon; c_j counts
+the active models there. Inactive deltas are dropped (even where other models are active):
+
+    ram:        out_j = θ0j + Σi active δij / c_j            (θ0j where c_j = 0)
+    ramplus_tl: entries with c_j = 1 (unique) are boosted by their model's λi, entries with
+                c_j > 1 (shared) averaged as in ram:
+                ρi = #(i active, c > 1) / max(#(i active, c = 1), epsilon)
+                λi = 1 + r·clamp(ρi, 0, alpha)
+                out_j = θ0j + Σi active λi·δij   where c_j = 1
+
+ram is per element (the runner merges it in row chunks, blockwise.py); ramplus_tl's ρi counts
+over the whole tensor, so it is dense: besides its inputs it holds the N masked deltas and
+about five more float32 copies of the tensor (counts, sums and their temporaries).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def active_deltas(base: Tensor, others: list[Tensor], epsilon: float
+                  ) -> tuple[list[Tensor], Tensor]:
+    """(each δi with its inactive entries, |δ| <= epsilon, set to 0; the count c of active
+    models per entry, float32). epsilon >= 0, so an entry is active iff it stays non-zero."""
+    kept = []
+    for other in others:
+        delta = other - base
+        kept.append(delta.masked_fill_(delta.abs() <= epsilon, 0.0))
+    count = torch.zeros_like(base)
+    for delta in kept:
+        count += delta != 0
+    return kept, count
+
+
+def ram(base: Tensor, others: list[Tensor], *, ram_epsilon: float = 1e-5) -> Tensor:
+    """θ0 + the mean of the active deltas at each entry (§19.10); float64 paper box:
+    reference.ram."""
+    kept, count = active_deltas(base, others, ram_epsilon)
+    return base + sum(kept) / count.clamp_(min=1.0)
+
+
+def ramplus_tl(base: Tensor, others: list[Tensor], *, ram_epsilon: float = 1e-5,
+               ramplus_r: float = 0.1, ramplus_alpha: float = 0.2) -> Tensor:
+    """ram with each model's unique entries boosted by λi = 1 + r·clamp(ρi, 0, alpha), ρi its
+    shared/unique active-entry ratio in this tensor (§19.10); float64 paper box:
+    reference.ramplus_tl."""
+    kept, count = active_deltas(base, others, ram_epsilon)
+    unique, shared = count == 1, count > 1
+    boosted = torch.zeros_like(base)
+    for delta in kept:
+        active = delta != 0
+        ratio = int((active & shared).sum()) / max(int((active & unique).sum()), ram_epsilon)
+        boost = 1.0 + ramplus_r * min(max(ratio, 0.0), ramplus_alpha)
+        boosted += torch.where(unique, delta * boost, 0.0)
+    averaged = sum(kept) / count.clamp(min=1.0)  # 0 where no model is active
+    return base + torch.where(unique, boosted, averaged)
