@@ -16,7 +16,8 @@ from typing import Literal, Mapping, Union
 from merging_methods.mergekit_config import (Gradient, MergeConfig, ModelRef, Params, Scalar,
                                              Setting, Slice, Source, UserError, base_index,
                                              effective_slices)
-from merging_methods.mergekit_methods import INTERNAL_NAMES, METHODS, NO_EFFECT, REQUIRED
+from merging_methods.mergekit_methods import (INTERNAL_NAMES, METHODS, NO_EFFECT, REQUIRED,
+                                              trim_densities)
 
 PRE, POST = "pre", "post"  # embeddings before the layers; final norm and lm_head after them
 Position = Union[int, Literal["pre", "post"]]  # int: the output layer index
@@ -129,8 +130,8 @@ def method_params(merge: TensorMerge) -> dict[str, object]:
     """The keywords for our method function: per-model values as one list over `others`."""
     names = dict.fromkeys(n for i in merge.others for n in i.params)
     values = {**{n: [i.params.get(n) for i in merge.others] for n in names}, **merge.shared}
-    return {INTERNAL_NAMES.get(n, n): v for n, v in values.items()
-            if n not in NO_EFFECT[merge.method]}
+    return trim_densities({INTERNAL_NAMES.get(n, n): v for n, v in values.items()
+                           if n not in NO_EFFECT[merge.method]})
 
 
 def gradient_value(values: tuple[Scalar, ...], x: float) -> Scalar:

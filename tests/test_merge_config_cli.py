@@ -215,6 +215,22 @@ parameters: {{density: 0.6}}
         assert torch.equal(got[name], want), name
 
 
+def test_yaml_ties_trims_like_mergekit(models, tmp_path):
+    """§19.3 in YAML mode: k = max(1, floor(density*n)) (density 0.01 keeps the one largest
+    |delta| of a 32-entry norm, 10 of a 32x32 matrix), and density 0 zeroes a task vector."""
+    base, (ft1, _, ft3) = models
+    config = write(tmp_path, models_config("ties", base, {
+        ft1: "{weight: 1.0, density: 0.01}", ft3: "{weight: 0.5, density: 0}"}))
+    out = tmp_path / "out"
+    assert run("--config", config, "--save_path", out) == 0
+    got, b, f1 = load_weights(out), load_weights(base), load_weights(ft1)
+    for name, k in (("model.norm.weight", 1), (layer(0, "self_attn.q_proj.weight"), 10)):
+        delta = f1[name] - b[name]
+        keep = torch.zeros(delta.numel(), dtype=torch.bool)
+        keep[delta.abs().flatten().topk(k).indices] = True
+        assert torch.equal(got[name], torch.where(keep.view_as(delta), b[name] + delta, b[name]))
+
+
 @pytest.mark.parametrize("extra, text, fragment", [
     (["--density", "0.5"], "merge_method: ties", "--density cannot be combined with --config"),
     (["--method", "ties"], "merge_method: ties", "--method cannot be combined with --config"),

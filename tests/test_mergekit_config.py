@@ -131,7 +131,9 @@ def test_example_a_ties_per_filter_density(name, expected):
     assert [i.model.path for i in merge.others] == ["teknium/OpenHermes-2.5-Mistral-7B",
                                                     "meta-math/MetaMath-Mistral-7B"]
     assert per_model(merge, "weight", "density") == [pytest.approx(e, abs=1e-6) for e in expected]
-    assert merge.shared == {"normalize": True, "rescale": False, "lambda": 1.0, "int8_mask": True}
+    # (+ our mergekit_trim, on in YAML: mergekit's own trim rule, §19.3)
+    assert merge.shared == {"normalize": True, "rescale": False, "lambda": 1.0, "int8_mask": True,
+                            "mergekit_trim": True}
 
 
 @pytest.mark.parametrize("name, t", [
