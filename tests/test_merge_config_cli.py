@@ -177,7 +177,7 @@ parameters:
 def test_ties_slices_with_a_slice_base_and_filters_on_source_names(models, tmp_path):
     """A slice's base_model (not its first source) is that slice's base; per-model filters
     match the source tensor name (`layers.1.` picks output layer 2, read from source layer 1),
-    shared ones the output name; the slice's `normalize` wins over the default (§18.5)."""
+    shared ones (`lambda`) the output name; the slice's `normalize` wins over the default."""
     base, (ft1, ft2, ft3) = models
     by_layer_1 = "[{filter: layers.1., value: 0.3}, {value: 0.7}]"
     config = write(tmp_path, f"""\
@@ -194,23 +194,25 @@ slices:
       - {{model: {ft2}, layer_range: [1, 2]}}
     base_model: {ft2}
     parameters: {{normalize: false}}
-parameters: {{density: 0.6}}
+parameters: {{density: 0.6, lambda: [{{filter: layers.2., value: 0.5}}, {{value: 1.0}}]}}
 """)
     out = tmp_path / "out"
     assert run("--config", config, "--save_path", out) == 0
     got, b, f1, f2, f3 = (load_weights(p) for p in (out, base, ft1, ft2, ft3))
     spec = METHODS["ties"]
     up, emb, head = "mlp.up_proj.weight", "model.embed_tokens.weight", "lm_head.weight"
-    expected = {   # output name: (base, others as (model, source name), weights, densities, normalize)
-        emb: ((b, emb), [(f1, emb), (f3, emb)], [0.5, 0.5], [0.7, 0.6], True),
+    expected = {   # output name: (base, others as (model, source name), weights, densities,
+        #            normalize, lambda)
+        emb: ((b, emb), [(f1, emb), (f3, emb)], [0.5, 0.5], [0.7, 0.6], True, 1.0),
         layer(1, up): ((b, layer(1, up)), [(f1, layer(1, up)), (f3, layer(1, up))],
-                       [0.5, 0.5], [0.3, 0.6], True),
+                       [0.5, 0.5], [0.3, 0.6], True, 1.0),
         layer(2, up): ((f2, layer(1, up)), [(f3, layer(1, up)), (f1, layer(0, up))],
-                       [0.8, 0.4], [0.3, 0.6], False),
-        head: ((f2, head), [(f3, head), (f1, head)], [0.8, 0.4], [0.7, 0.6], False),
+                       [0.8, 0.4], [0.3, 0.6], False, 0.5),
+        head: ((f2, head), [(f3, head), (f1, head)], [0.8, 0.4], [0.7, 0.6], False, 1.0),
     }
-    for name, ((bm, bs), others, weights, density, normalize) in expected.items():
-        params = spec.resolve({"weights": weights, "density": density, "normalize": normalize}, 2)
+    for name, ((bm, bs), others, weights, density, normalize, scaling) in expected.items():
+        params = spec.resolve({"weights": weights, "density": density, "normalize": normalize,
+                               "scaling": scaling}, 2)
         want = spec.fn(bm[bs].float(), [m[n].float() for m, n in others], **params)
         assert torch.equal(got[name], want), name
 
