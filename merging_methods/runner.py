@@ -68,8 +68,7 @@ def open_inputs(recipe: MergeRecipe) -> OpenedInputs:
     layout = {}
     if is_sliced(recipe):
         (base, *models), sources = open_sliced(recipe)
-        layout = {k: base.config[k] for k in ("num_hidden_layers", "layer_types")
-                  if k in base.config}
+        layout = base.layout
     else:
         base = CheckpointReader(resolve_model_dir(recipe.base_model, "--base_model"),
                                 recipe.base_model)

@@ -25,13 +25,13 @@ from merging_methods.plan import num_layers
 class SlicedInput:
     """One input of a sliced merge as a checkpoint: the output's tensor names, each read from
     its source model's tensor. Config facts (vocab size, tied head, dtype) are `like`'s, with
-    the output's depth and layer list (`layout`)."""
+    the output's depth and layer list (`layout`: the config.json updates of the output)."""
 
     def __init__(self, label: str, routes: Mapping[str, tuple[CheckpointReader, str]],
                  like: CheckpointReader, layout: dict):
         self.label, self.routes, self.like, self.folder = label, dict(routes), like, like.folder
         self.info: dict[str, TensorInfo] = {n: r.info[s] for n, (r, s) in self.routes.items()}
-        self.config = {**like.config, **layout}
+        self.layout, self.config = layout, {**like.config, **layout}
 
     @property
     def moves_layers(self) -> bool:
