@@ -107,22 +107,23 @@ def task_arithmetic(base: Tensor, others: list[Tensor], *, weights: Sequence[flo
                 consensus=False, normalize=normalize, scaling=scaling)
 
 
-def trim_topk(delta: Tensor, density: float) -> Tensor:
-    """δ with all but its exact top-k |δ| zeroed, k = floor(density·n), ties to the lower flat
-    index (§0.5)."""
-    return torch.where(keep_topk(delta, density), delta, 0.0)
+def trim_topk(delta: Tensor, density: float, at_least_one: bool = False) -> Tensor:
+    """δ with all but its exact top-k |δ| zeroed, k = floor(density·n) (`at_least_one`: at
+    least 1), ties to the lower flat index (§0.5)."""
+    return torch.where(keep_topk(delta, density, at_least_one=at_least_one), delta, 0.0)
 
 
 def ties(base: Tensor, others: list[Tensor], *, weights: Sequence[float],
          density: Sequence[float], scaling: float = 1.0, normalize: bool = True,
-         rescale: bool = False) -> Tensor:
+         rescale: bool = False, mergekit_trim: bool = False) -> Tensor:
     """TIES (§3.2): trim each δi to its top-k |δi| (with `rescale`, back to the untrimmed L1
-    norm), elect signs, merge the agreeing entries. Paper box: reference.ties."""
+    norm; `mergekit_trim`: keep at least one entry, §19.3), elect signs, merge the agreeing
+    entries. Paper box: reference.ties."""
     check_lengths(others, weights=weights, density=density)
     deltas, factors = {}, {}
     for i in _active(base, weights):
         delta = others[i] - base
-        deltas[i] = trim_topk(delta, density[i])
+        deltas[i] = trim_topk(delta, density[i], mergekit_trim)
         factors[i] = l1_ratio(blocked_l1(delta), blocked_l1(deltas[i])) if rescale else 1.0
     return _gta(base, deltas, factors, weights, consensus=True, normalize=normalize,
                 scaling=scaling)

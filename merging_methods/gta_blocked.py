@@ -126,12 +126,12 @@ def _no_sparsifier(i: int, deltas: Deltas) -> tuple[Sparsifier, float]:  # noqa:
     return None, 1.0
 
 
-def _topk_plan(density: Sequence[float], rescale: bool) -> Plan:
+def _topk_plan(density: Sequence[float], rescale: bool, at_least_one: bool) -> Plan:
     """Magnitude top-k per model; with `rescale`, match the untrimmed L1 norm (§3.2 step 2)."""
     def plan(i: int, deltas: Deltas) -> tuple[Sparsifier, float]:
-        if topk_count(density[i], deltas.n) == deltas.n:
+        if topk_count(density[i], deltas.n, at_least_one) == deltas.n:
             return None, 1.0
-        trim = TopK(deltas, density[i])
+        trim = TopK(deltas, density[i], at_least_one)
         return trim, l1_factor(deltas, trim) if rescale else 1.0
     return plan
 
@@ -192,11 +192,12 @@ def task_arithmetic(base: Tensor, others: list[Tensor], *, weights: Sequence[flo
 
 def ties(base: Tensor, others: list[Tensor], *, weights: Sequence[float],
          density: Sequence[float], scaling: float = 1.0, normalize: bool = True,
-         rescale: bool = False, out: Tensor | None = None) -> Tensor:
+         rescale: bool = False, mergekit_trim: bool = False,
+         out: Tensor | None = None) -> Tensor:
     """TIES (§3.2): trim each δi to its top-k |δi|, elect signs, merge the agreeing entries."""
     check_lengths(others, density=density)
-    return blocked_gta(base, others, weights, _topk_plan(density, rescale), consensus=True,
-                normalize=normalize, scaling=scaling, out=out)
+    return blocked_gta(base, others, weights, _topk_plan(density, rescale, mergekit_trim),
+                       consensus=True, normalize=normalize, scaling=scaling, out=out)
 
 
 def _dare_method(consensus: bool, doc: str) -> Callable[..., Tensor]:

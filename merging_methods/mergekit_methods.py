@@ -42,6 +42,7 @@ ACCEPTED_NO_EFFECT: dict[str, dict[str, object]] = {  # mergekit keys that chang
 }
 YAML_DEFAULTS: dict[str, dict[str, object]] = {  # mergekit 0.1.5's defaults where ours differ
     "dare_linear": {"rescale_mode": "l1"}, "dare_ties": {"rescale_mode": "l1"},  # §19.3
+    "ties": {"mergekit_trim": True},                                             # §19.3
     "passthrough": {"scale": None},
 }
 BASE_AS_INPUT = {"linear": (1, None), "passthrough": (1, 1),   # method -> inputs per slice
@@ -58,6 +59,18 @@ IN_MERGEKIT = frozenset({"linear", "task_arithmetic", "ties", "dare_linear", "da
                          "della_linear", "nuslerp", "multislerp", "karcher", "sce", "nearswap",
                          "arcee_fusion", "ram", "ramplus_tl"})
 """Our methods that mergekit 0.1.5 registers too (§19.1); the others are this toolkit's own."""
+
+
+def trim_densities(params: dict) -> dict:
+    """Our keywords for mergekit 0.1.5's magnitude trim (`mergekit_trim`, §19.3), whose density
+    has no range: density >= 1 keeps every entry (density 1), density <= 0 zeroes the task
+    vector, which under TIES's sign election is the model at weight 0 (a zero delta neither
+    votes nor agrees, so it changes neither the sum nor the divisor)."""
+    if not params.get("mergekit_trim") or "density" not in params:
+        return params
+    kept = [(w, min(d, 1.0)) if d > 0 else (0.0, 1.0)
+            for w, d in zip(params["weights"], params["density"])]
+    return {**params, "weights": [w for w, _ in kept], "density": [d for _, d in kept]}
 
 
 def yaml_key(param: Param) -> str:

@@ -17,7 +17,7 @@ from merging_methods.mergekit_config import (Gradient, MergeConfig, ModelRef, Pa
                                              Setting, Slice, Source, UserError, base_index,
                                              effective_slices)
 from merging_methods.mergekit_methods import (BASE_OPTIONAL, INTERNAL_NAMES, METHODS, NO_EFFECT,
-                                              REQUIRED)
+                                              REQUIRED, trim_densities)
 
 PRE, POST = "pre", "post"  # embeddings before the layers; final norm and lm_head after them
 Position = Union[int, Literal["pre", "post"]]  # int: the output layer index
@@ -133,8 +133,8 @@ def method_params(merge: TensorMerge) -> dict[str, object]:
     values = {**{n: [i.params.get(n) for i in merge.others] for n in names}, **merge.shared}
     if merge.method in BASE_OPTIONAL:
         values[BASE_OPTIONAL[merge.method]] = merge.base is not None
-    return {INTERNAL_NAMES[merge.method].get(n, n): v for n, v in values.items()
-            if n not in NO_EFFECT[merge.method]}
+    return trim_densities({INTERNAL_NAMES[merge.method].get(n, n): v for n, v in values.items()
+                           if n not in NO_EFFECT[merge.method]})
 
 
 def gradient_value(values: tuple[Scalar, ...], x: float) -> Scalar:

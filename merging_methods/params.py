@@ -140,6 +140,11 @@ T = Param("t", float, 0.5, mergekit="t", yaml_required=True,
           help="slerp: interpolation factor, 0 = the base, 1 = the other model (outside [0, 1] "
                "extrapolates); nearswap: the most any entry moves from the base toward the other "
                "model")
+MERGEKIT_TRIM = Param(
+    "mergekit_trim", bool, False,
+    help="ties: trim as mergekit 0.1.5 does, keeping at least one entry per tensor "
+         "(k = max(1, floor(density*n))) where floor(density*n) = 0 would be an error "
+         "(a mergekit YAML config: on)")
 FILTER_WISE = Param("filter_wise", bool, False, mergekit="filter_wise",
                     help="model_stock: one interpolation factor per row instead of per tensor")
 FR_RATIO = Param("fr_ratio", float, 0.9, low=0.0, low_open=True,

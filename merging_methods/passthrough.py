@@ -117,6 +117,17 @@ def passthrough_plan(slices: Sequence[LayerSlice], names: Sequence[Sequence[str]
     return PassthroughPlan(sources, offset)
 
 
+def layout_update(donor_config: dict, configs: Sequence[dict],
+                  slices: Sequence[LayerSlice]) -> dict:
+    """config.json updates of stacked slices (configs[m]: model m's config.json): the depth
+    and, when the donor has them, per-layer lists (`layer_types`) taken from the slices' models."""
+    updates: dict = {"num_hidden_layers": sum(s.end - s.start for s in slices)}
+    if isinstance(donor_config.get("layer_types"), list):
+        updates["layer_types"] = [configs[s.model]["layer_types"][layer]
+                                  for s in slices for layer in range(s.start, s.end)]
+    return updates
+
+
 def scaled_copy(source: Tensor, scale: float | None) -> Tensor:
     """The output tensor: `source` itself when no scale is set, else source·scale in float32."""
     return source if scale is None else source.float() * scale

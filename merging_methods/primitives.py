@@ -196,9 +196,12 @@ class Deltas:
         return torch.sub(self.other[::step].float(), self.base[::step])
 
 
-def topk_count(density: float, n: int) -> int:
-    """k = floor(density * n), the number of entries top-k keeps; k = 0 is a user error (§0.5)."""
+def topk_count(density: float, n: int, at_least_one: bool = False) -> int:
+    """k = floor(density * n), the number of entries top-k keeps; k = 0 is a user error (§0.5),
+    unless `at_least_one` (mergekit 0.1.5's trim, §19.3): then k = max(1, floor(density * n))."""
     k = math.floor(density * n)
+    if at_least_one:
+        k = max(k, 1)
     if k <= 0:
         raise UserError(f"--density: density {density} too small for tensor of {n} elements; "
                         f"use a density of at least {1 / n:.3g} or 1 to disable trimming")
@@ -309,14 +312,16 @@ def plan_topk(abs_blocks: AbsBlocks, n: int, k: int, scratch: Tensor,
     return _radix_select(abs_blocks, n, k, scratch)
 
 
-def keep_topk(x: Tensor, density: float, size: int | None = None) -> Tensor:
-    """Boolean mask of exactly floor(density*n) largest |x|, lower flat index first among ties.
+def keep_topk(x: Tensor, density: float, size: int | None = None,
+              at_least_one: bool = False) -> Tensor:
+    """Boolean mask of exactly floor(density*n) largest |x| (`at_least_one`: at least 1), lower
+    flat index first among ties.
 
     A whole-tensor helper with the same selection as the TIES trim (for checks and tests).
     """
     n = x.numel()
     flat = x.reshape(-1).abs()
-    k = topk_count(density, n)
+    k = topk_count(density, n, at_least_one)
     if k == n:
         return torch.ones_like(x, dtype=torch.bool)
     size = size or block_size(x.device)
@@ -334,7 +339,7 @@ class TopK:
     (counting ties block by block) and remembered for later passes.
     """
 
-    def __init__(self, deltas: Deltas, density: float):
+    def __init__(self, deltas: Deltas, density: float, at_least_one: bool = False):
         def abs_blocks() -> Iterator[tuple[int, Tensor]]:
             for start, delta in deltas:
                 yield start, delta.abs_()  # the block is scratch: take |δ| in place
@@ -342,7 +347,8 @@ class TopK:
         n = deltas.n
         self._scratch = deltas.new_buffer()
         sample = deltas.sample().abs_()
-        self.cut = plan_topk(abs_blocks, n, topk_count(density, n), self._scratch, sample)
+        self.cut = plan_topk(abs_blocks, n, topk_count(density, n, at_least_one), self._scratch,
+                              sample)
         # hardshrink(x, below) keeps |x| >= threshold: `below` is the float32 just under it
         self._below = _bits_to_float(self.cut.bits - 1) if self.cut.bits else -1.0
         # kept zeros change nothing, so with a zero threshold every tie may as well be kept

@@ -20,12 +20,14 @@ from torch import Tensor
 Sparsify = Callable[[int, Tensor], Tensor]  # (model index, float64 delta) -> sparsified delta
 
 
-def keep_topk(x: Tensor, density: float) -> Tensor:
-    """Mask of exactly floor(density·n) largest |x|, by a stable sort: lower index wins ties."""
+def keep_topk(x: Tensor, density: float, at_least_one: bool = False) -> Tensor:
+    """Mask of exactly floor(density·n) largest |x| (`at_least_one`: max(1, ·), mergekit
+    0.1.5, §19.3), by a stable sort: lower index wins ties."""
     flat = x.flatten()
     order = torch.sort(flat.abs(), descending=True, stable=True).indices
     mask = torch.zeros(flat.numel(), dtype=torch.bool)
-    mask[order[: math.floor(density * flat.numel())]] = True
+    k = math.floor(density * flat.numel())
+    mask[order[: max(k, 1) if at_least_one else k]] = True
     return mask.view_as(x)
 
 
@@ -67,10 +69,11 @@ def task_arithmetic(base: Tensor, others: Sequence[Tensor], *, weights: Sequence
 
 def ties(base: Tensor, others: Sequence[Tensor], *, weights: Sequence[float],
          density: Sequence[float], scaling: float = 1.0, normalize: bool = True,
-         rescale: bool = False) -> Tensor:
-    """§3.2: top-k trim (optionally back to the L1 norm), sign election, disjoint mean."""
+         rescale: bool = False, mergekit_trim: bool = False) -> Tensor:
+    """§3.2: top-k trim (optionally back to the L1 norm; `mergekit_trim`: at least one entry),
+    sign election, disjoint mean."""
     def trim(i: int, delta: Tensor) -> Tensor:
-        kept = delta * keep_topk(delta, density[i])
+        kept = delta * keep_topk(delta, density[i], mergekit_trim)
         return l1_rescaled(kept, delta) if rescale else kept
     return gta(base, others, weights, trim, True, normalize, scaling)
 

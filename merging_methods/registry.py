@@ -54,7 +54,7 @@ from merging_methods.nearswap import nearswap
 from merging_methods.passthrough import passthrough
 from merging_methods.params import (
     ABOVE_AVERAGE_VALUE_RATIO, DELLA_RESCALE_MODE, DENSITY, EPSILON, EXPERT_DENSITY, FILTER_WISE,
-    FR_FAITHFUL, FR_RATIO, GAMMA, NORMALIZE, RESCALE, RESCALE_MODE, SCALING,
+    FR_FAITHFUL, FR_RATIO, GAMMA, MERGEKIT_TRIM, NORMALIZE, RESCALE, RESCALE_MODE, SCALING,
     SCALE, SCORE_CALIBRATION_VALUE, T, TASK_MODEL, WEIGHTS, Param,
     ARCEE_FUSION_SAMPLE, NEARSWAP_T, RAM_EPSILON, RAMPLUS_ALPHA, RAMPLUS_R, SELECT_TOPK,
 )
@@ -208,7 +208,7 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
                          row_separable=True)),
     method("ties", gta.ties, "trim to top-|delta|, elect signs, average the agreeing deltas",
            WEIGHTS, SCALING, DENSITY, NORMALIZE.with_default(True), RESCALE.with_default(False),
-           warn=_negative_weights(True),
+           MERGEKIT_TRIM, warn=_negative_weights(True),
            fast=FastPath(gta_blocked.ties, stored_dtype_inputs=True)),
     method("dare_linear", gta.dare_linear, "random drop + rescale, then task arithmetic", *_DARE,
            context=frozenset({"mask_keys"}), check=_dare_densities,

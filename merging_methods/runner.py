@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
@@ -30,14 +30,17 @@ from checkpoints.output import check_output_path, staged_output
 from checkpoints.overlap import IOThread
 from checkpoints.record import write_model_card, write_record
 from checkpoints.rows import AlignedRows, RowRange, row_ranges
-from merging_methods.passthrough import LayerSlice, PassthroughPlan, Source, passthrough_plan
+from merging_methods.passthrough import (LayerSlice, PassthroughPlan, Source, layout_update,
+                                         passthrough_plan)
 from merging_methods.plan import (MergePlan, TensorPlan, build_plan, input_embedding_name,
                                   input_embedding_rows, num_layers)
 from merging_methods.primitives import keep_mask, mask_generator, mask_key, used_density
 from merging_methods.recipe import MergeRecipe
 from merging_methods.registry import MethodSpec, get_method, method_warnings, splits_by_rows
+from merging_methods.sliced import SlicedInput
 from merging_methods.vocab import VocabUnion, plan_union, save_union_tokenizer, vocab_config_update
-from merging_methods.yaml_recipe import record_of, tensor_arguments
+from merging_methods.yaml_recipe import (input_paths, is_sliced, open_sliced, record_of,
+                                         tensor_arguments)
 
 log = logging.getLogger(__name__)
 
@@ -50,19 +53,28 @@ HookFactory = Callable[["OpenedInputs"], tuple[TensorHook, dict]]
 
 @dataclass
 class OpenedInputs:
-    base: CheckpointReader
-    models: list[CheckpointReader]
+    base: CheckpointReader            # (a `slices:` config: sliced.SlicedInput views, named
+    models: list[CheckpointReader]    #  like the output, of the checkpoints in `sources`)
     plan: MergePlan
     out_dtype: torch.dtype
+    sources: list[CheckpointReader]   # every checkpoint read
     union: VocabUnion | None = None   # --vocab union: the added tokens and output rows
+    layout: dict = field(default_factory=dict)   # config.json depth updates of a sliced merge
 
 
 def open_inputs(recipe: MergeRecipe) -> OpenedInputs:
     """Resolve and open every checkpoint and plan the merge from headers (and, for
     `--vocab union`, tokenizers) only."""
-    base = CheckpointReader(resolve_model_dir(recipe.base_model, "--base_model"), recipe.base_model)
-    models = [CheckpointReader(resolve_model_dir(m, "--models_to_merge"), m)
-              for m in recipe.models]
+    layout = {}
+    if is_sliced(recipe):
+        (base, *models), sources = open_sliced(recipe)
+        layout = base.layout
+    else:
+        base = CheckpointReader(resolve_model_dir(recipe.base_model, "--base_model"),
+                                recipe.base_model)
+        models = [CheckpointReader(resolve_model_dir(m, "--models_to_merge"), m)
+                  for m in recipe.models]
+        sources = [base, *models]
     out_dtype = parse_dtype(recipe.dtype) if recipe.dtype else base.stored_dtype
     union = None
     if recipe.vocab == "union":
@@ -74,7 +86,7 @@ def open_inputs(recipe: MergeRecipe) -> OpenedInputs:
                            [(m.label, m.folder, input_embedding_rows(m) or base_rows)
                             for m in models])
     plan = build_plan(base, models, out_dtype, union.rows if union else None)
-    return OpenedInputs(base, models, plan, out_dtype, union)
+    return OpenedInputs(base, models, plan, out_dtype, sources, union, layout)
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device, keep_dtype: bool) -> torch.Tensor:
@@ -184,8 +196,8 @@ class WorkUnit:
 def _work_units(spec: MethodSpec, recipe: MergeRecipe, inputs: OpenedInputs,
                 device: torch.device) -> list[WorkUnit]:
     units = []
-    depth = inputs.plan.num_layers or 0   # same shapes, so the same depth for every model
-    arguments = tensor_arguments(recipe, {m: depth for m in (recipe.base_model, *recipe.models)})
+    arguments = tensor_arguments(recipe, {r.label: num_layers(r.config) or 0
+                                          for r in inputs.sources})
     for item in inputs.plan.tensors:
         if not item.merge:
             units.append(WorkUnit(item.name, None, item.out.shape, None, item.out.nbytes))
@@ -222,7 +234,7 @@ def run_merge(recipe: MergeRecipe, *, make_post: HookFactory | None = None) -> P
     each merged tensor before it is cast and written.
     """
     spec = get_method(recipe.method)
-    check_output_path(recipe.save_path, recipe.overwrite, (*recipe.models, recipe.base_model))
+    check_output_path(recipe.save_path, recipe.overwrite, input_paths(recipe))
     if spec.stacks_layers:
         if make_post is not None:
             raise UserError(f"--aim: {spec.name} has no base to relax toward (its layers are "
@@ -236,10 +248,13 @@ def run_merge(recipe: MergeRecipe, *, make_post: HookFactory | None = None) -> P
     warnings = method_warnings(spec, recipe.params) if recipe.config is None else []
     for note in inputs.plan.notes + union_notes + warnings:
         log.warning(note)
+    if make_post is not None and isinstance(inputs.base, SlicedInput) and inputs.base.moves_layers:
+        raise UserError("--aim: the slices move the base's layers, so the base's activation "
+                        "statistics do not match the output's layers; drop --aim")
     post, extra_record = make_post(inputs) if make_post else (None, {})
     save_path = Path(recipe.save_path)
     results = ResultBuffer(device)
-    folders = [inputs.base.folder, *(m.folder for m in inputs.models)]
+    folders = [r.folder for r in inputs.sources]
     with staged_output(save_path, recipe.overwrite, folders) as tmp:
         writer = ShardedWriter(tmp, inputs.plan.out_infos, max_shard_bytes)
         total = sum(t.out.nbytes for t in inputs.plan.tensors)
@@ -253,7 +268,8 @@ def run_merge(recipe: MergeRecipe, *, make_post: HookFactory | None = None) -> P
                 bar.update(out.numel() * out.element_size())
             io.flush()
         writer.close()
-        config_updates = dtype_config_update(inputs.base.config, inputs.out_dtype)
+        config_updates = {**dtype_config_update(inputs.base.config, inputs.out_dtype),
+                          **inputs.layout}
         if inputs.union:
             config_updates.update(vocab_config_update(inputs.base.config, inputs.union.rows))
         copy_model_files(inputs.base.folder, tmp, config_updates=config_updates)
@@ -300,14 +316,11 @@ def _heads_like_donor(plan: PassthroughPlan, donor: CheckpointReader,
 
 
 def _stacked_config(donor: CheckpointReader, readers: list[CheckpointReader],
-                    slices: list[LayerSlice], depth: int, out_dtype: torch.dtype) -> dict:
+                    slices: list[LayerSlice], out_dtype: torch.dtype) -> dict:
     """config.json updates: the output depth, per-layer lists (`layer_types`) taken from the
     slices' models, the output dtype."""
-    updates = {**dtype_config_update(donor.config, out_dtype), "num_hidden_layers": depth}
-    if isinstance(donor.config.get("layer_types"), list):
-        updates["layer_types"] = [readers[s.model].config["layer_types"][layer]
-                                  for s in slices for layer in range(s.start, s.end)]
-    return updates
+    return {**dtype_config_update(donor.config, out_dtype),
+            **layout_update(donor.config, [r.config for r in readers], slices)}
 
 
 def run_stacked(recipe: MergeRecipe, spec: MethodSpec) -> Path:
@@ -342,7 +355,7 @@ def run_stacked(recipe: MergeRecipe, spec: MethodSpec) -> Path:
             writer.add(name, tensor)
         writer.close()
         copy_model_files(donor.folder, tmp, config_updates=_stacked_config(
-            donor, readers, slices, plan.num_hidden_layers, out_dtype))
+            donor, readers, slices, out_dtype))
         record = record_of(recipe, {})
         write_record(tmp, record)
         write_model_card(tmp, record)

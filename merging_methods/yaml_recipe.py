@@ -1,6 +1,7 @@
 """mergekit YAML and MergeRecipe, both ways (ALGORITHMS.md §18).
 
     recipe = recipe_from_config("merge.yml", save_path="out")   # merge.py --config
+    inputs, readers = open_sliced(recipe)                        # a slices: config's inputs
     args_at = tensor_arguments(recipe, depths)                   # one tensor's method keywords
     record = record_of(recipe, {})                               # what merge_recipe.yaml holds
 
@@ -15,8 +16,8 @@ from typing import Callable, Mapping
 
 from checkpoints.checkpoint import CheckpointReader, resolve_model_dir
 from checkpoints.errors import UserError
-from merging_methods.mergekit_config import (MergeConfig, ModelRef, Slice, Source, base_index,
-                                             config_doc, load_config)
+from merging_methods.mergekit_config import (MergeConfig, ModelRef, Slice, Source, config_doc,
+                                             load_config)
 from merging_methods.mergekit_methods import BASE_AS_INPUT, BASE_OPTIONAL, yaml_key
 from merging_methods.mergekit_plan import (POST, PRE, Position, donor, method_params, plan_merge,
                                            referenced_models, resolve)
@@ -24,6 +25,7 @@ from merging_methods.passthrough import is_pre_layer, split_layer_name
 from merging_methods.plan import num_layers
 from merging_methods.recipe import MergeRecipe
 from merging_methods.registry import get_method
+from merging_methods.sliced import SlicedInput, check_slices, input_order, sliced_inputs
 
 
 def model_path(ref: ModelRef) -> str:
@@ -43,7 +45,7 @@ def _depths(config: MergeConfig) -> dict[str, int]:
 
 def recipe_from_config(path: str, **runtime) -> MergeRecipe:
     """The recipe of a mergekit YAML file; `runtime`: save_path, device, max_shard_size,
-    overwrite. `slices:` other than passthrough's one-source slices are refused in one line."""
+    overwrite. Its `models` are the first slice's (every slice merges as many)."""
     config = load_config(path)
     spec = get_method(config.merge_method)
     depths = _depths(config)
@@ -54,13 +56,32 @@ def recipe_from_config(path: str, **runtime) -> MergeRecipe:
         sources = [piece.sources[0] for piece in plan.slices]
         return MergeRecipe(models=tuple(model_path(s.model) for s in sources),
                            layer_ranges=tuple(s.layer_range for s in sources), **common)
-    if config.slices is not None:
-        raise UserError(f"{config.origin}: slices: merge.py runs slices for merge_method "
-                        f"passthrough only; use models: for {spec.name}")
-    piece = plan.slices[0]
-    base = base_index(config, piece)
-    return MergeRecipe(models=tuple(model_path(s.model) for k, s in enumerate(piece.sources)
-                                    if k != base), **common)
+    check_slices(config, plan.slices)
+    others = input_order(config, plan.slices[0])[1:]   # recorded: the first slice's models
+    return MergeRecipe(models=tuple(model_path(s.model) for s in others), **common)
+
+
+def input_paths(recipe: MergeRecipe) -> tuple[str, ...]:
+    """Every model folder or hub id the merge reads (a config's later slices included)."""
+    refs = referenced_models(recipe.config) if recipe.config is not None else ()
+    return tuple(dict.fromkeys((recipe.base_model, *recipe.models, *map(model_path, refs))))
+
+
+def is_sliced(recipe: MergeRecipe) -> bool:
+    """Whether the recipe merges a `slices:` config tensor by tensor (not passthrough)."""
+    return (recipe.config is not None and recipe.config.slices is not None
+            and not get_method(recipe.method).stacks_layers)
+
+
+def open_sliced(recipe: MergeRecipe) -> tuple[list[SlicedInput], list[CheckpointReader]]:
+    """The inputs of a sliced recipe (base first, named like the output) and the checkpoints
+    they read."""
+    config = recipe.config
+    readers = {ref: CheckpointReader(resolve_model_dir(model_path(ref), "--config"),
+                                     model_path(ref)) for ref in referenced_models(config)}
+    plan = plan_merge(config, {ref: num_layers(r.config) or 0 for ref, r in readers.items()})
+    return (sliced_inputs(config, plan.slices, readers, readers[donor(config)]),
+            list(readers.values()))
 
 
 def _position(name: str) -> Position:

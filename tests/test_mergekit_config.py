@@ -131,7 +131,9 @@ def test_example_a_ties_per_filter_density(name, expected):
     assert [i.model.path for i in merge.others] == ["teknium/OpenHermes-2.5-Mistral-7B",
                                                     "meta-math/MetaMath-Mistral-7B"]
     assert per_model(merge, "weight", "density") == [pytest.approx(e, abs=1e-6) for e in expected]
-    assert merge.shared == {"normalize": True, "rescale": False, "lambda": 1.0, "int8_mask": True}
+    # (+ our mergekit_trim, on in YAML: mergekit's own trim rule, §19.3)
+    assert merge.shared == {"normalize": True, "rescale": False, "lambda": 1.0, "int8_mask": True,
+                            "mergekit_trim": True}
 
 
 @pytest.mark.parametrize("name, t", [
@@ -539,3 +541,29 @@ def test_slerp_t_only_at_model_level_is_refused_not_ignored():
     with pytest.raises(UserError, match="'t' is shared by all models"):
         load_config("merge_method: slerp\nbase_model: b\nmodels:\n  - model: b\n"
                     "  - model: m\n    parameters: {t: 0.3}\n")
+
+
+BOOLEAN_GRADIENTS = """
+merge_method: ties
+base_model: A
+slices:
+  - sources:
+      - {model: A, layer_range: [0, 4]}
+      - {model: B, layer_range: [0, 4], parameters: {weight: [true, 0.5]}}
+    parameters: {normalize: [true, false, true], rescale: [false, true]}
+parameters: {lambda: [true, false], density: 0.5}
+"""
+
+
+@pytest.mark.parametrize("layer, normalize, rescale, scale, weight", [
+    (0, True, False, 1.0, 1.0), (1, True, False, 2 / 3, 5 / 6),
+    (2, False, False, 1 / 3, 2 / 3), (3, True, True, 0.0, 0.5),
+])
+def test_boolean_gradients_in_a_config_match_mergekit(layer, normalize, rescale, scale, weight):
+    """A bool parameter's list is picked (entry floor(x(K-1))); a float parameter's list of
+    booleans is read as numbers and blended: the values mergekit 0.1.5's planner gives for this
+    config over 4 layers (checked by running it)."""
+    merge = at(plan_of(BOOLEAN_GRADIENTS, depth=4), f"model.layers.{layer}.mlp.up_proj.weight")
+    assert (merge.shared["normalize"], merge.shared["rescale"]) == (normalize, rescale)
+    assert merge.shared["lambda"] == pytest.approx(scale, abs=1e-12)
+    assert per_model(merge, "weight") == [(pytest.approx(weight, abs=1e-12),)]

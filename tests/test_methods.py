@@ -308,6 +308,18 @@ def test_density_too_small_names_the_flag(path):
         run("ties", base, others, path, density=0.001)
 
 
+@pytest.mark.parametrize("path", ["dense", "fast"])
+def test_mergekit_trim_keeps_at_least_one_entry(path):
+    """mergekit_trim (§19.3): k = max(1, floor(density*n)); where the CLI rule would keep none
+    of the 20 entries, the largest |delta| (13, the last entry) stays, in the float64 box too."""
+    base, other = torch.zeros(4, 5), torch.arange(20.0).view(4, 5) - 6
+    want = torch.zeros(4, 5)
+    want[3, 4] = 13.0
+    out, params = run("ties", base, [other], path, density=0.01, mergekit_trim=True)
+    assert torch.equal(out, want)
+    assert torch.equal(expected("ties", base, [other], params), want.double())
+
+
 def test_ties_l1_rescale_restores_the_norm():
     base, (other,) = family(n=1)
     out, _ = run("ties", base, [other], density=0.25, rescale=True)

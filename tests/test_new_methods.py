@@ -22,7 +22,7 @@ from merging_methods.fr_merging import fr_filter, fr_keep_mask, fr_merging
 from merging_methods.free_merging import free_merging
 from merging_methods.model_stock import model_stock
 from merging_methods.passthrough import (
-    LayerSlice, Source, passthrough_plan, scaled_copy, split_layer_name,
+    LayerSlice, Source, layout_update, passthrough_plan, scaled_copy, split_layer_name,
 )
 from merging_methods.primitives import Deltas, PresetDrop, abs_rank_band, l1_factor, mask_generator
 from merging_methods.slerp import slerp
@@ -521,6 +521,15 @@ def test_passthrough_plan_one_layer_slices_and_repeats():
     assert plan.sources["model.layers.2.input_layernorm.weight"].name == \
         "model.layers.1.input_layernorm.weight"
     assert all(s.scale is None for s in plan.sources.values())
+
+
+def test_layout_update_takes_each_layer_type_from_its_slice():
+    """config.json of stacked slices: the depth, and layer_types only where the donor has them."""
+    configs = [{"layer_types": ["a0", "a1", "a2"]}, {"layer_types": ["b0", "b1"]}]
+    slices = [LayerSlice(0, 1, 3), LayerSlice(1, 0, 1)]
+    assert layout_update(configs[0], configs, slices) == {
+        "num_hidden_layers": 3, "layer_types": ["a1", "a2", "b0"]}
+    assert layout_update({}, configs, slices) == {"num_hidden_layers": 3}
 
 
 @pytest.mark.parametrize("start, end", [(2, 2), (3, 1), (-1, 2), (0, 5)])

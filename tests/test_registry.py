@@ -35,7 +35,7 @@ def recipe(**changes) -> MergeRecipe:
 def test_recipe_resolves_its_params_when_built():
     built = recipe(params={"density": 0.3})
     assert built.params == {"weights": [1.0, 1.0], "scaling": 1.0, "density": [0.3, 0.3],
-                            "normalize": True, "rescale": False}
+                            "normalize": True, "rescale": False, "mergekit_trim": False}
     assert recipe(params=built.params) == built   # resolving a resolved recipe changes nothing
     assert built.as_record()["params"]["density"] == [0.3, 0.3]
 
