@@ -90,24 +90,26 @@ class MergeConfig:
     parameters: Params = field(default_factory=dict)
     dtype: str | None = None
     out_dtype: str | None = None
-    tokenizer_source: str | None = None
+    tokenizer_source: str | ModelRef | None = None  # "base", "union" or a model (§18.8)
+    pad_to_multiple_of: int | None = None  # tokenizer.pad_to_multiple_of: output rows rounded up
+    vocab: str | None = None  # our extension: "union" = merge.py --vocab union (§13.1)
     chat_template: str | None = None
     seed: int | None = None  # our extension (mergekit takes --random-seed); mergekit ignores it
     origin: str = field(default="<config>", compare=False)  # file name for error messages
 
 
 DTYPES = ("bfloat16", "float16", "float32", "float64")
-VOCAB_SOURCES = ("base",)  # mergekit's `union` and model sources are not §13's union (§18.8)
+VOCAB_SOURCES = ("base", "union")  # or a model reference; `union` is not §13.1's (§18.8)
 CHAT_TEMPLATES = ("auto", "alpaca", "chatml", "llama3", "mistral", "exaone")
 TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
-            "tokenizer_source", "tokenizer", "chat_template", "seed")
+            "tokenizer_source", "tokenizer", "chat_template", "seed", "vocab")
 RECORD_KEYS = ("merge", "aim", "versions", "created")
 """What this toolkit writes beside the config in merge_recipe.yaml: read and ignored."""
 UNSUPPORTED = {  # mergekit keys we refuse -> why
     "modules": "multi-module (vision-language) configs; use models: or slices:",
     "residual_weight": "mergekit 0.1.5 parses it but never applies it",
     "lora": "LoRA adapters", "override_architecture": "architecture overrides",
-    "tokens": "per-token embedding sources", "pad_to_multiple_of": "vocabulary padding",
+    "tokens": "per-token embedding sources",
 }
 
 
@@ -174,7 +176,7 @@ def _config(raw: object, origin: str) -> MergeConfig:
         parameters=_params(raw.get("parameters"), "parameters", spec, origin, shared=True),
         dtype=_dtype(raw.get("dtype"), "dtype", origin),
         out_dtype=_dtype(raw.get("out_dtype"), "out_dtype", origin),
-        tokenizer_source=_tokenizer(raw, origin),
+        **_tokenizer(raw, origin),
         chat_template=_chat_template(raw.get("chat_template"), origin),
         seed=_seed(raw.get("seed"), origin), origin=origin)
 
@@ -350,19 +352,32 @@ def _dtype(value: object, key: str, origin: str) -> str | None:
     return name
 
 
-def _tokenizer(raw: Mapping, origin: str) -> str | None:
-    if "tokenizer" in raw and "tokenizer_source" in raw:
-        raise _fail(origin, "", "give 'tokenizer' or 'tokenizer_source', not both")
+def _tokenizer(raw: Mapping, origin: str) -> dict[str, object]:
+    """tokenizer_source, pad_to_multiple_of and vocab (our --vocab union), at most one way."""
+    given = [k for k in ("tokenizer", "tokenizer_source", "vocab") if k in raw]
+    if len(given) > 1:
+        raise _fail(origin, "", f"give one of 'tokenizer', 'tokenizer_source' or 'vocab', not "
+                    f"{' and '.join(repr(k) for k in given)}")
+    if "vocab" in raw:
+        if raw["vocab"] != "union":
+            raise _fail(origin, "vocab", f"expected 'union' (merge.py --vocab union, §13.1's "
+                        f"pad-token union), got {raw['vocab']!r}; for the base vocabulary use "
+                        "tokenizer_source: base")
+        return {"vocab": "union"}
+    pad = None
     if "tokenizer" in raw:
         block = _mapping(raw["tokenizer"], "tokenizer", origin)
-        _check_keys(block, ("source",), "tokenizer", origin)
+        _check_keys(block, ("source", "pad_to_multiple_of"), "tokenizer", origin)
         where, source = "tokenizer.source", block.get("source", "union")
+        pad = block.get("pad_to_multiple_of")
+        if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
+            raise _fail(origin, "tokenizer.pad_to_multiple_of",
+                        f"expected a whole number >= 1, got {pad!r}")
     else:
         where, source = "tokenizer_source", raw.get("tokenizer_source")
-    if source is None or source in VOCAB_SOURCES:
-        return source
-    raise _fail(origin, where, f"{source!r} is not supported; use 'base' (mergekit's union "
-                "vocabulary and model sources are not implemented here)")
+    if source is not None and source not in VOCAB_SOURCES:
+        source = _ref(source, where, origin)
+    return {"tokenizer_source": source, "pad_to_multiple_of": pad}
 
 
 def _chat_template(value: object, origin: str) -> str | None:
@@ -438,7 +453,15 @@ def config_doc(config: MergeConfig) -> dict[str, object]:
                           **({"base_model": str(piece.base_model)} if piece.base_model else {}),
                           **_params_doc(piece.parameters)} for piece in config.slices]
     doc.update(_params_doc(config.parameters))
-    for key in ("dtype", "out_dtype", "tokenizer_source", "chat_template", "seed"):
+    for key in ("dtype", "out_dtype"):
+        if getattr(config, key) is not None:
+            doc[key] = getattr(config, key)
+    if config.pad_to_multiple_of is not None:
+        doc["tokenizer"] = {"source": str(config.tokenizer_source),
+                            "pad_to_multiple_of": config.pad_to_multiple_of}
+    elif config.tokenizer_source is not None:
+        doc["tokenizer_source"] = str(config.tokenizer_source)
+    for key in ("vocab", "chat_template", "seed"):
         if getattr(config, key) is not None:
             doc[key] = getattr(config, key)
     return doc

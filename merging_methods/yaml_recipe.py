@@ -27,11 +27,9 @@ from merging_methods.registry import get_method
 
 
 def model_path(ref: ModelRef) -> str:
-    """The folder or hub id of a config's model reference (revisions are not supported yet)."""
-    if ref.revision is not None:
-        raise UserError(f"{ref}: model revisions (path@revision) are not supported by merge.py; "
-                        "download that revision and give its folder")
-    return ref.path
+    """A config's model reference as merge.py names models: the folder or hub id, with
+    `@revision` for a hub revision (resolve_model_dir reads it)."""
+    return str(ref)
 
 
 def _depths(config: MergeConfig) -> dict[str, int]:
@@ -49,7 +47,8 @@ def recipe_from_config(path: str, **runtime) -> MergeRecipe:
     depths = _depths(config)
     plan = plan_merge(config, {ref: depths[model_path(ref)] for ref in referenced_models(config)})
     common = dict(method=spec.name, base_model=model_path(donor(config)), seed=config.seed or 0,
-                  dtype=config.out_dtype or config.dtype, config=config, **runtime)
+                  dtype=config.out_dtype or config.dtype, vocab=config.vocab or "base",
+                  config=config, **runtime)
     if spec.stacks_layers:
         sources = [piece.sources[0] for piece in plan.slices]
         return MergeRecipe(models=tuple(model_path(s.model) for s in sources),
@@ -101,8 +100,9 @@ def config_of(recipe: MergeRecipe) -> MergeConfig:
                 for n, p in spec.params.items() if p.per_model == (index is not None)}
 
     models = [Source(ModelRef(m), values(i)) for i, m in enumerate(recipe.models)]
-    shared = dict(parameters=values(None), out_dtype=recipe.dtype, seed=recipe.seed,
-                  tokenizer_source=recipe.vocab)
+    # `tokenizer_source: union` is mergekit's union by token; ours (§13.1) has its own key
+    vocab = dict(tokenizer_source="base") if recipe.vocab == "base" else dict(vocab=recipe.vocab)
+    shared = dict(parameters=values(None), out_dtype=recipe.dtype, seed=recipe.seed, **vocab)
     if spec.stacks_layers:
         slices = tuple(Slice((Source(s.model, s.parameters, r),))
                        for s, r in zip(models, recipe.layer_ranges))

@@ -395,6 +395,27 @@ def test_top_level_keys_are_read_and_written():
     assert load_config(f"{GTA}chat_template: \"{template}\"\n").chat_template == template
 
 
+@pytest.mark.parametrize("text, source, pad", [
+    ("tokenizer_source: union\n", "union", None),
+    ("tokenizer: {}\n", "union", None),   # mergekit's default source when the block is given
+    ("tokenizer_source: org/model@v2\n", ModelRef("org/model", "v2"), None),
+    ("tokenizer: {source: {model: {path: ./m, revision: r}}, pad_to_multiple_of: 64}\n",
+     ModelRef("./m", "r"), 64),
+    ("tokenizer: {source: base, pad_to_multiple_of: 8}\n", "base", 8),
+])
+def test_tokenizer_sources_are_read_and_written(text, source, pad):
+    config = load_config(GTA + text)
+    assert (config.tokenizer_source, config.pad_to_multiple_of, config.vocab) == (source, pad, None)
+    assert load_config(to_yaml(config)) == config
+
+
+def test_our_vocab_union_has_its_own_key():
+    """`tokenizer_source: union` is mergekit's union by token; `vocab: union` is --vocab union."""
+    config = load_config(f"{GTA}vocab: union\n")
+    assert (config.vocab, config.tokenizer_source) == ("union", None)
+    assert load_config(to_yaml(config)) == config
+
+
 def test_fourier_is_an_alias_of_fr_merging():
     config = load_config("merge_method: fourier\nbase_model: b\nmodels:\n  - model: m\n"
                          "    parameters: {weight: 0.8}\nparameters: {lambda: 1.1}\n")
@@ -472,11 +493,13 @@ def test_refusals_name_the_file(tmp_path):
      "'override_architecture' in models[0].model is not supported"),
     ("merge_method: passthrough\nslices:\n  - sources: [{model: a, layer_range: [0, 2]}]\n"
      "    residual_weight: 0.5\n", "'residual_weight' in slices[0] is not supported"),
-    (f"{GTA}tokenizer_source: union\n", "tokenizer_source: 'union' is not supported; use 'base'"),
-    (f"{GTA}tokenizer: {{}}\n", "tokenizer.source: 'union' is not supported"),  # default union
-    (f"{GTA}tokenizer_source: org/model\n", "tokenizer_source: 'org/model' is not supported"),
     (f"{GTA}tokenizer_source: base\ntokenizer: {{source: base}}\n",
-     "give 'tokenizer' or 'tokenizer_source', not both"),
+     "give one of 'tokenizer', 'tokenizer_source' or 'vocab', not 'tokenizer' and "
+     "'tokenizer_source'"),
+    (f"{GTA}tokenizer_source: a+lora\n", "tokenizer_source: 'a+lora': model+lora references"),
+    (f"{GTA}tokenizer: {{pad_to_multiple_of: 0}}\n",
+     "tokenizer.pad_to_multiple_of: expected a whole number >= 1, got 0"),
+    (f"{GTA}vocab: base\n", "vocab: expected 'union' (merge.py --vocab union"),
     (f"{GTA}dtype: bf16\n", "dtype: expected one of bfloat16, float16, float32, float64"),
     (f"{GTA}chat_template: vicuna\n", "chat_template: expected auto, alpaca"),
     ("merge_method: nuslerp\nmodels:\n  - model: a\n", "'nuslerp' is not supported (a mergekit"),

@@ -1,0 +1,201 @@
+"""mergekit's vocabulary building: `tokenizer_source: union | <model>` (ALGORITHMS.md §18.8).
+
+The output vocabulary is a tokenizer's: the union of every input's tokens, or a named model's
+tokenizer as it is. Every embedding and output head is re-indexed by token before the merge:
+a model that has a token gives its own row; a model that lacks it gets, in this order, the only
+holder's row, zeros when no input has the token, the base's row when the base has it, else the
+mean of the holders' rows (mergekit 0.1.5's `PermutedVocabulary`). `pad_to_multiple_of` rounds
+the rows up; each model's padding rows are the mean of its re-indexed rows. This is not
+§13.1's pad-token union (`--vocab union`, vocab.py): rows here are aligned by token, not by
+position.
+
+Deterministic where mergekit is not: models are taken in document order (mergekit: a set) and
+each tokenizer's tokens in id order (mergekit: a hash map's order).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import reduce
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from checkpoints.checkpoint import CheckpointReader, resolve_model_dir
+from checkpoints.errors import UserError
+from merging_methods.mergekit_config import MergeConfig, ModelRef, effective_slices
+from merging_methods.plan import input_embedding_rows
+
+log = logging.getLogger(__name__)
+
+ZERO, MEAN, OWN = -1, -2, -3   # fill codes besides a model index: see `fill_sources`
+
+
+def load_tokenizer(folder: Path, label: str, where: str):
+    """The tokenizer of a model folder; any failure is one UserError line."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as err:  # noqa: BLE001 - a broken tokenizer is one line for the user
+        text = str(err).strip()
+        reason = text.splitlines()[0][:160] if text else type(err).__name__
+        raise UserError(f"{where}: cannot load the tokenizer of {label} ({reason})") from None
+
+
+def own_vocab(tokenizer, rows: int) -> dict[str, int]:
+    """token -> id for the tokens that have a row (id < rows), in id order."""
+    return dict(sorted(((t, i) for t, i in tokenizer.get_vocab().items() if i < rows),
+                       key=lambda item: item[1]))
+
+
+def union_tokenizer(base_folder: Path, tokenizers: Sequence[tuple[object, int]]):
+    """The base's tokenizer (reloaded, so the caller's is untouched) plus, in order, every other
+    token of `tokenizers` [(tokenizer, its rows)], base first: plain tokens by id, then added
+    tokens with the settings of their first holder."""
+    out = load_tokenizer(base_folder, "the base model", "tokenizer_source: union")
+    plain: dict[str, None] = {}
+    added: dict[str, object] = {}
+    for tokenizer, rows in tokenizers:
+        decoder = {i: t for i, t in tokenizer.added_tokens_decoder.items() if i < rows}
+        names = {t.content for t in decoder.values()}
+        plain.update(dict.fromkeys(t for t in own_vocab(tokenizer, rows) if t not in names))
+        for token in decoder.values():
+            added.setdefault(token.content, token)
+    base_vocab = out.get_vocab()
+    for token in plain:
+        if token not in added and token not in base_vocab:
+            out.add_tokens(token)
+    for token in added.values():
+        out.add_tokens(token)
+    return out
+
+
+def fill_sources(index: torch.Tensor, base: int | None) -> torch.Tensor:
+    """For each output token (a column of `index`, (models, V): each model's row or -1), what a
+    model lacking it gets: OWN (every model has it), a model index (its only holder, or the base
+    when the base has it), ZERO (nobody has it) or MEAN (the holders' mean row)."""
+    holds = index >= 0                                             # (models, V)
+    count = holds.sum(0)
+    fill = torch.full_like(count, MEAN)
+    if base is not None:
+        fill = torch.where(holds[base], base, fill)
+    fill = torch.where(count == 0, ZERO, fill)
+    fill = torch.where(count == 1, holds.int().argmax(0), fill)
+    return torch.where(count == len(index), OWN, fill)
+
+
+def align_rows(tensors: Sequence[torch.Tensor], index: torch.Tensor, fill: torch.Tensor,
+               rows: int) -> list[torch.Tensor]:
+    """Each model's tensor re-indexed to the output vocabulary (`rows` rows, V = index.shape[1]
+    of them tokens), in the inputs' promoted dtype; rows per `fill_sources`. A mean is summed
+    model by model in that dtype and divided once, as mergekit does."""
+    dtype = reduce(torch.promote_types, (t.dtype for t in tensors))
+    n_vocab, width = index.shape[1], tensors[0].shape[1:]
+    default = torch.zeros((n_vocab, *width), dtype=dtype)
+    for k, tensor in enumerate(tensors):
+        take = fill == k
+        default[take] = tensor[index[k][take]].to(dtype)
+    mean = fill == MEAN
+    if mean.any():
+        total = torch.zeros((int(mean.sum()), *width), dtype=dtype)
+        for k, tensor in enumerate(tensors):
+            own = index[k][mean]
+            total += torch.where((own >= 0).view(-1, *[1] * len(width)),
+                                 tensor[own.clamp(min=0)].to(dtype), 0)
+        count = (index[:, mean] >= 0).sum(0).view(-1, *[1] * len(width))
+        default[mean] = total / count
+    out = []
+    for k, tensor in enumerate(tensors):
+        has = (index[k] >= 0).view(-1, *[1] * len(width))
+        aligned = torch.where(has, tensor[index[k].clamp(min=0)].to(dtype), default)
+        if rows > n_vocab:   # padding rows: this model's mean re-indexed row
+            aligned = torch.cat([aligned, aligned.mean(0, keepdim=True).expand(
+                rows - n_vocab, *width)])
+        out.append(aligned)
+    return out
+
+
+@dataclass(frozen=True)
+class TokenRows:
+    """The output vocabulary and, for each input model (by label), its row of every token."""
+
+    tokenizer: object                  # the output tokenizer, saved with the merge
+    rows: int                          # output rows: the tokens, rounded up to a multiple
+    labels: tuple[str, ...]            # the input models, in the order of `index`
+    index: torch.Tensor                # (models, V) int64: the model's row of token id, or -1
+    fill: torch.Tensor                 # (V,) what a model lacking a token gets (fill_sources)
+
+    def align(self, tensors: Sequence[torch.Tensor], labels: Sequence[str]) -> list[torch.Tensor]:
+        """`tensors` (one per label, any of them repeated) re-indexed to the output rows."""
+        by_label = dict(zip(labels, tensors))
+        aligned = dict(zip(self.labels, align_rows([by_label[m] for m in self.labels],
+                                                    self.index, self.fill, self.rows)))
+        return [aligned[label] for label in labels]
+
+
+def token_rows(tokenizer, vocabs: Sequence[dict[str, int]], labels: Sequence[str],
+               base: int | None, pad_to_multiple_of: int | None) -> TokenRows:
+    """Plan the re-indexing from the output tokenizer and each model's own vocabulary."""
+    vocab = tokenizer.get_vocab()
+    if sorted(vocab.values()) != list(range(len(vocab))):
+        raise UserError("tokenizer_source: the output tokenizer's ids are not 0..N-1; this "
+                        "vocabulary cannot index embedding rows")
+    tokens = sorted(vocab, key=vocab.get)
+    index = torch.tensor([[own.get(t, -1) for t in tokens] for own in vocabs], dtype=torch.long)
+    rows = len(tokens)
+    if pad_to_multiple_of:
+        rows = -(-rows // pad_to_multiple_of) * pad_to_multiple_of
+    fill = fill_sources(index, base)
+    missing = int((fill == ZERO).sum())
+    if missing:
+        log.warning("tokenizer_source: %d output token(s) are in no input model (e.g. %r); "
+                    "their rows are zeros", missing, tokens[int((fill == ZERO).nonzero()[0])])
+    return TokenRows(tokenizer, rows, tuple(labels), index, fill)
+
+
+WHERE = "tokenizer_source"
+
+
+def reindexes(config: MergeConfig | None) -> bool:
+    """Whether a config's vocabulary is built from tokenizers (union, a model, or padded)."""
+    return config is not None and (config.tokenizer_source == "union" or config.pad_to_multiple_of
+                                   is not None or isinstance(config.tokenizer_source, ModelRef))
+
+
+def plan_token_rows(config: MergeConfig, donor: CheckpointReader,
+                    readers: Sequence[CheckpointReader]) -> TokenRows:
+    """The output vocabulary of `config` and every input's rows in it, from tokenizers and
+    headers only. `donor` is the base (else the first model): its tokenizer is the union's
+    start. A model whose tokenizer does not load is taken to share the donor's, as in mergekit."""
+    by_label = {r.label: r for r in (donor, *readers)}
+    labels = list(dict.fromkeys(str(s.model) for s in effective_slices(config)[0].sources))
+    rows = {label: r.vocab_size or input_embedding_rows(r) or 0 for label, r in by_label.items()}
+    donor_tok = load_tokenizer(donor.folder, donor.label, WHERE)
+
+    def tokenizer_of(label: str):
+        if label == donor.label:
+            return donor_tok
+        try:
+            return load_tokenizer(by_label[label].folder, label, WHERE)
+        except UserError as err:
+            log.warning("%s; taking it to be the base's, as mergekit does", err)
+            return donor_tok
+
+    tokenizers = {label: tokenizer_of(label) for label in labels}
+    source = config.tokenizer_source
+    if source in ("union", "base") and max(donor_tok.get_vocab().values()) >= rows[donor.label]:
+        raise UserError(f"{WHERE}: the tokenizer of {donor.label} names ids beyond its "
+                        f"{rows[donor.label]} embedding rows; give a model source instead")
+    if source == "union":
+        others = [(tokenizers[label], rows[label]) for label in labels if label != donor.label]
+        out = union_tokenizer(donor.folder, [(donor_tok, rows[donor.label]), *others])
+    elif source == "base":
+        out = donor_tok
+    else:
+        out = load_tokenizer(resolve_model_dir(str(source), WHERE), str(source), WHERE)
+    base = str(config.base_model) if config.base_model is not None else None
+    return token_rows(out, [own_vocab(tokenizers[label], rows[label]) for label in labels],
+                      labels, labels.index(base) if base in labels else None,
+                      config.pad_to_multiple_of)

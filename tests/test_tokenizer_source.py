@@ -1,0 +1,134 @@
+"""merge.py --config with `tokenizer_source: union | <model>` (mergekit 0.1.5's vocabulary,
+ALGORITHMS.md §18.8): the fill rules on hand-made vocabularies, and merges of tiny models whose
+tokenizers add different tokens, worked by hand. (bench/vocab_vs_mergekit.py compares with
+mergekit itself.)"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import merge
+from merging_methods.token_vocab import MEAN, OWN, ZERO, align_rows, fill_sources
+from tests.test_merge_cli import assert_user_error, load_weights
+from tests.tiny_models import build_finetune, build_llama
+
+EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+# models [base, a, b] x tokens t0..t4: t0 everyone, t1 base and a, t2 a and b, t3 only b, t4 nobody
+INDEX = torch.tensor([[0, 1, -1, -1, -1],
+                      [1, 0, 2, -1, -1],
+                      [0, -1, 1, 2, -1]])
+
+
+def test_fill_rules_in_mergekit_order():
+    """Only holder, then nobody (zeros), then the base's row, else the holders' mean."""
+    assert fill_sources(INDEX, base=0).tolist() == [OWN, 0, MEAN, 2, ZERO]
+    assert fill_sources(INDEX, base=None).tolist() == [OWN, MEAN, MEAN, 2, ZERO]
+
+
+def test_rows_are_reindexed_by_token_and_filled():
+    base = torch.tensor([[10.0], [11.0]])
+    a = torch.tensor([[20.0], [21.0], [22.0]])
+    b = torch.tensor([[30.0], [31.0], [32.0]])
+    out = align_rows([base, a, b], INDEX, fill_sources(INDEX, base=0), rows=5)
+    # t0 own rows; t1 base's row 11 for b; t2 mean (22 + 31) / 2 = 26.5 for the base;
+    # t3 b's row 32 for all who lack it; t4 zeros
+    assert [r.flatten().tolist() for r in out] == [[10, 11, 26.5, 32, 0],
+                                                   [21, 20, 22, 32, 0],
+                                                   [30, 11, 31, 32, 0]]
+
+
+def test_padding_rows_are_each_models_mean_row():
+    index = torch.tensor([[0, 1], [1, 0]])
+    out = align_rows([torch.tensor([[1.0], [3.0]]), torch.tensor([[5.0], [9.0]])], index,
+                     fill_sources(index, base=0), rows=4)
+    assert [r.flatten().tolist() for r in out] == [[1, 3, 2, 2], [9, 5, 7, 7]]
+
+
+def test_a_mean_is_summed_in_the_inputs_dtype_like_mergekit():
+    """bf16: 1 + 2^-8 + 2^-8 rounds to 1 at each step, so the mean is bf16(1/3) = 0.333984375;
+    a float32 sum would give bf16(1.0078125 / 3) = 0.3359375."""
+    index = torch.tensor([[-1], [0], [0], [0]])
+    rows = [torch.zeros(1, 1, dtype=torch.bfloat16),
+            *(torch.tensor([[v]], dtype=torch.bfloat16) for v in (1.0, 2 ** -8, 2 ** -8))]
+    out = align_rows(rows, index, fill_sources(index, base=0), rows=1)
+    assert out[0].item() == 0.333984375 and out[0].dtype == torch.bfloat16
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    """A base and fine-tunes adding [PAD], or <pad> and <|im_end|>, to its tokenizer."""
+    root = tmp_path_factory.mktemp("tokenizer_source")
+    base = build_llama(root / "base", seed=0)
+    return dict(base=base,
+                pad=build_finetune(base, root / "pad", seed=1, added_tokens=("[PAD]",)),
+                two=build_finetune(base, root / "two", seed=2, added_tokens=("<pad>", "<|im_end|>")))
+
+
+def run_config(tmp_path, zoo, tail: str, name: str = "out") -> tuple[int, object]:
+    config = tmp_path / f"{name}.yml"
+    config.write_text(f"merge_method: task_arithmetic\nbase_model: {zoo['base']}\nmodels:\n"
+                      f"  - model: {zoo['pad']}\n    parameters: {{weight: 0.7}}\n"
+                      f"  - model: {zoo['two']}\n    parameters: {{weight: 0.5}}\n{tail}")
+    out = tmp_path / name
+    return merge.main(["--config", str(config), "--save_path", str(out)]), out
+
+
+def test_union_vocabulary(zoo, tmp_path):
+    """Base tokens, then [PAD] (pad's), then <pad> and <|im_end|> (two's). A token one model
+    alone has takes that model's row in every model, so its merged row is that row itself."""
+    code, out = run_config(tmp_path, zoo, "tokenizer_source: union\n")
+    assert code == 0
+    b, p, t = (load_weights(zoo[k]) for k in ("base", "pad", "two"))
+    got = load_weights(out)
+    v0 = b[EMBED].shape[0]
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.convert_tokens_to_ids(["[PAD]", "<pad>", "<|im_end|>"]) == [v0, v0 + 1, v0 + 2]
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == v0 + 3
+    for name in (EMBED, HEAD):
+        shared = b[name] + 0.7 * (p[name][:v0] - b[name]) + 0.5 * (t[name][:v0] - b[name])
+        torch.testing.assert_close(got[name][:v0], shared, rtol=1e-6, atol=1e-7)
+        assert torch.equal(got[name][v0], p[name][v0])
+        assert torch.equal(got[name][v0 + 1:], t[name][v0:v0 + 2])
+    model = AutoModelForCausalLM.from_pretrained(out)
+    ids = tok("<|im_end|> The quick brown fox [PAD]", return_tensors="pt").input_ids
+    assert ids[0, 0] == v0 + 2 and ids[0, -1] == v0
+    assert torch.isfinite(model(ids).logits).all()
+    again = tmp_path / "again"
+    assert merge.main(["--config", str(out / "merge_recipe.yaml"), "--save_path", str(again)]) == 0
+    assert all(torch.equal(load_weights(again)[k], got[k]) for k in got)
+    assert yaml.safe_load((out / "merge_recipe.yaml").read_text())["tokenizer_source"] == "union"
+
+
+def test_a_model_as_the_source_padded(zoo, tmp_path):
+    """two's tokenizer: pad's [PAD] row is dropped; two's tokens take two's rows; 302 tokens
+    padded to 320 rows, each model's padding its mean re-indexed row."""
+    code, out = run_config(tmp_path, zoo, f"tokenizer: {{source: {zoo['two']}, "
+                                          "pad_to_multiple_of: 64}\n")
+    assert code == 0
+    b, p, t = (load_weights(zoo[k]) for k in ("base", "pad", "two"))
+    got = load_weights(out)
+    v0 = b[EMBED].shape[0]
+    assert AutoTokenizer.from_pretrained(out).get_vocab() == AutoTokenizer.from_pretrained(
+        zoo["two"]).get_vocab()
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 320
+    for name in (EMBED, HEAD):
+        assert got[name].shape[0] == 320 and torch.equal(got[name][v0:v0 + 2], t[name][v0:])
+        rows = [torch.cat([m[name][:v0], t[name][v0:]]) for m in (b, p, t)]
+        means = [r.mean(0) for r in rows]
+        want = means[0] + 0.7 * (means[1] - means[0]) + 0.5 * (means[2] - means[0])
+        torch.testing.assert_close(got[name][v0 + 2:], want.expand(320 - v0 - 2, -1),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_passthrough_refuses_a_tokenizer_vocabulary(zoo, tmp_path, capsys):
+    config = tmp_path / "p.yml"
+    config.write_text(f"merge_method: passthrough\nslices:\n  - sources:\n"
+                      f"      - {{model: {zoo['pad']}, layer_range: [0, 2]}}\n"
+                      "tokenizer_source: union\n")
+    code = merge.main(["--config", str(config), "--save_path", str(tmp_path / "o")])
+    assert_user_error(capsys, code, "tokenizer_source: passthrough copies layers as they are")
