@@ -155,8 +155,9 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
     """The merge flags (published names kept: --method, --base_model, --models_to_merge, --save_path)."""
     parser.add_argument("--config", metavar="FILE.yml",
                         help="a mergekit YAML config (merge_method, base_model, models or slices, "
-                             "parameters, dtype, out_dtype, tokenizer_source: base, seed) instead "
-                             "of the method flags; a merged folder's merge_recipe.yaml is one")
+                             "parameters, dtype, out_dtype, tokenizer_source: base, union or a "
+                             "model, seed) instead of the method flags; a merged folder's "
+                             "merge_recipe.yaml is one")
     parser.add_argument("--method", metavar="NAME",
                         help=f"merge method: {', '.join(sorted(METHODS))} (aliases: "
                              f"{', '.join(f'{a} = {m}' for a, m in sorted(ALIASES.items()))})")
