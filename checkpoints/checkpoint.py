@@ -468,6 +468,17 @@ class ShardedWriter:
             (self.folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
+def load_tokenizer(folder: Path, label: str, flag: str, hint: str = ""):
+    """The tokenizer of a model folder; any failure is one UserError line (`hint` appended)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as err:  # noqa: BLE001 - a broken tokenizer is one line for the user
+        raise UserError(f"{flag}: cannot load the tokenizer of {label} "
+                        f"({first_line(err)[:160]}){hint}") from None
+
+
 def has_tokenizer(folder: Path) -> bool:
     return any((Path(folder) / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
 

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from checkpoints.checkpoint import CheckpointReader, resolve_model_dir
+from checkpoints.checkpoint import CheckpointReader, load_tokenizer, resolve_model_dir
 from checkpoints.errors import UserError
 from merging_methods.mergekit_config import MergeConfig, ModelRef, effective_slices
 from merging_methods.plan import input_embedding_rows
@@ -30,18 +30,7 @@ from merging_methods.plan import input_embedding_rows
 log = logging.getLogger(__name__)
 
 ZERO, MEAN, OWN = -1, -2, -3   # fill codes besides a model index: see `fill_sources`
-
-
-def load_tokenizer(folder: Path, label: str, where: str):
-    """The tokenizer of a model folder; any failure is one UserError line."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(folder)
-    except Exception as err:  # noqa: BLE001 - a broken tokenizer is one line for the user
-        text = str(err).strip()
-        reason = text.splitlines()[0][:160] if text else type(err).__name__
-        raise UserError(f"{where}: cannot load the tokenizer of {label} ({reason})") from None
+WHERE = "tokenizer_source"     # the config key named in errors
 
 
 def own_vocab(tokenizer, rows: int) -> dict[str, int]:
@@ -54,7 +43,7 @@ def union_tokenizer(base_folder: Path, tokenizers: Sequence[tuple[object, int]])
     """The base's tokenizer (reloaded, so the caller's is untouched) plus, in order, every other
     token of `tokenizers` [(tokenizer, its rows)], base first: plain tokens by id, then added
     tokens with the settings of their first holder."""
-    out = load_tokenizer(base_folder, "the base model", "tokenizer_source: union")
+    out = load_tokenizer(base_folder, "the base model", WHERE)
     plain: dict[str, None] = {}
     added: dict[str, object] = {}
     for tokenizer, rows in tokenizers:
@@ -140,7 +129,7 @@ def token_rows(tokenizer, vocabs: Sequence[dict[str, int]], labels: Sequence[str
     """Plan the re-indexing from the output tokenizer and each model's own vocabulary."""
     vocab = tokenizer.get_vocab()
     if sorted(vocab.values()) != list(range(len(vocab))):
-        raise UserError("tokenizer_source: the output tokenizer's ids are not 0..N-1; this "
+        raise UserError(f"{WHERE}: the output tokenizer's ids are not 0..N-1; this "
                         "vocabulary cannot index embedding rows")
     tokens = sorted(vocab, key=vocab.get)
     index = torch.tensor([[own.get(t, -1) for t in tokens] for own in vocabs], dtype=torch.long)
@@ -150,12 +139,9 @@ def token_rows(tokenizer, vocabs: Sequence[dict[str, int]], labels: Sequence[str
     fill = fill_sources(index, base)
     missing = int((fill == ZERO).sum())
     if missing:
-        log.warning("tokenizer_source: %d output token(s) are in no input model (e.g. %r); "
-                    "their rows are zeros", missing, tokens[int((fill == ZERO).nonzero()[0])])
+        log.warning("%s: %d output token(s) are in no input model (e.g. %r); their rows are "
+                    "zeros", WHERE, missing, tokens[int((fill == ZERO).nonzero()[0])])
     return TokenRows(tokenizer, rows, tuple(labels), index, fill)
-
-
-WHERE = "tokenizer_source"
 
 
 def reindexes(config: MergeConfig | None) -> bool:
