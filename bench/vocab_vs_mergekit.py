@@ -63,6 +63,13 @@ def configs(z: dict[str, Path]) -> dict[str, str]:
         + "tokenizer_source: union\n",
         "ta_model_source": ta + models(pad=0.7, two=0.5) + f"tokenizer_source: {z['two']}\n",
         "ta_model_source_big": ta + models(pad=0.7, small=0.5) + f"tokenizer_source: {z['big1']}\n",
+        "ta_union_tokens": ta + models(pad=0.7, two=0.5) + "tokenizer:\n  source: union\n"
+        "  tokens:\n"
+        f"    '<|im_start|>': {{source: {{kind: model_token, model: {z['pad']}, "
+        "token: '[PAD]'}}\n"
+        "    '<pad>': {source: {kind: zero}, force: true}\n"
+        f"    '<|im_end|>': {{source: {{kind: model_token, model: {z['base']}, token_id: 5}}, "
+        "force: true}\n",
         "ta_union_pad64": ta + models(pad=0.7, two=0.5)
         + "tokenizer: {source: union, pad_to_multiple_of: 64}\n",
         "ties_union_bf16": f"merge_method: ties\nbase_model: {z['base']}\nmodels:\n"

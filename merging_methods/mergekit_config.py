@@ -62,6 +62,17 @@ class ModelRef:
 
 
 @dataclass(frozen=True)
+class TokenSource:
+    """A `tokenizer.tokens` entry: the row of `model` (None: zeros) for its own token `token`
+    (a text or an id; None: the same token), given to every model lacking it, or to every model
+    when `force`."""
+
+    model: ModelRef | None
+    token: str | int | None = None
+    force: bool = False
+
+
+@dataclass(frozen=True)
 class Source:
     """An entry of `models:` (layer_range None = all layers) or of `slices[s].sources`."""
 
@@ -92,6 +103,7 @@ class MergeConfig:
     out_dtype: str | None = None
     tokenizer_source: str | ModelRef | None = None  # "base", "union" or a model (§18.8)
     pad_to_multiple_of: int | None = None  # tokenizer.pad_to_multiple_of: output rows rounded up
+    tokens: Mapping[str, TokenSource] = field(default_factory=dict)  # tokenizer.tokens
     vocab: str | None = None  # our extension: "union" = merge.py --vocab union (§13.1)
     chat_template: str | None = None
     seed: int | None = None  # our extension (mergekit takes --random-seed); mergekit ignores it
@@ -109,7 +121,6 @@ UNSUPPORTED = {  # mergekit keys we refuse -> why
     "modules": "multi-module (vision-language) configs; use models: or slices:",
     "residual_weight": "mergekit 0.1.5 parses it but never applies it",
     "lora": "LoRA adapters", "override_architecture": "architecture overrides",
-    "tokens": "per-token embedding sources",
 }
 
 
@@ -353,7 +364,8 @@ def _dtype(value: object, key: str, origin: str) -> str | None:
 
 
 def _tokenizer(raw: Mapping, origin: str) -> dict[str, object]:
-    """tokenizer_source, pad_to_multiple_of and vocab (our --vocab union), at most one way."""
+    """tokenizer_source, pad_to_multiple_of, tokens and vocab (our --vocab union), at most one
+    way."""
     given = [k for k in ("tokenizer", "tokenizer_source", "vocab") if k in raw]
     if len(given) > 1:
         raise _fail(origin, "", f"give one of 'tokenizer', 'tokenizer_source' or 'vocab', not "
@@ -364,12 +376,14 @@ def _tokenizer(raw: Mapping, origin: str) -> dict[str, object]:
                         f"pad-token union), got {raw['vocab']!r}; for the base vocabulary use "
                         "tokenizer_source: base")
         return {"vocab": "union"}
-    pad = None
+    pad, tokens = None, {}
     if "tokenizer" in raw:
         block = _mapping(raw["tokenizer"], "tokenizer", origin)
-        _check_keys(block, ("source", "pad_to_multiple_of"), "tokenizer", origin)
+        _check_keys(block, ("source", "tokens", "pad_to_multiple_of"), "tokenizer", origin)
         where, source = "tokenizer.source", block.get("source", "union")
         pad = block.get("pad_to_multiple_of")
+        if block.get("tokens") is not None:
+            tokens = _tokens(block["tokens"], origin)
         if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
             raise _fail(origin, "tokenizer.pad_to_multiple_of",
                         f"expected a whole number >= 1, got {pad!r}")
@@ -377,7 +391,48 @@ def _tokenizer(raw: Mapping, origin: str) -> dict[str, object]:
         where, source = "tokenizer_source", raw.get("tokenizer_source")
     if source is not None and source not in VOCAB_SOURCES:
         source = _ref(source, where, origin)
-    return {"tokenizer_source": source, "pad_to_multiple_of": pad}
+    return {"tokenizer_source": source, "pad_to_multiple_of": pad, "tokens": tokens}
+
+
+def _tokens(raw: object, origin: str) -> dict[str, TokenSource]:
+    """tokenizer.tokens: {token: {source: <model> | {kind: model_token, model, token | token_id}
+    | {kind: zero}, force: bool}} (mergekit's per-token embedding sources)."""
+    out = {}
+    for token, entry in _mapping(raw, "tokenizer.tokens", origin).items():
+        where = f"tokenizer.tokens.{token}"
+        if not isinstance(token, str):
+            raise _fail(origin, where, "a token is a text; quote it")
+        entry = _mapping(entry, where, origin)
+        _check_keys(entry, ("source", "force"), where, origin)
+        force = entry.get("force", False)
+        if not isinstance(force, bool):
+            raise _fail(origin, f"{where}.force", f"expected true or false, got {force!r}")
+        out[token] = _token_source(entry.get("source"), f"{where}.source", origin, force)
+    return out
+
+
+def _token_source(value: object, where: str, origin: str, force: bool) -> TokenSource:
+    if not isinstance(value, dict) or "kind" not in value:
+        if value is None:
+            raise _fail(origin, where, "required: a model, {kind: model_token, model, token} or "
+                        "{kind: zero}")
+        return TokenSource(_ref(value, where, origin), None, force)
+    if value["kind"] == "zero":
+        _check_keys(value, ("kind",), where, origin)
+        return TokenSource(None, None, force)
+    if value["kind"] != "model_token":
+        raise _fail(origin, f"{where}.kind", f"expected 'model_token' or 'zero', got "
+                    f"{value['kind']!r}")
+    _check_keys(value, ("kind", "model", "token", "token_id"), where, origin)
+    if ("token" in value) == ("token_id" in value):
+        raise _fail(origin, where, "give one of 'token' (a text) or 'token_id' (a row)")
+    token = value.get("token", value.get("token_id"))
+    valid = (isinstance(token, str) and token) if "token" in value else (
+        isinstance(token, int) and not isinstance(token, bool) and token >= 0)
+    if not valid:
+        raise _fail(origin, where, f"expected a token text or a whole token_id >= 0, got "
+                    f"{token!r}")
+    return TokenSource(_ref(value.get("model"), f"{where}.model", origin), token, force)
 
 
 def _chat_template(value: object, origin: str) -> str | None:
@@ -456,15 +511,30 @@ def config_doc(config: MergeConfig) -> dict[str, object]:
     for key in ("dtype", "out_dtype"):
         if getattr(config, key) is not None:
             doc[key] = getattr(config, key)
-    if config.pad_to_multiple_of is not None:
-        doc["tokenizer"] = {"source": str(config.tokenizer_source),
-                            "pad_to_multiple_of": config.pad_to_multiple_of}
+    if config.pad_to_multiple_of is not None or config.tokens:
+        block: dict[str, object] = {"source": str(config.tokenizer_source)}
+        if config.tokens:
+            block["tokens"] = {t: _token_doc(s) for t, s in config.tokens.items()}
+        if config.pad_to_multiple_of is not None:
+            block["pad_to_multiple_of"] = config.pad_to_multiple_of
+        doc["tokenizer"] = block
     elif config.tokenizer_source is not None:
         doc["tokenizer_source"] = str(config.tokenizer_source)
     for key in ("vocab", "chat_template", "seed"):
         if getattr(config, key) is not None:
             doc[key] = getattr(config, key)
     return doc
+
+
+def _token_doc(source: TokenSource) -> dict[str, object]:
+    if source.model is None:
+        doc: object = {"kind": "zero"}
+    elif source.token is None:
+        doc = str(source.model)
+    else:
+        key = "token" if isinstance(source.token, str) else "token_id"
+        doc = {"kind": "model_token", "model": str(source.model), key: source.token}
+    return {"source": doc, **({"force": True} if source.force else {})}
 
 
 def _source_doc(source: Source) -> dict[str, object]:

@@ -4,8 +4,11 @@ The output vocabulary is a tokenizer's: the union of every input's tokens, or a 
 tokenizer as it is. Every embedding and output head is re-indexed by token before the merge:
 a model that has a token gives its own row; a model that lacks it gets, in this order, the only
 holder's row, zeros when no input has the token, the base's row when the base has it, else the
-mean of the holders' rows (mergekit 0.1.5's `PermutedVocabulary`). `pad_to_multiple_of` rounds
-the rows up; each model's padding rows are the mean of its re-indexed rows. This is not
+mean of the holders' rows (mergekit 0.1.5's `PermutedVocabulary`). `tokenizer.tokens` adds
+tokens and names where a token's row comes from instead (a model's own row of it or of another
+of its tokens, or zeros; `force` gives that row to every model, holders too).
+`pad_to_multiple_of` rounds the rows up; each model's padding rows are the mean of its
+re-indexed rows. This is not
 §13.1's pad-token union (`--vocab union`, vocab.py): rows here are aligned by token, not by
 position.
 
@@ -18,13 +21,13 @@ import logging
 from dataclasses import dataclass
 from functools import reduce
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
 from checkpoints.checkpoint import CheckpointReader, load_tokenizer, resolve_model_dir
 from checkpoints.errors import UserError
-from merging_methods.mergekit_config import MergeConfig, ModelRef, effective_slices
+from merging_methods.mergekit_config import MergeConfig, ModelRef, TokenSource, effective_slices
 from merging_methods.plan import input_embedding_rows
 
 log = logging.getLogger(__name__)
@@ -76,16 +79,21 @@ def fill_sources(index: torch.Tensor, base: int | None) -> torch.Tensor:
 
 
 def align_rows(tensors: Sequence[torch.Tensor], index: torch.Tensor, fill: torch.Tensor,
-               rows: int) -> list[torch.Tensor]:
+               rows: int, fill_row: torch.Tensor | None = None,
+               force: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Each model's tensor re-indexed to the output vocabulary (`rows` rows, V = index.shape[1]
     of them tokens), in the inputs' promoted dtype; rows per `fill_sources`. A mean is summed
-    model by model in that dtype and divided once, as mergekit does."""
+    model by model in that dtype and divided once, as mergekit does. `fill_row` (V,): the row of
+    model `fill` to fill with (default: its own row of that token); `force` (V,) bool: every model
+    takes the fill row, holders too."""
     dtype = reduce(torch.promote_types, (t.dtype for t in tensors))
     n_vocab, width = index.shape[1], tensors[0].shape[1:]
+    if fill_row is None:
+        fill_row = index.gather(0, fill.clamp(min=0).view(1, -1)).view(-1)
     default = torch.zeros((n_vocab, *width), dtype=dtype)
     for k, tensor in enumerate(tensors):
         take = fill == k
-        default[take] = tensor[index[k][take]].to(dtype)
+        default[take] = tensor[fill_row[take]].to(dtype)
     mean = fill == MEAN
     if mean.any():
         total = torch.zeros((int(mean.sum()), *width), dtype=dtype)
@@ -97,7 +105,8 @@ def align_rows(tensors: Sequence[torch.Tensor], index: torch.Tensor, fill: torch
         default[mean] = total / count
     out = []
     for k, tensor in enumerate(tensors):
-        has = (index[k] >= 0).view(-1, *[1] * len(width))
+        has = index[k] >= 0 if force is None else (index[k] >= 0) & ~force
+        has = has.view(-1, *[1] * len(width))
         aligned = torch.where(has, tensor[index[k].clamp(min=0)].to(dtype), default)
         if rows > n_vocab:   # padding rows: this model's mean re-indexed row
             aligned = torch.cat([aligned, aligned.mean(0, keepdim=True).expand(
@@ -115,18 +124,28 @@ class TokenRows:
     labels: tuple[str, ...]            # the input models, in the order of `index`
     index: torch.Tensor                # (models, V) int64: the model's row of token id, or -1
     fill: torch.Tensor                 # (V,) what a model lacking a token gets (fill_sources)
+    fill_row: torch.Tensor             # (V,) the row of model `fill` it gets
+    force: torch.Tensor                # (V,) bool: every model gets it (tokenizer.tokens)
 
     def align(self, tensors: Sequence[torch.Tensor], labels: Sequence[str]) -> list[torch.Tensor]:
         """`tensors` (one per label, any of them repeated) re-indexed to the output rows."""
         by_label = dict(zip(labels, tensors))
         aligned = dict(zip(self.labels, align_rows([by_label[m] for m in self.labels],
-                                                    self.index, self.fill, self.rows)))
+                                                    self.index, self.fill, self.rows,
+                                                    self.fill_row, self.force)))
         return [aligned[label] for label in labels]
 
 
+Override = tuple[int | None, int | None, bool]
+"""A tokenizer.tokens entry resolved: (model index, None for zeros; its row, None for its own
+row of the token itself; force)."""
+
+
 def token_rows(tokenizer, vocabs: Sequence[dict[str, int]], labels: Sequence[str],
-               base: int | None, pad_to_multiple_of: int | None) -> TokenRows:
-    """Plan the re-indexing from the output tokenizer and each model's own vocabulary."""
+               base: int | None, pad_to_multiple_of: int | None,
+               overrides: Mapping[str, Override] = {}) -> TokenRows:
+    """Plan the re-indexing from the output tokenizer and each model's own vocabulary, then
+    apply the `overrides` of tokenizer.tokens."""
     vocab = tokenizer.get_vocab()
     if sorted(vocab.values()) != list(range(len(vocab))):
         raise UserError(f"{WHERE}: the output tokenizer's ids are not 0..N-1; this "
@@ -137,17 +156,30 @@ def token_rows(tokenizer, vocabs: Sequence[dict[str, int]], labels: Sequence[str
     if pad_to_multiple_of:
         rows = -(-rows // pad_to_multiple_of) * pad_to_multiple_of
     fill = fill_sources(index, base)
-    missing = int((fill == ZERO).sum())
-    if missing:
+    fill_row = index.gather(0, fill.clamp(min=0).view(1, -1)).view(-1)
+    force = torch.zeros(len(tokens), dtype=torch.bool)
+    nowhere = fill == ZERO
+    for token, (k, row, forced) in overrides.items():
+        t = vocab[token]
+        nowhere[t] = False
+        if k is not None and row is None:
+            row = int(index[k, t])
+            if row < 0:
+                raise UserError(f"tokenizer.tokens.{token}: {labels[k]} has no row for "
+                                f"{token!r}; name one of its tokens (kind: model_token)")
+        fill[t], fill_row[t], force[t] = (ZERO, 0, forced) if k is None else (k, row, forced)
+    if nowhere.any():
         log.warning("%s: %d output token(s) are in no input model (e.g. %r); their rows are "
-                    "zeros", WHERE, missing, tokens[int((fill == ZERO).nonzero()[0])])
-    return TokenRows(tokenizer, rows, tuple(labels), index, fill)
+                    "zeros", WHERE, int(nowhere.sum()), tokens[int(nowhere.nonzero()[0])])
+    return TokenRows(tokenizer, rows, tuple(labels), index, fill, fill_row, force)
 
 
 def reindexes(config: MergeConfig | None) -> bool:
-    """Whether a config's vocabulary is built from tokenizers (union, a model, or padded)."""
-    return config is not None and (config.tokenizer_source == "union" or config.pad_to_multiple_of
-                                   is not None or isinstance(config.tokenizer_source, ModelRef))
+    """Whether a config's vocabulary is built from tokenizers (union, a model, padded, or with
+    per-token sources)."""
+    return config is not None and (
+        config.tokenizer_source == "union" or isinstance(config.tokenizer_source, ModelRef)
+        or config.pad_to_multiple_of is not None or bool(config.tokens))
 
 
 def plan_token_rows(config: MergeConfig, donor: CheckpointReader,
@@ -178,10 +210,32 @@ def plan_token_rows(config: MergeConfig, donor: CheckpointReader,
         others = [(tokenizers[label], rows[label]) for label in labels if label != donor.label]
         out = union_tokenizer(donor.folder, [(donor_tok, rows[donor.label]), *others])
     elif source == "base":
-        out = donor_tok
+        out = load_tokenizer(donor.folder, donor.label, WHERE)   # a copy: tokens may be added
     else:
         out = load_tokenizer(resolve_model_dir(str(source), WHERE), str(source), WHERE)
+    for token in config.tokens:
+        if token not in out.get_vocab():
+            out.add_tokens(token)
+    overrides = {token: _override(token, given, labels, tokenizers, rows)
+                 for token, given in config.tokens.items()}
     base = str(config.base_model) if config.base_model is not None else None
     return token_rows(out, [own_vocab(tokenizers[label], rows[label]) for label in labels],
                       labels, labels.index(base) if base in labels else None,
-                      config.pad_to_multiple_of)
+                      config.pad_to_multiple_of, overrides)
+
+
+def _override(token: str, given: TokenSource, labels: list[str], tokenizers: Mapping[str, object],
+              rows: Mapping[str, int]) -> Override:
+    """A tokenizer.tokens entry resolved against the merged models and their vocabularies."""
+    where = f"tokenizer.tokens.{token}"
+    if given.model is None:
+        return None, None, given.force
+    label = str(given.model)
+    if label not in labels:
+        raise UserError(f"{where}: {label} is not one of the merged models")
+    row = given.token
+    if isinstance(row, str):
+        row = tokenizers[label].get_vocab().get(row)
+    if given.token is not None and (row is None or row >= rows[label]):
+        raise UserError(f"{where}: {label} has no row for token {given.token!r}")
+    return labels.index(label), row, given.force

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from checkpoints.errors import UserError
-from merging_methods.mergekit_config import Gradient, ModelRef, Rule, load_config, to_yaml
+from merging_methods.mergekit_config import (Gradient, ModelRef, Rule, TokenSource, load_config,
+                                             to_yaml)
 from merging_methods.mergekit_plan import (POST, PRE, donor, gradient_value, method_params,
                                            plan_merge, referenced_models, resolve, setting_value)
 
@@ -409,6 +410,21 @@ def test_tokenizer_sources_are_read_and_written(text, source, pad):
     assert load_config(to_yaml(config)) == config
 
 
+def test_per_token_sources_are_read_and_written():
+    config = load_config(
+        f"{GTA}tokenizer:\n  tokens:\n"
+        "    '<a>': {source: m}\n"
+        "    '<b>': {source: {kind: zero}, force: true}\n"
+        "    '<c>': {source: {kind: model_token, model: b@v1, token: '</s>'}}\n"
+        "    '<d>': {source: {kind: model_token, model: m, token_id: 7}}\n")
+    assert config.tokens == {"<a>": TokenSource(ModelRef("m")),
+                             "<b>": TokenSource(None, force=True),
+                             "<c>": TokenSource(ModelRef("b", "v1"), "</s>"),
+                             "<d>": TokenSource(ModelRef("m"), 7)}
+    assert config.tokenizer_source == "union"
+    assert load_config(to_yaml(config)) == config
+
+
 def test_our_vocab_union_has_its_own_key():
     """`tokenizer_source: union` is mergekit's union by token; `vocab: union` is --vocab union."""
     config = load_config(f"{GTA}vocab: union\n")
@@ -459,9 +475,7 @@ def test_read_from_a_file(tmp_path):
     (f"{GTA}name: my-merge\n", "unknown key 'name' at the top level"),
     (f"{GTA}lambda: 2\n",
      "unknown key 'lambda' at the top level; method parameters go under 'parameters:'"),
-    (f"{GTA}tokenizer: {{source: base, tokens: {{}}}}\n",
-     "'tokens' in tokenizer is not supported"),
-    ("merge_method: slerp\nbase_model: b\nmodels:\n  - model: b\n  - model: m\n"
+        ("merge_method: slerp\nbase_model: b\nmodels:\n  - model: b\n  - model: m\n"
      "    parameters: {t: 0.5}\n",
      "models[1].parameters.t: 't' is shared by all models, so it has no effect here"),
 ])
@@ -500,6 +514,15 @@ def test_refusals_name_the_file(tmp_path):
     (f"{GTA}tokenizer: {{pad_to_multiple_of: 0}}\n",
      "tokenizer.pad_to_multiple_of: expected a whole number >= 1, got 0"),
     (f"{GTA}vocab: base\n", "vocab: expected 'union' (merge.py --vocab union"),
+    (f"{GTA}tokenizer: {{tokens: {{x: {{}}}}}}\n", "tokenizer.tokens.x.source: required"),
+    (f"{GTA}tokenizer: {{tokens: {{x: {{source: {{kind: one}}}}}}}}\n",
+     "tokenizer.tokens.x.source.kind: expected 'model_token' or 'zero', got 'one'"),
+    (f"{GTA}tokenizer: {{tokens: {{x: {{source: {{kind: model_token, model: m}}}}}}}}\n",
+     "tokenizer.tokens.x.source: give one of 'token' (a text) or 'token_id' (a row)"),
+    (f"{GTA}tokenizer: {{tokens: {{x: {{source: m, force: 1}}}}}}\n",
+     "tokenizer.tokens.x.force: expected true or false, got 1"),
+    (f"{GTA}tokenizer: {{tokens: {{1: {{source: m}}}}}}\n",
+     "tokenizer.tokens.1: a token is a text; quote it"),
     (f"{GTA}dtype: bf16\n", "dtype: expected one of bfloat16, float16, float32, float64"),
     (f"{GTA}chat_template: vicuna\n", "chat_template: expected auto, alpaca"),
     ("merge_method: nuslerp\nmodels:\n  - model: a\n", "'nuslerp' is not supported (a mergekit"),

@@ -42,6 +42,21 @@ def test_rows_are_reindexed_by_token_and_filled():
                                                    [30, 11, 31, 32, 0]]
 
 
+def test_named_rows_fill_lacking_models_or_everyone_when_forced():
+    """t1 from a's row 2 (b lacks t1, base has it): only b takes it; t3 forced zeros: all do."""
+    base = torch.tensor([[10.0], [11.0]])
+    a = torch.tensor([[20.0], [21.0], [22.0]])
+    b = torch.tensor([[30.0], [31.0], [32.0]])
+    fill, fill_row = fill_sources(INDEX, base=0), INDEX[0].clone()
+    fill[1], fill_row[1] = 1, 2
+    fill[3] = ZERO
+    force = torch.tensor([False, False, False, True, False])
+    out = align_rows([base, a, b], INDEX, fill, 5, fill_row, force)
+    assert [r.flatten().tolist() for r in out] == [[10, 11, 26.5, 0, 0],
+                                                   [21, 20, 22, 0, 0],
+                                                   [30, 22, 31, 0, 0]]
+
+
 def test_padding_rows_are_each_models_mean_row():
     index = torch.tensor([[0, 1], [1, 0]])
     out = align_rows([torch.tensor([[1.0], [3.0]]), torch.tensor([[5.0], [9.0]])], index,
@@ -66,7 +81,8 @@ def zoo(tmp_path_factory):
     base = build_llama(root / "base", seed=0)
     return dict(base=base,
                 pad=build_finetune(base, root / "pad", seed=1, added_tokens=("[PAD]",)),
-                two=build_finetune(base, root / "two", seed=2, added_tokens=("<pad>", "<|im_end|>")))
+                two=build_finetune(base, root / "two", seed=2,
+                                   added_tokens=("<pad>", "<|im_end|>")))
 
 
 def run_config(tmp_path, zoo, tail: str, name: str = "out") -> tuple[int, object]:
@@ -123,6 +139,45 @@ def test_a_model_as_the_source_padded(zoo, tmp_path):
         want = means[0] + 0.7 * (means[1] - means[0]) + 0.5 * (means[2] - means[0])
         torch.testing.assert_close(got[name][v0 + 2:], want.expand(320 - v0 - 2, -1),
                                    rtol=1e-5, atol=1e-6)
+
+
+def test_per_token_sources(zoo, tmp_path):
+    """tokens: a new token from pad's [PAD] row, <pad> forced to zeros, <|im_end|> forced to
+    the base's row 5; every model gets the same row, so the merge is that row."""
+    tokens = ("tokenizer:\n  source: union\n  tokens:\n"
+              f"    '<|im_start|>': {{source: {{kind: model_token, model: {zoo['pad']}, "
+              "token: '[PAD]'}}\n"
+              "    '<pad>': {source: {kind: zero}, force: true}\n"
+              f"    '<|im_end|>': {{source: {{kind: model_token, model: {zoo['base']}, "
+              "token_id: 5}, force: true}\n")
+    code, out = run_config(tmp_path, zoo, tokens)
+    assert code == 0
+    b, p = load_weights(zoo["base"]), load_weights(zoo["pad"])
+    got = load_weights(out)
+    v0 = b[EMBED].shape[0]
+    ids = AutoTokenizer.from_pretrained(out).convert_tokens_to_ids(
+        ["<pad>", "<|im_end|>", "<|im_start|>"])
+    assert ids == [v0 + 1, v0 + 2, v0 + 3]
+    for name in (EMBED, HEAD):
+        assert got[name].shape[0] == v0 + 4
+        assert not got[name][v0 + 1].any()
+        assert torch.equal(got[name][v0 + 2], b[name][5])
+        assert torch.equal(got[name][v0 + 3], p[name][v0])
+    record = yaml.safe_load((out / "merge_recipe.yaml").read_text())
+    assert record["tokenizer"]["tokens"]["<pad>"] == {"source": {"kind": "zero"}, "force": True}
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("'<x>': {source: nobody/model}", "tokenizer.tokens.<x>: nobody/model is not one of the"),
+    ("'<x>': {source: BASE}", "tokenizer.tokens.<x>: BASE has no row for '<x>'; name one"),
+    ("'<x>': {source: {kind: model_token, model: BASE, token: '<nope>'}}",
+     "tokenizer.tokens.<x>: BASE has no row for token '<nope>'"),
+])
+def test_per_token_sources_that_name_no_row_are_refused(zoo, tmp_path, capsys, entry, message):
+    entry = entry.replace("BASE", str(zoo["base"]))
+    code, out = run_config(tmp_path, zoo, f"tokenizer:\n  tokens:\n    {entry}\n")
+    assert_user_error(capsys, code, message.replace("BASE", str(zoo["base"])))
+    assert not out.exists()
 
 
 def test_passthrough_refuses_a_tokenizer_vocabulary(zoo, tmp_path, capsys):
