@@ -112,7 +112,7 @@ class MergeConfig:
 
 DTYPES = ("bfloat16", "float16", "float32", "float64")
 VOCAB_SOURCES = ("base", "union")  # or a model reference; `union` is not §13.1's (§18.8)
-CHAT_TEMPLATES = ("auto", "alpaca", "chatml", "llama3", "mistral", "exaone")
+BUILTIN_TEMPLATES = ("alpaca", "chatml", "llama3", "mistral", "exaone")  # mergekit's files
 TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
             "tokenizer_source", "tokenizer", "chat_template", "seed", "vocab")
 RECORD_KEYS = ("merge", "aim", "versions", "created")
@@ -436,11 +436,15 @@ def _token_source(value: object, where: str, origin: str, force: bool) -> TokenS
 
 
 def _chat_template(value: object, origin: str) -> str | None:
-    if value is None or value in CHAT_TEMPLATES or (
+    """`auto` or a Jinja template; mergekit's built-in names are refused (its template files are
+    not shipped here)."""
+    if value is None or value == "auto" or (
             isinstance(value, str) and "{" in value and len(value) >= 20):
         return value
-    raise _fail(origin, "chat_template", f"expected {', '.join(CHAT_TEMPLATES)} or a Jinja "
-                f"template, got {value!r}")
+    if value in BUILTIN_TEMPLATES:
+        raise _fail(origin, "chat_template", f"{value!r} names a template file of mergekit's, "
+                    "which this toolkit does not ship; give the Jinja template itself or auto")
+    raise _fail(origin, "chat_template", f"expected auto or a Jinja template, got {value!r}")
 
 
 def _seed(value: object, origin: str) -> int | None:

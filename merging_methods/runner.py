@@ -36,7 +36,8 @@ from merging_methods.plan import (MergePlan, TensorPlan, build_plan, input_embed
 from merging_methods.primitives import keep_mask, mask_generator, mask_key, used_density
 from merging_methods.recipe import MergeRecipe
 from merging_methods.registry import MethodSpec, get_method, method_warnings, splits_by_rows
-from merging_methods.token_vocab import TokenRows, plan_token_rows, reindexes
+from merging_methods.token_vocab import (TokenRows, plan_token_rows, reindexes,
+                                         save_chat_template)
 from merging_methods.vocab import VocabUnion, plan_union, save_union_tokenizer, vocab_config_update
 from merging_methods.yaml_recipe import record_of, tensor_arguments
 
@@ -279,6 +280,8 @@ def run_merge(recipe: MergeRecipe, *, make_post: HookFactory | None = None) -> P
                 inputs.tokens.tokenizer.save_pretrained(tmp)
         if inputs.union and inputs.union.tokens:
             save_union_tokenizer(inputs.base.folder, inputs.union, tmp)
+        if recipe.config is not None and recipe.config.chat_template:
+            save_chat_template(tmp, recipe.config.chat_template, folders)
         record = record_of(recipe, extra_record)
         write_record(tmp, record)
         write_model_card(tmp, record)
@@ -363,6 +366,8 @@ def run_stacked(recipe: MergeRecipe, spec: MethodSpec) -> Path:
         writer.close()
         copy_model_files(donor.folder, tmp, config_updates=_stacked_config(
             donor, readers, slices, plan.num_hidden_layers, out_dtype))
+        if recipe.config is not None and recipe.config.chat_template:
+            save_chat_template(tmp, recipe.config.chat_template, folders)
         record = record_of(recipe, {})
         write_record(tmp, record)
         write_model_card(tmp, record)

@@ -12,12 +12,15 @@ re-indexed rows. This is not
 §13.1's pad-token union (`--vocab union`, vocab.py): rows here are aligned by token, not by
 position.
 
+Also the output's `chat_template:` (auto: the models' most common template, or a Jinja text).
+
 Deterministic where mergekit is not: models are taken in document order (mergekit: a set) and
 each tokenizer's tokens in id order (mergekit: a hash map's order).
 """
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from functools import reduce
 from pathlib import Path
@@ -25,8 +28,9 @@ from typing import Mapping, Sequence
 
 import torch
 
-from checkpoints.checkpoint import CheckpointReader, load_tokenizer, resolve_model_dir
-from checkpoints.errors import UserError
+from checkpoints.checkpoint import (CheckpointReader, has_tokenizer, load_tokenizer,
+                                    resolve_model_dir)
+from checkpoints.errors import UserError, writing
 from merging_methods.mergekit_config import MergeConfig, ModelRef, TokenSource, effective_slices
 from merging_methods.plan import input_embedding_rows
 
@@ -239,3 +243,36 @@ def _override(token: str, given: TokenSource, labels: list[str], tokenizers: Map
     if given.token is not None and (row is None or row >= rows[label]):
         raise UserError(f"{where}: {label} has no row for token {given.token!r}")
     return labels.index(label), row, given.force
+
+
+def chosen_chat_template(setting: str, folders: Sequence[Path]) -> str | None:
+    """The template `chat_template:` gives: the Jinja text itself, or for `auto` the most common
+    template among the models' tokenizers (ties: the first in document order, where mergekit's
+    order varies between runs); None when no model has one."""
+    if setting != "auto":
+        return setting
+    found = []
+    for folder in dict.fromkeys(folders):
+        try:
+            template = load_tokenizer(folder, str(folder), "chat_template").chat_template
+        except UserError as err:
+            log.warning("%s; it takes no part in chat_template: auto", err)
+            continue
+        if isinstance(template, dict):
+            template = template.get("default")
+        if template:
+            found.append(template.strip())
+    return Counter(found).most_common(1)[0][0] if found else None
+
+
+def save_chat_template(out_dir: Path, setting: str, folders: Sequence[Path]) -> None:
+    """Set the output tokenizer's chat template per `chat_template:` (models in `folders`)."""
+    template = chosen_chat_template(setting, folders)
+    if template is None or not has_tokenizer(out_dir):
+        log.warning("chat_template: %s; the output keeps the donor's", "no input model has a "
+                    "template" if template is None else "the output has no tokenizer")
+        return
+    tokenizer = load_tokenizer(out_dir, "the output", "chat_template")
+    tokenizer.chat_template = template
+    with writing(out_dir / "tokenizer_config.json"):
+        tokenizer.save_pretrained(out_dir)

@@ -386,10 +386,10 @@ def test_model_references(ref, expected):
 
 def test_top_level_keys_are_read_and_written():
     text = (f"{GTA}parameters: {{weight: 1}}\ndtype: torch.float16\nout_dtype: bfloat16\n"
-            "tokenizer: {source: base}\nchat_template: chatml\nseed: 7\n")
+            "tokenizer: {source: base}\nchat_template: auto\nseed: 7\n")
     config = load_config(text)
     assert (config.dtype, config.out_dtype, config.tokenizer_source, config.chat_template,
-            config.seed) == ("float16", "bfloat16", "base", "chatml", 7)
+            config.seed) == ("float16", "bfloat16", "base", "auto", 7)
     assert load_config(to_yaml(config)) == config
     assert load_config(f"{GTA}tokenizer_source: base\n").tokenizer_source == "base"
     template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
@@ -524,7 +524,9 @@ def test_refusals_name_the_file(tmp_path):
     (f"{GTA}tokenizer: {{tokens: {{1: {{source: m}}}}}}\n",
      "tokenizer.tokens.1: a token is a text; quote it"),
     (f"{GTA}dtype: bf16\n", "dtype: expected one of bfloat16, float16, float32, float64"),
-    (f"{GTA}chat_template: vicuna\n", "chat_template: expected auto, alpaca"),
+    (f"{GTA}chat_template: vicuna\n", "chat_template: expected auto or a Jinja template, got"),
+    (f"{GTA}chat_template: chatml\n", "chat_template: 'chatml' names a template file of "
+     "mergekit's, which this toolkit does not ship; give the Jinja template itself or auto"),
     ("merge_method: nuslerp\nmodels:\n  - model: a\n", "'nuslerp' is not supported (a mergekit"),
     ("base_model: b\nmodels:\n  - model: m\n", "'merge_method' is required"),
     ("merge_method: linear\nmodels: [{model: a}]\nslices: []\n",

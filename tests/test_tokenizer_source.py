@@ -5,6 +5,7 @@ mergekit itself.)"""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -178,6 +179,28 @@ def test_per_token_sources_that_name_no_row_are_refused(zoo, tmp_path, capsys, e
     code, out = run_config(tmp_path, zoo, f"tokenizer:\n  tokens:\n    {entry}\n")
     assert_user_error(capsys, code, message.replace("BASE", str(zoo["base"])))
     assert not out.exists()
+
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+          "'<|im_end|>' }}{% endfor %}")
+
+
+def test_chat_template_auto_and_literal(zoo, tmp_path):
+    """auto: the template most models have (2 of 3 here, the donor's differs), also into a
+    union tokenizer; a literal template replaces the donor's copied one."""
+    templated = {}
+    for name, template in (("base", "{{ 'base template' }} {{ messages }}"), ("pad", CHATML),
+                           ("two", CHATML)):
+        shutil.copytree(zoo[name], tmp_path / name)
+        tokenizer = AutoTokenizer.from_pretrained(tmp_path / name)
+        tokenizer.chat_template = template
+        tokenizer.save_pretrained(tmp_path / name)
+        templated[name] = tmp_path / name
+    code, out = run_config(tmp_path, templated, "tokenizer_source: union\nchat_template: auto\n")
+    assert code == 0 and AutoTokenizer.from_pretrained(out).chat_template == CHATML
+    literal = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    code, out = run_config(tmp_path, templated, f"chat_template: \"{literal}\"\n", "literal")
+    assert code == 0 and AutoTokenizer.from_pretrained(out).chat_template == literal
 
 
 def test_passthrough_refuses_a_tokenizer_vocabulary(zoo, tmp_path, capsys):
