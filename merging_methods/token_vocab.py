@@ -60,11 +60,8 @@ def union_tokenizer(base_folder: Path, tokenizers: Sequence[tuple[object, int]])
         for token in decoder.values():
             added.setdefault(token.content, token)
     base_vocab = out.get_vocab()
-    for token in plain:
-        if token not in added and token not in base_vocab:
-            out.add_tokens(token)
-    for token in added.values():
-        out.add_tokens(token)
+    out.add_tokens([t for t in plain if t not in added and t not in base_vocab])
+    out.add_tokens(list(added.values()))   # one call each: a union of two large vocabularies
     return out
 
 
