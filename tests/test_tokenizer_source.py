@@ -181,6 +181,22 @@ def test_per_token_sources_that_name_no_row_are_refused(zoo, tmp_path, capsys, e
     assert not out.exists()
 
 
+def test_base_source_by_token_has_the_tokenizers_rows(zoo, tmp_path):
+    """A base with 3 rows its tokenizer does not name (like Qwen2.5): `tokenizer_source: base`
+    keeps them (--vocab base), the by-token form cuts them as mergekit does."""
+    wide = build_llama(tmp_path / "wide", seed=0, vocab_size=len(AutoTokenizer.from_pretrained(
+        zoo["base"])) + 3, tokenizer_from=zoo["base"])
+    v0 = len(AutoTokenizer.from_pretrained(wide))
+    rows = {}
+    for name, tail in (("kept", "tokenizer_source: base\n"),
+                       ("cut", "tokenizer: {source: base, pad_to_multiple_of: 1}\n")):
+        code, out = run_config(tmp_path, {**zoo, "base": wide}, tail, name)
+        assert code == 0
+        rows[name] = load_weights(out)[EMBED].shape[0]
+        assert json.loads((out / "config.json").read_text())["vocab_size"] == rows[name]
+    assert rows == {"kept": v0 + 3, "cut": v0}
+
+
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
           "'<|im_end|>' }}{% endfor %}")
 
