@@ -219,6 +219,37 @@ def test_chat_template_auto_and_literal(zoo, tmp_path):
     assert code == 0 and AutoTokenizer.from_pretrained(out).chat_template == literal
 
 
+def test_inline_aim_relaxes_toward_the_reindexed_base(zoo, tmp_path):
+    """[PAD], which only pad has, is pad's row in the base too: no delta, so AIM keeps it (a
+    base grown by position, with a mean row there, would pull it away)."""
+    from tests.test_aim_cli import CALIB
+
+    config = tmp_path / "aim.yml"
+    config.write_text(f"merge_method: task_arithmetic\nbase_model: {zoo['base']}\nmodels:\n"
+                      f"  - model: {zoo['pad']}\n    parameters: {{weight: 0.7}}\n"
+                      "tokenizer_source: union\n")
+    plain, relaxed = tmp_path / "plain", tmp_path / "relaxed"
+    assert merge.main(["--config", str(config), "--save_path", str(plain)]) == 0
+    assert merge.main(["--config", str(config), "--save_path", str(relaxed), "--aim", "--omega",
+                       "0.4", "--calib_data", "builtin", *CALIB]) == 0
+    got, before = load_weights(relaxed), load_weights(plain)
+    v0 = load_weights(zoo["base"])[HEAD].shape[0]
+    assert torch.equal(got[HEAD][v0], load_weights(zoo["pad"])[HEAD][v0])
+    assert not torch.equal(got[HEAD][:v0], before[HEAD][:v0])   # the other rows were relaxed
+
+
+def test_post_hoc_aim_refuses_a_vocabulary_built_from_tokenizers(zoo, tmp_path, capsys):
+    """Its rows are re-indexed by token; performAIM lines the base's up by position."""
+    import performAIM
+
+    code, out = run_config(tmp_path, zoo, "tokenizer_source: union\n")
+    assert code == 0
+    code = performAIM.main(["--merged_model", str(out), "--pretrained_model_name",
+                            str(zoo["base"]), "--save_path", str(tmp_path / "aim")])
+    assert_user_error(capsys, code, "was merged with a vocabulary built from tokenizers",
+                      "merge.py --config ... --aim")
+
+
 def test_passthrough_refuses_a_tokenizer_vocabulary(zoo, tmp_path, capsys):
     config = tmp_path / "p.yml"
     config.write_text(f"merge_method: passthrough\nslices:\n  - sources:\n"
