@@ -144,7 +144,7 @@ row of the token itself; force)."""
 
 def token_rows(tokenizer, vocabs: Sequence[dict[str, int]], labels: Sequence[str],
                base: int | None, pad_to_multiple_of: int | None,
-               overrides: Mapping[str, Override] = {}) -> TokenRows:
+               overrides: Mapping[str, Override] | None = None) -> TokenRows:
     """Plan the re-indexing from the output tokenizer and each model's own vocabulary, then
     apply the `overrides` of tokenizer.tokens."""
     vocab = tokenizer.get_vocab()
@@ -160,7 +160,7 @@ def token_rows(tokenizer, vocabs: Sequence[dict[str, int]], labels: Sequence[str
     fill_row = index.gather(0, fill.clamp(min=0).view(1, -1)).view(-1)
     force = torch.zeros(len(tokens), dtype=torch.bool)
     nowhere = fill == ZERO
-    for token, (k, row, forced) in overrides.items():
+    for token, (k, row, forced) in (overrides or {}).items():
         t = vocab[token]
         nowhere[t] = False
         if k is not None and row is None:
