@@ -31,7 +31,7 @@ import torch
 from checkpoints.checkpoint import (CheckpointReader, has_tokenizer, load_tokenizer,
                                     resolve_model_dir)
 from checkpoints.errors import UserError, writing
-from merging_methods.mergekit_config import MergeConfig, ModelRef, TokenSource, effective_slices
+from merging_methods.mergekit_config import MergeConfig, ModelRef, TokenSource
 from merging_methods.plan import input_embedding_rows
 
 log = logging.getLogger(__name__)
@@ -116,63 +116,73 @@ def align_rows(tensors: Sequence[torch.Tensor], index: torch.Tensor, fill: torch
     return out
 
 
+Override = tuple[int, "str | None", int, bool]
+"""A tokenizer.tokens entry resolved: (its token id, the model whose row it takes, None for
+zeros; that model's row; force)."""
+
+
 @dataclass(frozen=True)
 class TokenRows:
-    """The output vocabulary and, for each input model (by label), its row of every token."""
+    """The output vocabulary and every referenced model's row of each of its tokens. Which row a
+    model lacking a token gets depends on the inputs of each tensor, so it is decided there."""
 
     tokenizer: object                  # the output tokenizer, saved with the merge
     rows: int                          # output rows: the tokens, rounded up to a multiple
-    labels: tuple[str, ...]            # the input models, in the order of `index`
+    labels: tuple[str, ...]            # every model the config reads, in the order of `index`
     index: torch.Tensor                # (models, V) int64: the model's row of token id, or -1
-    fill: torch.Tensor                 # (V,) what a model lacking a token gets (fill_sources)
-    fill_row: torch.Tensor             # (V,) the row of model `fill` it gets
-    force: torch.Tensor                # (V,) bool: every model gets it (tokenizer.tokens)
+    base: str | None                   # the base's label: its row goes to models lacking a token
+    overrides: Mapping[str, Override]  # tokenizer.tokens, by token
 
     def align(self, tensors: Sequence[torch.Tensor], labels: Sequence[str]) -> list[torch.Tensor]:
-        """`tensors` (one per label, any of them repeated) re-indexed to the output rows."""
+        """`tensors` (one output tensor's inputs, one per label, any of them repeated)
+        re-indexed to the output rows."""
+        inputs = list(dict.fromkeys(labels))
         by_label = dict(zip(labels, tensors))
-        aligned = dict(zip(self.labels, align_rows([by_label[m] for m in self.labels],
-                                                    self.index, self.fill, self.rows,
-                                                    self.fill_row, self.force)))
+        index = self.index[[self.labels.index(label) for label in inputs]]
+        fill = fill_sources(index, inputs.index(self.base) if self.base in inputs else None)
+        fill_row = index.gather(0, fill.clamp(min=0).view(1, -1)).view(-1)
+        force = torch.zeros(index.shape[1], dtype=torch.bool)
+        for token, (t, label, row, forced) in self.overrides.items():
+            if label is not None and label not in inputs:
+                raise UserError(f"tokenizer.tokens.{token}: {label} is not an input of this "
+                                "tensor, so its row cannot be taken")
+            fill[t] = ZERO if label is None else inputs.index(label)
+            fill_row[t], force[t] = row, forced
+        aligned = dict(zip(inputs, align_rows([by_label[m] for m in inputs], index, fill,
+                                              self.rows, fill_row, force)))
         return [aligned[label] for label in labels]
 
 
-Override = tuple[int | None, int | None, bool]
-"""A tokenizer.tokens entry resolved: (model index, None for zeros; its row, None for its own
-row of the token itself; force)."""
-
-
 def token_rows(tokenizer, vocabs: Sequence[dict[str, int]], labels: Sequence[str],
-               base: int | None, pad_to_multiple_of: int | None,
-               overrides: Mapping[str, Override] | None = None) -> TokenRows:
-    """Plan the re-indexing from the output tokenizer and each model's own vocabulary, then
-    apply the `overrides` of tokenizer.tokens."""
+               base: str | None, pad_to_multiple_of: int | None,
+               tokens: Mapping[str, TokenSource] | None = None) -> TokenRows:
+    """Plan the re-indexing from the output tokenizer and each model's own vocabulary (`vocabs`,
+    token -> row), with the `tokens` of tokenizer.tokens (their texts resolved to rows)."""
     vocab = tokenizer.get_vocab()
     if sorted(vocab.values()) != list(range(len(vocab))):
         raise UserError(f"{WHERE}: the output tokenizer's ids are not 0..N-1; this "
                         "vocabulary cannot index embedding rows")
-    tokens = sorted(vocab, key=vocab.get)
-    index = torch.tensor([[own.get(t, -1) for t in tokens] for own in vocabs], dtype=torch.long)
-    rows = len(tokens)
+    tokens_by_id = sorted(vocab, key=vocab.get)
+    index = torch.tensor([[own.get(t, -1) for t in tokens_by_id] for own in vocabs],
+                         dtype=torch.long)
+    rows = len(tokens_by_id)
     if pad_to_multiple_of:
         rows = -(-rows // pad_to_multiple_of) * pad_to_multiple_of
-    fill = fill_sources(index, base)
-    fill_row = index.gather(0, fill.clamp(min=0).view(1, -1)).view(-1)
-    force = torch.zeros(len(tokens), dtype=torch.bool)
-    nowhere = fill == ZERO
-    for token, (k, row, forced) in (overrides or {}).items():
-        t = vocab[token]
-        nowhere[t] = False
-        if k is not None and row is None:
-            row = int(index[k, t])
+    overrides = {}
+    for token, given in (tokens or {}).items():
+        label, row = None if given.model is None else str(given.model), given.token
+        if label is not None and row is None:
+            row = int(index[labels.index(label), vocab[token]])
             if row < 0:
-                raise UserError(f"tokenizer.tokens.{token}: {labels[k]} has no row for "
-                                f"{token!r}; name one of its tokens (kind: model_token)")
-        fill[t], fill_row[t], force[t] = (ZERO, 0, forced) if k is None else (k, row, forced)
+                raise UserError(f"tokenizer.tokens.{token}: {label} has no row for {token!r}; "
+                                "name one of its tokens (kind: model_token)")
+        overrides[token] = (vocab[token], label, row or 0, given.force)
+    nowhere = (index < 0).all(0)
+    nowhere[[t for t, *_ in overrides.values()]] = False
     if nowhere.any():
         log.warning("%s: %d output token(s) are in no input model (e.g. %r); their rows are "
-                    "zeros", WHERE, int(nowhere.sum()), tokens[int(nowhere.nonzero()[0])])
-    return TokenRows(tokenizer, rows, tuple(labels), index, fill, fill_row, force)
+                    "zeros", WHERE, int(nowhere.sum()), tokens_by_id[int(nowhere.nonzero()[0])])
+    return TokenRows(tokenizer, rows, tuple(labels), index, base, overrides)
 
 
 def reindexes(config: MergeConfig | None) -> bool:
@@ -189,7 +199,7 @@ def plan_token_rows(config: MergeConfig, donor: CheckpointReader,
     headers only. `donor` is the base (else the first model): its tokenizer is the union's
     start. A model whose tokenizer does not load is taken to share the donor's, as in mergekit."""
     by_label = {r.label: r for r in (donor, *readers)}
-    labels = list(dict.fromkeys(str(s.model) for s in effective_slices(config)[0].sources))
+    labels = list(by_label)   # the donor first, then document order
     rows = {label: r.vocab_size or input_embedding_rows(r) or 0 for label, r in by_label.items()}
     donor_tok = load_tokenizer(donor.folder, donor.label, WHERE)
 
@@ -217,29 +227,28 @@ def plan_token_rows(config: MergeConfig, donor: CheckpointReader,
     for token in config.tokens:
         if token not in out.get_vocab():
             out.add_tokens(token)
-    overrides = {token: _override(token, given, labels, tokenizers, rows)
-                 for token, given in config.tokens.items()}
-    base = str(config.base_model) if config.base_model is not None else None
+    tokens = {token: _token_row(token, given, tokenizers, rows)
+              for token, given in config.tokens.items()}
     return token_rows(out, [own_vocab(tokenizers[label], rows[label]) for label in labels],
-                      labels, labels.index(base) if base in labels else None,
-                      config.pad_to_multiple_of, overrides)
+                      labels, None if config.base_model is None else str(config.base_model),
+                      config.pad_to_multiple_of, tokens)
 
 
-def _override(token: str, given: TokenSource, labels: list[str], tokenizers: Mapping[str, object],
-              rows: Mapping[str, int]) -> Override:
-    """A tokenizer.tokens entry resolved against the merged models and their vocabularies."""
-    where = f"tokenizer.tokens.{token}"
+def _token_row(token: str, given: TokenSource, tokenizers: Mapping[str, object],
+               rows: Mapping[str, int]) -> TokenSource:
+    """A tokenizer.tokens entry with its model checked and a token text turned into its row."""
     if given.model is None:
-        return None, None, given.force
+        return given
     label = str(given.model)
-    if label not in labels:
-        raise UserError(f"{where}: {label} is not one of the merged models")
+    if label not in tokenizers:
+        raise UserError(f"tokenizer.tokens.{token}: {label} is not one of the merged models")
     row = given.token
     if isinstance(row, str):
         row = tokenizers[label].get_vocab().get(row)
     if given.token is not None and (row is None or row >= rows[label]):
-        raise UserError(f"{where}: {label} has no row for token {given.token!r}")
-    return labels.index(label), row, given.force
+        raise UserError(f"tokenizer.tokens.{token}: {label} has no row for token "
+                        f"{given.token!r}")
+    return TokenSource(given.model, row, given.force)
 
 
 def chosen_chat_template(setting: str, folders: Sequence[Path]) -> str | None:
