@@ -13,7 +13,7 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import merge
-from merging_methods.token_vocab import MEAN, OWN, ZERO, align_rows, fill_sources
+from merging_methods.token_vocab import MEAN, OWN, ZERO, TokenRows, align_rows, fill_sources
 from tests.test_merge_cli import assert_user_error, load_weights
 from tests.tiny_models import build_finetune, build_llama
 
@@ -41,6 +41,14 @@ def test_rows_are_reindexed_by_token_and_filled():
     assert [r.flatten().tolist() for r in out] == [[10, 11, 26.5, 32, 0],
                                                    [21, 20, 22, 32, 0],
                                                    [30, 11, 31, 32, 0]]
+
+
+def test_the_fill_rules_see_only_the_tensors_inputs():
+    """A tensor read from base and a only: t2 has one holder there (a), t3 none (zeros)."""
+    plan = TokenRows(None, 5, ("base", "a", "b"), INDEX, "base", {})
+    base, a = torch.tensor([[10.0], [11.0]]), torch.tensor([[20.0], [21.0], [22.0]])
+    out = plan.align([a, base], ["a", "base"])
+    assert [r.flatten().tolist() for r in out] == [[21, 20, 22, 0, 0], [10, 11, 22, 0, 0]]
 
 
 def test_named_rows_fill_lacking_models_or_everyone_when_forced():
