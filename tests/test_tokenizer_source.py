@@ -205,6 +205,31 @@ def test_base_source_by_token_has_the_tokenizers_rows(zoo, tmp_path):
     assert rows == {"kept": v0 + 3, "cut": v0}
 
 
+def test_a_token_past_a_models_rows_counts_as_lacking(zoo, tmp_path):
+    """short names <extra> at an id it has no row for (mergekit 0.1.5 stops with a KeyError once
+    another model brings <extra> into the union); here short lacks it, so it takes the only
+    holder's row and the merged row is that row."""
+    from safetensors.torch import save_file
+
+    short = build_finetune(zoo["base"], tmp_path / "short", seed=5,
+                           added_tokens=("[PAD]", "<extra>"))
+    weights = load_weights(short)
+    for name in (EMBED, HEAD):
+        weights[name] = weights[name][:-1].contiguous()
+    save_file(weights, short / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "vocab_size": len(weights[EMBED])}))
+    holder = build_finetune(zoo["base"], tmp_path / "holder", seed=6, added_tokens=("<extra>",))
+    code, out = run_config(tmp_path, {**zoo, "pad": short, "two": holder},
+                           "tokenizer_source: union\n")
+    assert code == 0
+    v0 = load_weights(zoo["base"])[EMBED].shape[0]
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.convert_tokens_to_ids(["[PAD]", "<extra>"]) == [v0, v0 + 1]
+    got, held = load_weights(out), load_weights(holder)
+    assert all(torch.equal(got[n][v0 + 1], held[n][v0]) for n in (EMBED, HEAD))
+
+
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
           "'<|im_end|>' }}{% endfor %}")
 
