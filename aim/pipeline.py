@@ -226,6 +226,17 @@ def check_same_tensors(merged: CheckpointReader, base: CheckpointReader) -> None
                             "pass the base the merge started from")
 
 
+def check_rows_by_position(merged: CheckpointReader) -> None:
+    """Refuse a merge whose vocabulary a config built from tokenizers (rows re-indexed by token,
+    merging_methods/token_vocab.py): the base's rows cannot be lined up with it here."""
+    record = read_record(merged.folder)
+    if "tokenizer" in record or record.get("tokenizer_source") not in (None, "base"):
+        raise UserError(f"--merged_model: {merged.label} was merged with a vocabulary built from "
+                        "tokenizers (tokenizer_source/tokenizer in its merge_recipe.yaml), whose "
+                        "rows the base's cannot be lined up with here; relax it during the merge "
+                        "instead (merge.py --config ... --aim)")
+
+
 def _base_rows_if_fewer(base: CheckpointReader, merged: CheckpointReader, name: str) -> int | None:
     """The base tensor's row count when the merged one has more rows (a grown vocabulary)."""
     if name not in base.info:
@@ -254,6 +265,7 @@ def relax_checkpoint(merged_id: str, base_id: str, save_path: str, settings: Aim
     base = CheckpointReader(base_dir, base_id)
     dtype = parse_dtype(out_dtype) if out_dtype else merged.stored_dtype
     outputs = output_paths(save_path, settings.omegas)
+    check_rows_by_position(merged)
     check_same_tensors(merged, base)
     stats, stats_record = obtain_stats(base_dir, base_id, settings, device)
     shapes = {n: i.shape for n, i in merged.info.items()}

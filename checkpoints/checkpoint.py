@@ -72,41 +72,49 @@ def _looks_like_hub_id(name: str) -> bool:
 
 
 def resolve_model_dir(name_or_path: str, flag: str) -> Path:
-    """A local model folder for `name_or_path` (a folder, or a hub id that is downloaded)."""
+    """A local model folder for `name_or_path`: a folder, or a hub id (`org/name`, or
+    `org/name@revision` for a branch, tag or commit, as mergekit writes it) that is downloaded."""
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not path.is_dir():
             raise UserError(f"{flag}: {name_or_path} is a file; pass the model's folder")
         return path
-    if not _looks_like_hub_id(name_or_path):
+    repo_id, _, revision = name_or_path.partition("@")
+    if revision and Path(repo_id).expanduser().exists():
+        raise UserError(f"{flag}: {name_or_path}: {repo_id} is a local folder, which has no "
+                        f"revisions; drop @{revision} or give a hub id")
+    if not _looks_like_hub_id(repo_id) or (revision and "@" in revision):
         raise UserError(f"{flag}: {name_or_path} does not exist; pass a model folder or a hub id "
-                        "like org/name")
-    return _download_from_hub(name_or_path, flag)
+                        "like org/name or org/name@revision")
+    return _download_from_hub(repo_id, flag, revision or None)
 
 
-def _download_from_hub(repo_id: str, flag: str) -> Path:
-    """Download weights (safetensors preferred, else .bin), config and tokenizer files; with the
-    Hub unreachable, the copy in the local Hugging Face cache, else a one-line error at once."""
+def _download_from_hub(repo_id: str, flag: str, revision: str | None = None) -> Path:
+    """Download weights (safetensors preferred, else .bin), config and tokenizer files of
+    `revision` (None: the default branch); with the Hub unreachable, the copy in the local
+    Hugging Face cache, else a one-line error at once."""
     from huggingface_hub import HfApi, snapshot_download
 
     from checkpoints.hub import hub_unreachable
 
+    name = repo_id if revision is None else f"{repo_id}@{revision}"
     down = hub_unreachable()
     if down:
         try:
-            return Path(snapshot_download(repo_id, local_files_only=True))
+            return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
         except Exception:  # noqa: BLE001 - not cached: the one line below
-            raise UserError(f"{flag}: {repo_id!r} is no local folder, not in the Hugging Face cache, "
+            raise UserError(f"{flag}: {name!r} is no local folder, not in the Hugging Face cache, "
                             f"and the Hub is unreachable ({down}); pass a local folder") from None
     try:
-        files = HfApi().list_repo_files(repo_id)
+        files = HfApi().list_repo_files(repo_id, revision=revision)
         weights = ["*.safetensors", "*.safetensors.index.json"]
         if not any(f.endswith(".safetensors") for f in files):
             weights = ["*.bin", "*.bin.index.json"]
-        folder = snapshot_download(repo_id, allow_patterns=[*weights, *MODEL_SIDE_FILES])
+        folder = snapshot_download(repo_id, revision=revision,
+                                   allow_patterns=[*weights, *MODEL_SIDE_FILES])
     except Exception as err:  # noqa: BLE001 - any hub failure becomes one line for the user
         reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise UserError(f"{flag}: could not fetch {repo_id!r} from the Hugging Face Hub "
+        raise UserError(f"{flag}: could not fetch {name!r} from the Hugging Face Hub "
                         f"({reason}); download it elsewhere and pass the local folder instead")
     return Path(folder)
 
@@ -458,6 +466,17 @@ class ShardedWriter:
                 "weight_map": {n: self.file_names[k] for n, k in self._shard_of.items()},
             }
             (self.folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def load_tokenizer(folder: Path, label: str, flag: str, hint: str = ""):
+    """The tokenizer of a model folder; any failure is one UserError line (`hint` appended)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as err:  # noqa: BLE001 - a broken tokenizer is one line for the user
+        raise UserError(f"{flag}: cannot load the tokenizer of {label} "
+                        f"({first_line(err)[:160]}){hint}") from None
 
 
 def has_tokenizer(folder: Path) -> bool:

@@ -62,6 +62,17 @@ class ModelRef:
 
 
 @dataclass(frozen=True)
+class TokenSource:
+    """A `tokenizer.tokens` entry: the row of `model` (None: zeros) for its own token `token`
+    (a text or an id; None: the same token), given to every model lacking it, or to every model
+    when `force`."""
+
+    model: ModelRef | None
+    token: str | int | None = None
+    force: bool = False
+
+
+@dataclass(frozen=True)
 class Source:
     """An entry of `models:` (layer_range None = all layers) or of `slices[s].sources`."""
 
@@ -90,24 +101,26 @@ class MergeConfig:
     parameters: Params = field(default_factory=dict)
     dtype: str | None = None
     out_dtype: str | None = None
-    tokenizer_source: str | None = None
+    tokenizer_source: str | ModelRef | None = None  # "base", "union" or a model (§18.8)
+    pad_to_multiple_of: int | None = None  # tokenizer.pad_to_multiple_of: output rows rounded up
+    tokens: Mapping[str, TokenSource] = field(default_factory=dict)  # tokenizer.tokens
+    vocab: str | None = None  # our extension: "union" = merge.py --vocab union (§13.1)
     chat_template: str | None = None
     seed: int | None = None  # our extension (mergekit takes --random-seed); mergekit ignores it
     origin: str = field(default="<config>", compare=False)  # file name for error messages
 
 
 DTYPES = ("bfloat16", "float16", "float32", "float64")
-VOCAB_SOURCES = ("base",)  # mergekit's `union` and model sources are not §13's union (§18.8)
-CHAT_TEMPLATES = ("auto", "alpaca", "chatml", "llama3", "mistral", "exaone")
+VOCAB_SOURCES = ("base", "union")  # or a model reference; `union` is not §13.1's (§18.8)
+BUILTIN_TEMPLATES = ("alpaca", "chatml", "llama3", "mistral", "exaone")  # mergekit's files
 TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
-            "tokenizer_source", "tokenizer", "chat_template", "seed")
+            "tokenizer_source", "tokenizer", "chat_template", "seed", "vocab")
 RECORD_KEYS = ("merge", "aim", "versions", "created")
 """What this toolkit writes beside the config in merge_recipe.yaml: read and ignored."""
 UNSUPPORTED = {  # mergekit keys we refuse -> why
     "modules": "multi-module (vision-language) configs; use models: or slices:",
     "residual_weight": "mergekit 0.1.5 parses it but never applies it",
     "lora": "LoRA adapters", "override_architecture": "architecture overrides",
-    "tokens": "per-token embedding sources", "pad_to_multiple_of": "vocabulary padding",
 }
 
 
@@ -174,7 +187,7 @@ def _config(raw: object, origin: str) -> MergeConfig:
         parameters=_params(raw.get("parameters"), "parameters", spec, origin, shared=True),
         dtype=_dtype(raw.get("dtype"), "dtype", origin),
         out_dtype=_dtype(raw.get("out_dtype"), "out_dtype", origin),
-        tokenizer_source=_tokenizer(raw, origin),
+        **_tokenizer(raw, origin),
         chat_template=_chat_template(raw.get("chat_template"), origin),
         seed=_seed(raw.get("seed"), origin), origin=origin)
 
@@ -348,27 +361,88 @@ def _dtype(value: object, key: str, origin: str) -> str | None:
     return name
 
 
-def _tokenizer(raw: Mapping, origin: str) -> str | None:
-    if "tokenizer" in raw and "tokenizer_source" in raw:
-        raise _fail(origin, "", "give 'tokenizer' or 'tokenizer_source', not both")
+def _tokenizer(raw: Mapping, origin: str) -> dict[str, object]:
+    """tokenizer_source, pad_to_multiple_of, tokens and vocab (our --vocab union), at most one
+    way."""
+    given = [k for k in ("tokenizer", "tokenizer_source", "vocab") if k in raw]
+    if len(given) > 1:
+        raise _fail(origin, "", f"give one of 'tokenizer', 'tokenizer_source' or 'vocab', not "
+                    f"{' and '.join(repr(k) for k in given)}")
+    if "vocab" in raw:
+        if raw["vocab"] != "union":
+            raise _fail(origin, "vocab", f"expected 'union' (merge.py --vocab union, §13.1's "
+                        f"pad-token union), got {raw['vocab']!r}; for the base vocabulary use "
+                        "tokenizer_source: base")
+        return {"vocab": "union"}
+    pad, tokens = None, {}
     if "tokenizer" in raw:
         block = _mapping(raw["tokenizer"], "tokenizer", origin)
-        _check_keys(block, ("source",), "tokenizer", origin)
+        _check_keys(block, ("source", "tokens", "pad_to_multiple_of"), "tokenizer", origin)
         where, source = "tokenizer.source", block.get("source", "union")
+        pad = block.get("pad_to_multiple_of")
+        if block.get("tokens") is not None:
+            tokens = _tokens(block["tokens"], origin)
+        if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
+            raise _fail(origin, "tokenizer.pad_to_multiple_of",
+                        f"expected a whole number >= 1, got {pad!r}")
     else:
         where, source = "tokenizer_source", raw.get("tokenizer_source")
-    if source is None or source in VOCAB_SOURCES:
-        return source
-    raise _fail(origin, where, f"{source!r} is not supported; use 'base' (mergekit's union "
-                "vocabulary and model sources are not implemented here)")
+    if source is not None and source not in VOCAB_SOURCES:
+        source = _ref(source, where, origin)
+    return {"tokenizer_source": source, "pad_to_multiple_of": pad, "tokens": tokens}
+
+
+def _tokens(raw: object, origin: str) -> dict[str, TokenSource]:
+    """tokenizer.tokens: {token: {source: <model> | {kind: model_token, model, token | token_id}
+    | {kind: zero}, force: bool}} (mergekit's per-token embedding sources)."""
+    out = {}
+    for token, entry in _mapping(raw, "tokenizer.tokens", origin).items():
+        where = f"tokenizer.tokens.{token}"
+        if not isinstance(token, str):
+            raise _fail(origin, where, "a token is a text; quote it")
+        entry = _mapping(entry, where, origin)
+        _check_keys(entry, ("source", "force"), where, origin)
+        force = entry.get("force", False)
+        if not isinstance(force, bool):
+            raise _fail(origin, f"{where}.force", f"expected true or false, got {force!r}")
+        out[token] = _token_source(entry.get("source"), f"{where}.source", origin, force)
+    return out
+
+
+def _token_source(value: object, where: str, origin: str, force: bool) -> TokenSource:
+    if not isinstance(value, dict) or "kind" not in value:
+        if value is None:
+            raise _fail(origin, where, "required: a model, {kind: model_token, model, token} or "
+                        "{kind: zero}")
+        return TokenSource(_ref(value, where, origin), None, force)
+    if value["kind"] == "zero":
+        _check_keys(value, ("kind",), where, origin)
+        return TokenSource(None, None, force)
+    if value["kind"] != "model_token":
+        raise _fail(origin, f"{where}.kind", f"expected 'model_token' or 'zero', got "
+                    f"{value['kind']!r}")
+    _check_keys(value, ("kind", "model", "token", "token_id"), where, origin)
+    if ("token" in value) == ("token_id" in value):
+        raise _fail(origin, where, "give one of 'token' (a text) or 'token_id' (a row)")
+    token = value.get("token", value.get("token_id"))
+    valid = (isinstance(token, str) and token) if "token" in value else (
+        isinstance(token, int) and not isinstance(token, bool) and token >= 0)
+    if not valid:
+        raise _fail(origin, where, f"expected a token text or a whole token_id >= 0, got "
+                    f"{token!r}")
+    return TokenSource(_ref(value.get("model"), f"{where}.model", origin), token, force)
 
 
 def _chat_template(value: object, origin: str) -> str | None:
-    if value is None or value in CHAT_TEMPLATES or (
+    """`auto` or a Jinja template; mergekit's built-in names are refused (its template files are
+    not shipped here)."""
+    if value is None or value == "auto" or (
             isinstance(value, str) and "{" in value and len(value) >= 20):
         return value
-    raise _fail(origin, "chat_template", f"expected {', '.join(CHAT_TEMPLATES)} or a Jinja "
-                f"template, got {value!r}")
+    if value in BUILTIN_TEMPLATES:
+        raise _fail(origin, "chat_template", f"{value!r} names a template file of mergekit's, "
+                    "which this toolkit does not ship; give the Jinja template itself or auto")
+    raise _fail(origin, "chat_template", f"expected auto or a Jinja template, got {value!r}")
 
 
 def _seed(value: object, origin: str) -> int | None:
@@ -440,10 +514,33 @@ def config_doc(config: MergeConfig) -> dict[str, object]:
                           **({"base_model": str(piece.base_model)} if piece.base_model else {}),
                           **_params_doc(piece.parameters)} for piece in config.slices]
     doc.update(_params_doc(config.parameters))
-    for key in ("dtype", "out_dtype", "tokenizer_source", "chat_template", "seed"):
+    for key in ("dtype", "out_dtype"):
+        if getattr(config, key) is not None:
+            doc[key] = getattr(config, key)
+    if config.pad_to_multiple_of is not None or config.tokens:
+        block: dict[str, object] = {"source": str(config.tokenizer_source)}
+        if config.tokens:
+            block["tokens"] = {t: _token_doc(s) for t, s in config.tokens.items()}
+        if config.pad_to_multiple_of is not None:
+            block["pad_to_multiple_of"] = config.pad_to_multiple_of
+        doc["tokenizer"] = block
+    elif config.tokenizer_source is not None:
+        doc["tokenizer_source"] = str(config.tokenizer_source)
+    for key in ("vocab", "chat_template", "seed"):
         if getattr(config, key) is not None:
             doc[key] = getattr(config, key)
     return doc
+
+
+def _token_doc(source: TokenSource) -> dict[str, object]:
+    if source.model is None:
+        doc: object = {"kind": "zero"}
+    elif source.token is None:
+        doc = str(source.model)
+    else:
+        key = "token" if isinstance(source.token, str) else "token_id"
+        doc = {"kind": "model_token", "model": str(source.model), key: source.token}
+    return {"source": doc, **({"force": True} if source.force else {})}
 
 
 def _source_doc(source: Source) -> dict[str, object]:

@@ -85,10 +85,13 @@ def _is_vocab_tensor(name: str, base: CheckpointReader, embed_name: str | None) 
 
 
 def build_plan(base: CheckpointReader, models: list[CheckpointReader],
-               out_dtype: torch.dtype, vocab_rows: int | None = None) -> MergePlan:
+               out_dtype: torch.dtype, vocab_rows: int | None = None,
+               by_token: bool = False) -> MergePlan:
     """Compare key sets and shapes of all inputs with the base; one UserError lists problems.
 
-    `vocab_rows` (`--vocab union`) is the output's vocabulary size; None keeps the base's."""
+    `vocab_rows` (`--vocab union`, a config's tokenizer vocabulary) is the output's vocabulary
+    size; None keeps the base's. `by_token`: vocab rows are re-indexed by token (token_vocab.py),
+    so a model's vocab tensors may have any number of rows."""
     embed_name = input_embedding_name(base)
     problems: list[str] = []
     notes: list[str] = []
@@ -123,7 +126,7 @@ def build_plan(base: CheckpointReader, models: list[CheckpointReader],
                 same_width = other.shape[1:] == info.shape[1:]
                 if is_vocab and same_width and vocab_rows is None:
                     cropped.setdefault(model.label, []).append(f"{other.shape[0]}->{info.shape[0]}")
-                elif not (is_vocab and same_width and other.shape[0] <= vocab_rows):
+                elif not (is_vocab and same_width and (by_token or other.shape[0] <= vocab_rows)):
                     problems.append(f"{name}: {model.label} has shape {list(other.shape)}, the "
                                     f"base {list(info.shape)}")
             sources.append(source)

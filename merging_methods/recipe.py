@@ -157,17 +157,20 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
     """The merge flags (published names kept: --method, --base_model, --models_to_merge, --save_path)."""
     parser.add_argument("--config", metavar="FILE.yml",
                         help="a mergekit YAML config (merge_method, base_model, models or slices, "
-                             "parameters, dtype, out_dtype, tokenizer_source: base, seed) instead "
-                             "of the method flags; a merged folder's merge_recipe.yaml is one")
+                             "parameters, dtype, out_dtype, tokenizer_source: base, union or a "
+                             "model, seed) instead of the method flags; a merged folder's "
+                             "merge_recipe.yaml is one")
     parser.add_argument("--method", metavar="NAME",
                         help=f"merge method: {', '.join(sorted(METHODS))} (aliases: "
                              f"{', '.join(f'{a} = {m}' for a, m in sorted(ALIASES.items()))})")
     parser.add_argument("--base_model",
                         help="base (pre-trained) model: local folder or hub id (e.g. "
-                             "unsloth/llama-2-13b); for 'linear' and 'passthrough' it supplies "
-                             "config and tokenizer")
+                             "unsloth/llama-2-13b, or org/name@revision for a branch, tag or "
+                             "commit); for 'linear' and 'passthrough' it supplies config and "
+                             "tokenizer")
     parser.add_argument("--models_to_merge",
-                        help="comma-separated fine-tuned models (folders or hub ids)")
+                        help="comma-separated fine-tuned models (folders or hub ids, "
+                             "org/name@revision for a hub revision)")
     parser.add_argument("--save_path", required=True,
                         help="output folder; written to a temporary sibling and renamed at the end")
     p = parser.add_argument_group("method parameters (default: the method's mergekit default)")

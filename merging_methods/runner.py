@@ -21,11 +21,11 @@ import torch
 from tqdm import tqdm
 
 from checkpoints.checkpoint import (
-    HEAD_SUFFIXES, CheckpointReader, ShardedWriter, TensorInfo, copy_model_files,
+    HEAD_SUFFIXES, MODEL_SIDE_FILES, CheckpointReader, ShardedWriter, TensorInfo, copy_model_files,
     dtype_config_update, dtype_name, finite, parse_dtype, parse_size, resolve_model_dir,
 )
 from checkpoints.device import resolve_device
-from checkpoints.errors import UserError
+from checkpoints.errors import UserError, writing
 from checkpoints.output import check_output_path, staged_output
 from checkpoints.overlap import IOThread
 from checkpoints.record import write_model_card, write_record
@@ -38,6 +38,8 @@ from merging_methods.primitives import keep_mask, mask_generator, mask_key, used
 from merging_methods.recipe import MergeRecipe
 from merging_methods.registry import MethodSpec, get_method, method_warnings, splits_by_rows
 from merging_methods.sliced import SlicedInput
+from merging_methods.token_vocab import (TokenRows, plan_token_rows, reindexes,
+                                         save_chat_template)
 from merging_methods.vocab import VocabUnion, plan_union, save_union_tokenizer, vocab_config_update
 from merging_methods.yaml_recipe import (input_paths, is_sliced, open_sliced, record_of,
                                          tensor_arguments)
@@ -60,15 +62,20 @@ class OpenedInputs:
     sources: list[CheckpointReader]   # every checkpoint read
     union: VocabUnion | None = None   # --vocab union: the added tokens and output rows
     layout: dict = field(default_factory=dict)   # config.json depth updates of a sliced merge
+    tokens: TokenRows | None = None   # a config's tokenizer vocabulary: rows re-indexed by token
 
 
 def open_inputs(recipe: MergeRecipe) -> OpenedInputs:
     """Resolve and open every checkpoint and plan the merge from headers (and, for
-    `--vocab union`, tokenizers) only."""
+    `--vocab union` or a config's tokenizer vocabulary, tokenizers) only."""
     layout = {}
     if is_sliced(recipe):
         (base, *models), sources = open_sliced(recipe)
         layout = base.layout
+        if (recipe.vocab == "union" or reindexes(recipe.config)) and any(
+                m.mixes_models for m in (base, *models)):
+            raise UserError(f"{recipe.config.origin}: a tokenizer that builds a new vocabulary "
+                            "needs every slice to list the same models in the same order")
     else:
         base = CheckpointReader(resolve_model_dir(recipe.base_model, "--base_model"),
                                 recipe.base_model)
@@ -85,8 +92,10 @@ def open_inputs(recipe: MergeRecipe) -> OpenedInputs:
         union = plan_union(base.folder, base_rows,
                            [(m.label, m.folder, input_embedding_rows(m) or base_rows)
                             for m in models])
-    plan = build_plan(base, models, out_dtype, union.rows if union else None)
-    return OpenedInputs(base, models, plan, out_dtype, sources, union, layout)
+    tokens = plan_token_rows(recipe.config, base, models) if reindexes(recipe.config) else None
+    rows = union.rows if union else tokens.rows if tokens else None
+    plan = build_plan(base, models, out_dtype, rows, by_token=tokens is not None)
+    return OpenedInputs(base, models, plan, out_dtype, sources, union, layout, tokens)
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device, keep_dtype: bool) -> torch.Tensor:
@@ -141,6 +150,8 @@ class TensorMerge:
         self.base = aligned(inputs.base, item.name)
         self.models = [aligned(m, src) for m, src in zip(inputs.models, item.sources)]
         self.context = tensor_context(spec, item, seed, len(self.models), inputs.plan.num_layers)
+        # re-indexing by token reads whole tensors: one chunk
+        self.tokens = inputs.tokens if item.is_vocab else None
         # DARE on row chunks on CPU: the chunk's keep-masks are drawn with its inputs on the I/O
         # thread, off the merge thread; an accelerator draws them itself, block by block
         self.masks_ahead = (device.type == "cpu" and spec.fast is not None
@@ -149,19 +160,25 @@ class TensorMerge:
     def units(self) -> Iterator[tuple[RowRange | None, tuple[int, ...]]]:
         """(rows, output shape of those rows) for each chunk this tensor is merged in."""
         shape = self.item.out.shape
-        for rows in row_ranges(shape, splits_by_rows(self.spec, self.params)):
+        split = splits_by_rows(self.spec, self.params) and self.tokens is None
+        for rows in row_ranges(shape, split):
             yield rows, shape if rows is None else (rows[1] - rows[0], *shape[1:])
 
     def read(self, rows: RowRange | None) -> list:
         """The stored rows of the base and of every model (vocab rows fitted, checked finite on
         the I/O thread), base first, then (DARE on row chunks) the models' keep-masks for these rows."""
         name = self.item.name
-        base_rows = finite(self.base.get(rows), self.inputs.base.label, name)
-        raw = [base_rows, *(finite(m.get(rows, base_rows), m.reader.label, name)
-                            for m in self.models)]
+        if self.tokens is not None:
+            inputs = [self.base, *self.models]
+            raw = self.tokens.align([finite(a.reader.get(a.name), a.reader.label, name)
+                                     for a in inputs], [a.reader.label for a in inputs])
+        else:
+            base_rows = finite(self.base.get(rows), self.inputs.base.label, name)
+            raw = [base_rows, *(finite(m.get(rows, base_rows), m.reader.label, name)
+                                for m in self.models)]
         if self.masks_ahead:
-            p, n = self.params, base_rows.numel()
-            start = rows[0] * math.prod(base_rows.shape[1:]) if rows else 0  # flat offset
+            p, n = self.params, raw[0].numel()
+            start = rows[0] * math.prod(raw[0].shape[1:]) if rows else 0  # flat offset
             raw.append([keep_mask(k, d, start, n) if used_density(d) < 1 and w != 0 else None
                         for d, w, k in zip(p["density"], p["weights"], self.context["mask_keys"])])
         return raw
@@ -239,6 +256,9 @@ def run_merge(recipe: MergeRecipe, *, make_post: HookFactory | None = None) -> P
         if make_post is not None:
             raise UserError(f"--aim: {spec.name} has no base to relax toward (its layers are "
                             "copied from slices of the models); drop --aim")
+        if reindexes(recipe.config):
+            raise UserError(f"{recipe.config.origin}: tokenizer_source: {spec.name} copies "
+                            "layers as they are; use tokenizer_source: base (or none)")
         return run_stacked(recipe, spec)
     device = resolve_device(recipe.device)
     max_shard_bytes = parse_size(recipe.max_shard_size)
@@ -270,11 +290,18 @@ def run_merge(recipe: MergeRecipe, *, make_post: HookFactory | None = None) -> P
         writer.close()
         config_updates = {**dtype_config_update(inputs.base.config, inputs.out_dtype),
                           **inputs.layout}
-        if inputs.union:
-            config_updates.update(vocab_config_update(inputs.base.config, inputs.union.rows))
-        copy_model_files(inputs.base.folder, tmp, config_updates=config_updates)
+        if inputs.union or inputs.tokens:
+            rows = (inputs.union or inputs.tokens).rows
+            config_updates.update(vocab_config_update(inputs.base.config, rows))
+        side_files = ("config.json", "generation_config.json") if inputs.tokens else MODEL_SIDE_FILES
+        copy_model_files(inputs.base.folder, tmp, names=side_files, config_updates=config_updates)
+        if inputs.tokens:
+            with writing(tmp / "tokenizer.json"):
+                inputs.tokens.tokenizer.save_pretrained(tmp)
         if inputs.union and inputs.union.tokens:
             save_union_tokenizer(inputs.base.folder, inputs.union, tmp)
+        if recipe.config is not None and recipe.config.chat_template:
+            save_chat_template(tmp, recipe.config.chat_template, folders)
         record = record_of(recipe, extra_record, dtype_name(inputs.out_dtype))
         write_record(tmp, record)
         write_model_card(tmp, record)
@@ -356,6 +383,8 @@ def run_stacked(recipe: MergeRecipe, spec: MethodSpec) -> Path:
         writer.close()
         copy_model_files(donor.folder, tmp, config_updates=_stacked_config(
             donor, readers, slices, out_dtype))
+        if recipe.config is not None and recipe.config.chat_template:
+            save_chat_template(tmp, recipe.config.chat_template, folders)
         record = record_of(recipe, {})
         write_record(tmp, record)
         write_model_card(tmp, record)

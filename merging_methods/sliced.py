@@ -39,6 +39,12 @@ class SlicedInput:
         return any(r is not self.like or s != n for n, (r, s) in self.routes.items())
 
     @property
+    def mixes_models(self) -> bool:
+        """Whether some output tensor comes from another model than `like` (whose tokenizer
+        and vocabulary the input is taken to have)."""
+        return any(r is not self.like for r, _ in self.routes.values())
+
+    @property
     def names(self) -> list[str]:
         return list(self.info)
 

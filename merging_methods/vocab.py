@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from checkpoints.checkpoint import load_tokenizer
 from checkpoints.errors import UserError
 
 FALLBACK = "use --vocab base to keep the base's vocabulary"
@@ -24,14 +25,7 @@ class VocabUnion:
 
 
 def _load_tokenizer(folder: Path, label: str):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(folder)
-    except Exception as err:  # noqa: BLE001 - any tokenizer failure is one line for the user
-        text = str(err).strip()
-        reason = text.splitlines()[0][:160] if text else type(err).__name__
-        raise UserError(f"--vocab union: cannot load the tokenizer of {label} ({reason}); {FALLBACK}")
+    return load_tokenizer(folder, label, "--vocab union", f"; {FALLBACK}")
 
 
 def _added_at_or_above(tokenizer, first_id: int) -> list[str]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Callable, Mapping
 
 from checkpoints.checkpoint import CheckpointReader, resolve_model_dir
-from checkpoints.errors import UserError
 from merging_methods.mergekit_config import (MergeConfig, ModelRef, Slice, Source, config_doc,
                                              load_config)
 from merging_methods.mergekit_methods import BASE_AS_INPUT, BASE_OPTIONAL, yaml_key
@@ -29,11 +28,9 @@ from merging_methods.sliced import SlicedInput, check_slices, input_order, slice
 
 
 def model_path(ref: ModelRef) -> str:
-    """The folder or hub id of a config's model reference (revisions are not supported yet)."""
-    if ref.revision is not None:
-        raise UserError(f"{ref}: model revisions (path@revision) are not supported by merge.py; "
-                        "download that revision and give its folder")
-    return ref.path
+    """A config's model reference as merge.py names models: the folder or hub id, with
+    `@revision` for a hub revision (resolve_model_dir reads it)."""
+    return str(ref)
 
 
 def _depths(config: MergeConfig) -> dict[str, int]:
@@ -51,7 +48,8 @@ def recipe_from_config(path: str, **runtime) -> MergeRecipe:
     depths = _depths(config)
     plan = plan_merge(config, {ref: depths[model_path(ref)] for ref in referenced_models(config)})
     common = dict(method=spec.name, base_model=model_path(donor(config)), seed=config.seed or 0,
-                  dtype=config.out_dtype or config.dtype, config=config, **runtime)
+                  dtype=config.out_dtype or config.dtype, vocab=config.vocab or "base",
+                  config=config, **runtime)
     if spec.stacks_layers:
         sources = [piece.sources[0] for piece in plan.slices]
         return MergeRecipe(models=tuple(model_path(s.model) for s in sources),
@@ -127,8 +125,10 @@ def config_of(recipe: MergeRecipe, out_dtype: str | None = None) -> MergeConfig:
                 if p.per_model == (index is not None) and n != base_flag}
 
     models = [Source(ModelRef(m), values(i)) for i, m in enumerate(recipe.models)]
-    shared = dict(parameters=values(None), seed=recipe.seed, tokenizer_source=recipe.vocab,
-                  out_dtype=recipe.dtype or (out_dtype if no_base else None))
+    # `tokenizer_source: union` is mergekit's union by token; ours (§13.1) has its own key
+    vocab = dict(tokenizer_source="base") if recipe.vocab == "base" else dict(vocab=recipe.vocab)
+    shared = dict(parameters=values(None), seed=recipe.seed,
+                  out_dtype=recipe.dtype or (out_dtype if no_base else None), **vocab)
     if spec.stacks_layers:
         slices = tuple(Slice((Source(s.model, s.parameters, r),))
                        for s, r in zip(models, recipe.layer_ranges))

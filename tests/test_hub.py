@@ -78,3 +78,65 @@ def test_our_code_tasks_override_no_lm_eval_task(caplog):
     for name in ("humaneval", "mbpp"):  # ours, by the table, and lm-eval's own, side by side
         assert BENCHMARKS[name].task == f"{name}_offline"
         assert {name, f"{name}_offline"} <= set(manager.all_tasks)
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """A reachable Hub whose downloads are recorded: (repo_id, revision, local_files_only) ->
+    the folder `folders[repo_id]`."""
+    import huggingface_hub
+
+    calls, folders = [], {}
+
+    def snapshot_download(repo_id, revision=None, local_files_only=False, **_):
+        calls.append((repo_id, revision, local_files_only))
+        return str(folders[repo_id])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files",
+                        lambda self, repo_id, revision=None: ["model.safetensors"])
+    monkeypatch.setattr(hub, "hub_unreachable", lambda: None)
+    return calls, folders
+
+
+def test_a_hub_revision_reaches_the_download(fake_hub, tmp_path, monkeypatch):
+    calls, folders = fake_hub
+    folders["org/name"] = tmp_path
+    assert resolve_model_dir("org/name@v1.0", "--base_model") == tmp_path
+    assert resolve_model_dir("org/name", "--base_model") == tmp_path
+    monkeypatch.setattr(hub, "hub_unreachable", lambda: "HF_HUB_OFFLINE is set")
+    assert resolve_model_dir("org/name@abc123", "--base_model") == tmp_path   # from the cache
+    assert calls == [("org/name", "v1.0", False), ("org/name", None, False),
+                     ("org/name", "abc123", True)]
+
+
+def test_a_local_folder_has_no_revisions(tmp_path, monkeypatch):
+    (tmp_path / "m").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(hub, "hub_unreachable", lambda: pytest.fail("asked the hub"))
+    with pytest.raises(UserError, match=r"^--base_model: m@v1: m is a local folder, which has no "
+                       r"revisions; drop @v1 or give a hub id$"):
+        resolve_model_dir("m@v1", "--base_model")
+
+
+def test_a_config_merges_a_hub_revision_and_records_it(fake_hub, tmp_path):
+    """`{model: {path: org/ft, revision: v2}}` (read as `org/ft@v2`, test_mergekit_config)
+    downloads revision v2; merge_recipe.yaml names the model with its revision."""
+    import yaml
+
+    import merge
+    from tests.tiny_models import build_finetune, build_llama
+
+    calls, folders = fake_hub
+    base = build_llama(tmp_path / "base", seed=0)
+    folders["org/ft"] = build_finetune(base, tmp_path / "ft", seed=1)
+    config = tmp_path / "merge.yml"
+    config.write_text(f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
+                      "  - model: {model: {path: org/ft, revision: v2}}\n"
+                      "    parameters: {weight: 0.5}\n")
+    out = tmp_path / "out"
+    assert merge.main(["--config", str(config), "--save_path", str(out)]) == 0
+    record = yaml.safe_load((out / "merge_recipe.yaml").read_text())
+    assert record["models"][0]["model"] == "org/ft@v2"
+    assert record["merge"]["models"] == ["org/ft@v2"]
+    assert calls and set(calls) == {("org/ft", "v2", False)}

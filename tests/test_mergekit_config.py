@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from checkpoints.errors import UserError
-from merging_methods.mergekit_config import Gradient, ModelRef, Rule, load_config, to_yaml
+from merging_methods.mergekit_config import (Gradient, ModelRef, Rule, TokenSource, load_config,
+                                             to_yaml)
 from merging_methods.mergekit_plan import (POST, PRE, donor, gradient_value, method_params,
                                            plan_merge, referenced_models, resolve, setting_value)
 
@@ -387,14 +388,50 @@ def test_model_references(ref, expected):
 
 def test_top_level_keys_are_read_and_written():
     text = (f"{GTA}parameters: {{weight: 1}}\ndtype: torch.float16\nout_dtype: bfloat16\n"
-            "tokenizer: {source: base}\nchat_template: chatml\nseed: 7\n")
+            "tokenizer: {source: base}\nchat_template: auto\nseed: 7\n")
     config = load_config(text)
     assert (config.dtype, config.out_dtype, config.tokenizer_source, config.chat_template,
-            config.seed) == ("float16", "bfloat16", "base", "chatml", 7)
+            config.seed) == ("float16", "bfloat16", "base", "auto", 7)
     assert load_config(to_yaml(config)) == config
     assert load_config(f"{GTA}tokenizer_source: base\n").tokenizer_source == "base"
     template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     assert load_config(f"{GTA}chat_template: \"{template}\"\n").chat_template == template
+
+
+@pytest.mark.parametrize("text, source, pad", [
+    ("tokenizer_source: union\n", "union", None),
+    ("tokenizer: {}\n", "union", None),   # mergekit's default source when the block is given
+    ("tokenizer_source: org/model@v2\n", ModelRef("org/model", "v2"), None),
+    ("tokenizer: {source: {model: {path: ./m, revision: r}}, pad_to_multiple_of: 64}\n",
+     ModelRef("./m", "r"), 64),
+    ("tokenizer: {source: base, pad_to_multiple_of: 8}\n", "base", 8),
+])
+def test_tokenizer_sources_are_read_and_written(text, source, pad):
+    config = load_config(GTA + text)
+    assert (config.tokenizer_source, config.pad_to_multiple_of, config.vocab) == (source, pad, None)
+    assert load_config(to_yaml(config)) == config
+
+
+def test_per_token_sources_are_read_and_written():
+    config = load_config(
+        f"{GTA}tokenizer:\n  tokens:\n"
+        "    '<a>': {source: m}\n"
+        "    '<b>': {source: {kind: zero}, force: true}\n"
+        "    '<c>': {source: {kind: model_token, model: b@v1, token: '</s>'}}\n"
+        "    '<d>': {source: {kind: model_token, model: m, token_id: 7}}\n")
+    assert config.tokens == {"<a>": TokenSource(ModelRef("m")),
+                             "<b>": TokenSource(None, force=True),
+                             "<c>": TokenSource(ModelRef("b", "v1"), "</s>"),
+                             "<d>": TokenSource(ModelRef("m"), 7)}
+    assert config.tokenizer_source == "union"
+    assert load_config(to_yaml(config)) == config
+
+
+def test_our_vocab_union_has_its_own_key():
+    """`tokenizer_source: union` is mergekit's union by token; `vocab: union` is --vocab union."""
+    config = load_config(f"{GTA}vocab: union\n")
+    assert (config.vocab, config.tokenizer_source) == ("union", None)
+    assert load_config(to_yaml(config)) == config
 
 
 def test_fourier_is_an_alias_of_fr_merging():
@@ -440,9 +477,7 @@ def test_read_from_a_file(tmp_path):
     (f"{GTA}name: my-merge\n", "unknown key 'name' at the top level"),
     (f"{GTA}lambda: 2\n",
      "unknown key 'lambda' at the top level; method parameters go under 'parameters:'"),
-    (f"{GTA}tokenizer: {{source: base, tokens: {{}}}}\n",
-     "'tokens' in tokenizer is not supported"),
-    ("merge_method: slerp\nbase_model: b\nmodels:\n  - model: b\n  - model: m\n"
+        ("merge_method: slerp\nbase_model: b\nmodels:\n  - model: b\n  - model: m\n"
      "    parameters: {t: 0.5}\n",
      "models[1].parameters.t: 't' is shared by all models, so it has no effect here"),
 ])
@@ -474,13 +509,26 @@ def test_refusals_name_the_file(tmp_path):
      "'override_architecture' in models[0].model is not supported"),
     ("merge_method: passthrough\nslices:\n  - sources: [{model: a, layer_range: [0, 2]}]\n"
      "    residual_weight: 0.5\n", "'residual_weight' in slices[0] is not supported"),
-    (f"{GTA}tokenizer_source: union\n", "tokenizer_source: 'union' is not supported; use 'base'"),
-    (f"{GTA}tokenizer: {{}}\n", "tokenizer.source: 'union' is not supported"),  # default union
-    (f"{GTA}tokenizer_source: org/model\n", "tokenizer_source: 'org/model' is not supported"),
     (f"{GTA}tokenizer_source: base\ntokenizer: {{source: base}}\n",
-     "give 'tokenizer' or 'tokenizer_source', not both"),
+     "give one of 'tokenizer', 'tokenizer_source' or 'vocab', not 'tokenizer' and "
+     "'tokenizer_source'"),
+    (f"{GTA}tokenizer_source: a+lora\n", "tokenizer_source: 'a+lora': model+lora references"),
+    (f"{GTA}tokenizer: {{pad_to_multiple_of: 0}}\n",
+     "tokenizer.pad_to_multiple_of: expected a whole number >= 1, got 0"),
+    (f"{GTA}vocab: base\n", "vocab: expected 'union' (merge.py --vocab union"),
+    (f"{GTA}tokenizer: {{tokens: {{x: {{}}}}}}\n", "tokenizer.tokens.x.source: required"),
+    (f"{GTA}tokenizer: {{tokens: {{x: {{source: {{kind: one}}}}}}}}\n",
+     "tokenizer.tokens.x.source.kind: expected 'model_token' or 'zero', got 'one'"),
+    (f"{GTA}tokenizer: {{tokens: {{x: {{source: {{kind: model_token, model: m}}}}}}}}\n",
+     "tokenizer.tokens.x.source: give one of 'token' (a text) or 'token_id' (a row)"),
+    (f"{GTA}tokenizer: {{tokens: {{x: {{source: m, force: 1}}}}}}\n",
+     "tokenizer.tokens.x.force: expected true or false, got 1"),
+    (f"{GTA}tokenizer: {{tokens: {{1: {{source: m}}}}}}\n",
+     "tokenizer.tokens.1: a token is a text; quote it"),
     (f"{GTA}dtype: bf16\n", "dtype: expected one of bfloat16, float16, float32, float64"),
-    (f"{GTA}chat_template: vicuna\n", "chat_template: expected auto, alpaca"),
+    (f"{GTA}chat_template: vicuna\n", "chat_template: expected auto or a Jinja template, got"),
+    (f"{GTA}chat_template: chatml\n", "chat_template: 'chatml' names a template file of "
+     "mergekit's, which this toolkit does not ship; give the Jinja template itself or auto"),
     ("base_model: b\nmodels:\n  - model: m\n", "'merge_method' is required"),
     ("merge_method: linear\nmodels: [{model: a}]\nslices: []\n",
      "give exactly one of 'models' or 'slices'"),

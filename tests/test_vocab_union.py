@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -103,6 +104,21 @@ def test_union_without_added_tokens_is_the_base_vocabulary(zoo, tmp_path):
                        "--models_to_merge", str(zoo["plain"]), "--save_path", str(out_base)]) == 0
     got, want = load_weights(out_union), load_weights(out_base)
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_the_recipe_file_reproduces_a_union_merge(zoo, tmp_path):
+    """merge_recipe.yaml records --vocab union under our own `vocab` key (mergekit's
+    `tokenizer_source: union` aligns by token, a different union), and reproduces it."""
+    first, again = tmp_path / "first", tmp_path / "again"
+    assert union_merge(zoo, first, "pad", "angle") == 0
+    record = yaml.safe_load((first / "merge_recipe.yaml").read_text())
+    assert record["vocab"] == "union" and "tokenizer_source" not in record
+    assert merge.main(["--config", str(first / "merge_recipe.yaml"), "--save_path",
+                       str(again)]) == 0
+    got, want = load_weights(again), load_weights(first)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert (AutoTokenizer.from_pretrained(again).get_vocab()
+            == AutoTokenizer.from_pretrained(first).get_vocab())
 
 
 def aligned_copy(src, dst, rows: int):
