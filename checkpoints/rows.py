@@ -3,7 +3,9 @@
 Work whose formula is per element (a per-element merge method, AIM's relaxation) streams a
 tensor in chunks of whole rows of at most CHUNK_ELEMENTS elements, so peak memory is a few
 chunks instead of a few float32 copies of the largest tensor (a 13B model's embedding is 650 MB
-in float32). Work that looks at a whole tensor (top-k, column norms) gets one chunk covering it.
+in float32). Work that looks at a whole tensor (top-k, column norms) gets one chunk covering it,
+unless the tensor is above TWO_PASS_ELEMENTS: a method with a two-pass form then gathers its
+whole-tensor facts in streaming passes over the chunks first (merging_methods/streamed.py).
 
 Vocab tensors are fitted to the output's rows here (ALGORITHMS.md §13): rows beyond the output
 are never read; rows a model lacks are the base's (`--vocab base`, no delta) or the model's own
@@ -19,7 +21,15 @@ import torch
 from checkpoints.checkpoint import CheckpointReader
 
 CHUNK_ELEMENTS = 1 << 22  # 16 MiB of float32 per chunk and per model
+# 64 MiB of float32: a larger tensor is merged in row chunks by methods with a two-pass form
+# (smaller ones stay whole: one pass, and a few of them fit in memory)
+TWO_PASS_ELEMENTS = 1 << 24
 RowRange = tuple[int, int]
+
+
+def too_large_to_hold(numel: int) -> bool:
+    """Whether a tensor goes in row chunks even for a method that needs whole-tensor facts."""
+    return numel > TWO_PASS_ELEMENTS
 
 
 def row_ranges(shape: tuple[int, ...], split: bool) -> Iterator[RowRange | None]:

@@ -25,6 +25,9 @@ A method is a plain function over whole float32 tensors of one shape and device:
 The runner streams tensor by tensor and calls `fn`. A `FastPath` is optional: a blocked,
 buffer-reusing form the runner then uses instead, which must return the bits of `fn`
 (tests/test_methods.py checks every fast path against its dense function, fp32 and bf16 inputs).
+A `TwoPass` form (streamed.py) is optional too: for a tensor too large to hold whole, the
+whole-tensor facts (top-k thresholds, L1 factors) from streaming passes over its row chunks,
+then the merge chunk by chunk, to the same bits (tests/test_two_pass.py).
 
 Adding a method: one file with its function, one row in METHODS with its `Param`s (existing
 declarations, or new ones in params.py); the CLI flags, validation, recipe and YAML keys
@@ -53,6 +56,7 @@ from merging_methods.params import (
 )
 from merging_methods.primitives import keep_threshold
 from merging_methods.slerp import slerp
+from merging_methods.streamed import TwoPass, two_pass_gta
 from merging_methods.widen import widen
 
 CONTEXT = frozenset({"tensor_name", "layer_index", "num_layers", "is_input_embedding",
@@ -91,6 +95,9 @@ class MethodSpec:
     # output from --layer_ranges instead of merging tensor by tensor
     stacks_layers: bool = False
     fast: FastPath | None = None
+    # the form for a tensor too large to hold whole (streamed.py): whole-tensor facts gathered
+    # in streaming passes over its row chunks, then the merge chunk by chunk, same bits
+    two_pass: TwoPass | None = None
     check: Callable[[Values], None] | None = None        # cross-parameter checks (UserError)
     warn: Callable[[Values], list[str]] | None = None    # valid but likely unmeant settings
     defaults: Mapping[str, object] = field(init=False, compare=False)
@@ -194,17 +201,20 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     method("ties", gta.ties, "trim to top-|delta|, elect signs, average the agreeing deltas",
            WEIGHTS, SCALING, DENSITY, NORMALIZE.with_default(True), RESCALE.with_default(False),
            warn=_negative_weights(True),
-           fast=FastPath(gta_blocked.ties, stored_dtype_inputs=True)),
+           fast=FastPath(gta_blocked.ties, stored_dtype_inputs=True),
+           two_pass=two_pass_gta(gta_blocked.ties_plan, consensus=True)),
     method("dare_linear", gta.dare_linear, "random drop + rescale, then task arithmetic", *_DARE,
            context=frozenset({"mask_keys"}), check=_dare_densities,
            warn=_negative_weights(False),
            fast=FastPath(gta_blocked.dare_linear, stored_dtype_inputs=True, row_separable=True,
-                         masks_ahead=True)),
+                         masks_ahead=True),
+           two_pass=two_pass_gta(gta_blocked.dare_plan, consensus=False)),
     method("dare_ties", gta.dare_ties, "random drop + rescale, then TIES sign consensus", *_DARE,
            context=frozenset({"mask_keys"}), check=_dare_densities,
            warn=_negative_weights(True),
            fast=FastPath(gta_blocked.dare_ties, stored_dtype_inputs=True, row_separable=True,
-                         masks_ahead=True)),
+                         masks_ahead=True),
+           two_pass=two_pass_gta(gta_blocked.dare_plan, consensus=True)),
     method("widen", widen, "per-column magnitude/direction ranking of task vectors (WIDEN)",
            ABOVE_AVERAGE_VALUE_RATIO, SCORE_CALIBRATION_VALUE,
            context=frozenset({"is_input_embedding"})),

@@ -1,0 +1,115 @@
+"""Large tensors in two passes (merging_methods/streamed.py): whole-tensor facts gathered from
+row chunks, then the merge chunk by chunk; the same bits as the whole-tensor path, in memory
+bounded by the chunk size."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import merge
+from checkpoints import rows
+from checkpoints.checkpoint import CheckpointReader
+from merging_methods import primitives, runner
+from merging_methods.primitives import Deltas, TopK
+from merging_methods.registry import METHODS
+from merging_methods.streamed import RowSource, StreamedDeltas
+from tests.test_merge_cli import family, load_weights  # noqa: F401 - the fixture is used
+from tests.test_methods import context
+
+SHAPE = (13, 7)
+WEIGHTS = [1.0, 0.5, -0.7]
+# each two-pass method with the settings that need it (DARE: only the whole-tensor l1 rescale)
+SETTINGS = [("ties", {}), ("ties", {"rescale": True}),
+            ("dare_ties", {"rescale_mode": "l1"}), ("dare_linear", {"rescale_mode": "l1"})]
+
+
+def tied_inputs(dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Integer-valued base and three models: |delta| in 0..4, so long runs of ties sit at
+    every top-k threshold."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randint(-3, 4, SHAPE, generator=g).to(dtype)
+    others = [(base.float() + torch.randint(-4, 5, SHAPE, generator=g)).to(dtype)
+              for _ in WEIGHTS]
+    return base, others
+
+
+def source_of(base: torch.Tensor, others: list[torch.Tensor], step: int) -> RowSource:
+    chunks = tuple((s, min(s + step, SHAPE[0])) for s in range(0, SHAPE[0], step))
+    return RowSource(SHAPE, chunks, lambda r, i: (base[r[0]:r[1]], others[i][r[0]:r[1]]),
+                     torch.device("cpu"))
+
+
+@pytest.mark.parametrize("step", [1, 4])
+def test_streamed_deltas_are_the_blocks_of_deltas(step):
+    """Blocks of 5 elements over chunks of 7 or 28: blocks span chunks, and still equal the
+    whole tensor's blocks (bf16 model minus fp32 base)."""
+    base, others = tied_inputs(torch.bfloat16)
+    base = base.float() + 0.25
+    got = [(s, b.clone()) for s, b in StreamedDeltas(source_of(base, others, step), 1, 5)]
+    want = [(s, b.clone()) for s, b in Deltas(base, others[1], 5)]
+    assert [s for s, _ in got] == [s for s, _ in want] == list(range(0, 91, 5))
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, want))
+
+
+@pytest.mark.parametrize("method,settings", SETTINGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_two_pass_equals_the_whole_tensor_bit_for_bit(monkeypatch, method, settings, dtype):
+    """Chunks of 1 and 5 rows, blocks of 8 elements (so blocks span chunks): the chunks merged
+    with the streamed facts are the dense function's result on the whole tensor."""
+    monkeypatch.setattr(primitives, "CPU_BLOCK", 8)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    spec = METHODS[method]
+    base, others = tied_inputs(dtype)
+    params = spec.resolve({"weights": WEIGHTS, "density": [0.3, 0.5, 0.45], **settings}, 3)
+    ctx = context(method, 3)
+    want = spec.fn(base.float(), [o.float() for o in others], **params, **ctx)
+    for step in (1, 5):
+        facts = spec.two_pass.stats(source_of(base, others, step), **params, **ctx)
+        if method == "ties":   # the threshold splits a run of ties: where it ends matters
+            assert all(0 < f.cut.keep_equal < f.cut.equal for f, _ in facts.values()
+                       if isinstance(f, TopK))
+        got = torch.cat([spec.two_pass.apply(facts, a * SHAPE[1], base[a:b],
+                                             [o[a:b] for o in others], **params, **ctx).clone()
+                         for a, b in source_of(base, others, step).chunks])
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+def recorded_reads(monkeypatch) -> list[int]:
+    """Element counts of every tensor read from a checkpoint and every result buffer used."""
+    sizes: list[int] = []
+    read, view = CheckpointReader.get, runner.ResultBuffer.view
+
+    def get(self, name, rows=None):
+        tensor = read(self, name, rows)
+        sizes.append(tensor.numel())
+        return tensor
+
+    def buffer_view(self, shape):
+        out = view(self, shape)
+        sizes.append(out.numel())
+        return out
+
+    monkeypatch.setattr(CheckpointReader, "get", get)
+    monkeypatch.setattr(runner.ResultBuffer, "view", buffer_view)
+    return sizes
+
+
+@pytest.mark.parametrize("method,extra", [("ties", ["--density", "0.3"]),
+                                          ("dare_ties", ["--density", "0.5",
+                                                         "--rescale_mode", "l1"])])
+def test_runner_holds_no_more_than_a_chunk(family, monkeypatch, tmp_path, method,  # noqa: F811
+                                           extra):
+    """Every tensor above a 64-element budget goes in two passes: no read and no result buffer
+    holds more than 64 elements (one row of the widest matrix), and the output is the
+    whole-tensor merge's, bit for bit."""
+    base, fts = family
+    args = ["--method", method, "--base_model", str(base), "--models_to_merge",
+            ",".join(map(str, fts)), *extra]
+    assert merge.main([*args, "--save_path", str(tmp_path / "whole")]) == 0
+    monkeypatch.setattr(rows, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(rows, "TWO_PASS_ELEMENTS", 64)
+    sizes = recorded_reads(monkeypatch)
+    assert merge.main([*args, "--save_path", str(tmp_path / "chunked")]) == 0
+    assert max(sizes) == 64 and len(sizes) > 100
+    got, want = load_weights(tmp_path / "chunked"), load_weights(tmp_path / "whole")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
