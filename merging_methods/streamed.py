@@ -19,9 +19,10 @@ import torch
 from torch import Tensor
 
 from merging_methods.gta_blocked import Plan, Sparsifier, blocked_gta
-from merging_methods.primitives import block_size
+from merging_methods.primitives import SAMPLE, block_size
 
 RowRange = tuple[int, int]
+SAMPLE_ROWS = 256  # rows read for the top-k sample
 
 
 @dataclass(frozen=True)
@@ -80,9 +81,18 @@ class StreamedDeltas:
         return torch.empty_like(self._buf)
 
     def sample(self) -> Tensor:
-        """No sample (it would cost a pass of its own): top-k takes the two-pass radix select,
-        which finds the same exact threshold."""
-        return self._buf[:0]
+        """About SAMPLE entries of the delta from SAMPLE_ROWS evenly spaced rows, each read
+        alone (a fresh tensor). Only a guess at a tied top-k threshold is taken from it, which
+        a counting pass then verifies (primitives.plan_topk), so it need not be `Deltas`'s
+        sample; a full pass for it would cost as much as the count."""
+        rows = self.source.shape[0]
+        picked = sorted({r * rows // SAMPLE_ROWS for r in range(min(rows, SAMPLE_ROWS))})
+        step = max(1, self.n // rows * len(picked) // SAMPLE)   # entries per sampled row
+        parts = []
+        for r in picked:
+            base, other = (t.reshape(-1) for t in self.source.read((r, r + 1), self.model))
+            parts.append(torch.sub(other[::step].float(), base[::step]))
+        return torch.cat(parts)
 
 
 class Shifted:
