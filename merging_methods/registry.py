@@ -43,7 +43,7 @@ from torch import Tensor
 
 from checkpoints.errors import UserError
 from merging_methods import gta, gta_blocked
-from merging_methods.breadcrumbs import breadcrumbs, breadcrumbs_ties
+from merging_methods.breadcrumbs import band_plan, breadcrumbs, breadcrumbs_ties
 from merging_methods.della import check_window, della, della_linear
 from merging_methods.fr_merging import fr_merging
 from merging_methods.free_merging import free_merging
@@ -223,9 +223,11 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     method("model_stock", model_stock, "base-to-average interpolation set by the task vectors' "
            "angles", FILTER_WISE, others=(2, None)),
     method("breadcrumbs", breadcrumbs, "drop the smallest and the largest |delta|, then task "
-           "arithmetic", *_BREADCRUMBS, warn=_negative_weights(False)),
+           "arithmetic", *_BREADCRUMBS, warn=_negative_weights(False),
+           two_pass=two_pass_gta(band_plan, consensus=False)),
     method("breadcrumbs_ties", breadcrumbs_ties, "breadcrumbs with TIES sign consensus",
-           *_BREADCRUMBS, warn=_negative_weights(True)),
+           *_BREADCRUMBS, warn=_negative_weights(True),
+           two_pass=two_pass_gta(band_plan, consensus=True)),
     method("della", della, "magnitude-ranked random drop + rescale, TIES sign consensus",
            *_DELLA, NORMALIZE.with_default(True), context=frozenset({"generators"}),
            check=_della_windows, warn=_negative_weights(True)),

@@ -20,7 +20,9 @@ SHAPE = (13, 7)
 WEIGHTS = [1.0, 0.5, -0.7]
 # each two-pass method with the settings that need it (DARE: only the whole-tensor l1 rescale)
 SETTINGS = [("ties", {}), ("ties", {"rescale": True}),
-            ("dare_ties", {"rescale_mode": "l1"}), ("dare_linear", {"rescale_mode": "l1"})]
+            ("dare_ties", {"rescale_mode": "l1"}), ("dare_linear", {"rescale_mode": "l1"}),
+            ("breadcrumbs", {"gamma": [0.1, 0.05, 0.2]}),
+            ("breadcrumbs_ties", {"gamma": [0.1, 0.05, 0.2], "rescale": True})]
 
 
 def tied_inputs(dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
