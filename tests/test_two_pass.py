@@ -96,9 +96,10 @@ def recorded_reads(monkeypatch) -> list[int]:
     return sizes
 
 
-@pytest.mark.parametrize("method,extra", [("ties", ["--density", "0.3"]),
-                                          ("dare_ties", ["--density", "0.5",
-                                                         "--rescale_mode", "l1"])])
+@pytest.mark.parametrize("method,extra", [
+    ("ties", ["--density", "0.3"]),
+    ("dare_ties", ["--density", "0.5", "--rescale_mode", "l1"]),
+    ("breadcrumbs_ties", ["--density", "0.5", "--gamma", "0.1"])])
 def test_runner_holds_no_more_than_a_chunk(family, monkeypatch, tmp_path, method,  # noqa: F811
                                            extra):
     """Every tensor above a 64-element budget goes in two passes: no read and no result buffer
