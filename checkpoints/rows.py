@@ -46,6 +46,11 @@ def row_ranges(shape: tuple[int, ...], split: bool) -> Iterator[RowRange | None]
         yield start, min(start + step, rows)
 
 
+def rows_of(tensor: torch.Tensor, rows: RowRange | None) -> torch.Tensor:
+    """The rows `rows` of `tensor` (all of it for None, a 0-d tensor's chunk)."""
+    return tensor if rows is None else tensor[rows[0]:rows[1]]
+
+
 def mean_row(chunks: Iterable[torch.Tensor]) -> torch.Tensor:
     """The mean of a matrix's rows given as row chunks (1 x width), rounded to the matrix's
     dtype: the row the reference's resize writes into a model held in that dtype. Accumulated in

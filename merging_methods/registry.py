@@ -55,7 +55,7 @@ from merging_methods.params import (
     SCALE, SCORE_CALIBRATION_VALUE, T, TASK_MODEL, WEIGHTS, Param,
 )
 from merging_methods.primitives import keep_threshold
-from merging_methods.slerp import slerp
+from merging_methods.slerp import SLERP_TWO_PASS, slerp
 from merging_methods.streamed import TwoPass, two_pass_gta
 from merging_methods.widen import widen
 
@@ -219,7 +219,7 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
            ABOVE_AVERAGE_VALUE_RATIO, SCORE_CALIBRATION_VALUE,
            context=frozenset({"is_input_embedding"})),
     method("slerp", slerp, "spherical interpolation from the base to one other model", T,
-           others=(1, 1)),
+           others=(1, 1), two_pass=SLERP_TWO_PASS),
     method("model_stock", model_stock, "base-to-average interpolation set by the task vectors' "
            "angles", FILTER_WISE, others=(2, None)),
     method("breadcrumbs", breadcrumbs, "drop the smallest and the largest |delta|, then task "

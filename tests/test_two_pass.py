@@ -17,37 +17,40 @@ from tests.test_merge_cli import family, load_weights  # noqa: F401 - the fixtur
 from tests.test_methods import context
 
 SHAPE = (13, 7)
-WEIGHTS = [1.0, 0.5, -0.7]
+GTA = {"weights": [1.0, 0.5, -0.7], "density": [0.3, 0.5, 0.45]}
 # each two-pass method with the settings that need it (DARE: only the whole-tensor l1 rescale)
-SETTINGS = [("ties", {}), ("ties", {"rescale": True}),
-            ("dare_ties", {"rescale_mode": "l1"}), ("dare_linear", {"rescale_mode": "l1"}),
-            ("breadcrumbs", {"gamma": [0.1, 0.05, 0.2]}),
-            ("breadcrumbs_ties", {"gamma": [0.1, 0.05, 0.2], "rescale": True})]
+SETTINGS = [("ties", GTA), ("ties", {**GTA, "rescale": True}),
+            ("dare_ties", {**GTA, "rescale_mode": "l1"}),
+            ("dare_linear", {**GTA, "rescale_mode": "l1"}),
+            ("breadcrumbs", {**GTA, "gamma": [0.1, 0.05, 0.2]}),
+            ("breadcrumbs_ties", {**GTA, "gamma": [0.1, 0.05, 0.2], "rescale": True}),
+            ("slerp", {"t": 0.3})]
 
 
-def tied_inputs(dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Integer-valued base and three models: |delta| in 0..4, so long runs of ties sit at
-    every top-k threshold."""
+def tied_inputs(dtype: torch.dtype, n_models: int = 3) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Integer-valued base and models: |delta| in 0..4, so long runs of ties sit at every top-k
+    threshold."""
     g = torch.Generator().manual_seed(0)
     base = torch.randint(-3, 4, SHAPE, generator=g).to(dtype)
     others = [(base.float() + torch.randint(-4, 5, SHAPE, generator=g)).to(dtype)
-              for _ in WEIGHTS]
+              for _ in range(n_models)]
     return base, others
 
 
-def source_of(base: torch.Tensor, others: list[torch.Tensor], step: int) -> RowSource:
-    chunks = tuple((s, min(s + step, SHAPE[0])) for s in range(0, SHAPE[0], step))
-    return RowSource(SHAPE, chunks, lambda r, i: (base[r[0]:r[1]], others[i][r[0]:r[1]]),
-                     torch.device("cpu"))
+def source_of(base: torch.Tensor, others: list[torch.Tensor]) -> RowSource:
+    """The tensor as the runner streams it, in chunks of rows.row_ranges."""
+    return RowSource(SHAPE, tuple(rows.row_ranges(SHAPE, True)),
+                     lambda r, i: (base[r[0]:r[1]], others[i][r[0]:r[1]]), torch.device("cpu"))
 
 
 @pytest.mark.parametrize("step", [1, 4])
-def test_streamed_deltas_are_the_blocks_of_deltas(step):
+def test_streamed_deltas_are_the_blocks_of_deltas(monkeypatch, step):
     """Blocks of 5 elements over chunks of 7 or 28: blocks span chunks, and still equal the
     whole tensor's blocks (bf16 model minus fp32 base)."""
+    monkeypatch.setattr(rows, "CHUNK_ELEMENTS", step * SHAPE[1])
     base, others = tied_inputs(torch.bfloat16)
     base = base.float() + 0.25
-    got = [(s, b.clone()) for s, b in StreamedDeltas(source_of(base, others, step), 1, 5)]
+    got = [(s, b.clone()) for s, b in StreamedDeltas(source_of(base, others), 1, 5)]
     want = [(s, b.clone()) for s, b in Deltas(base, others[1], 5)]
     assert [s for s, _ in got] == [s for s, _ in want] == list(range(0, 91, 5))
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, want))
@@ -61,18 +64,20 @@ def test_two_pass_equals_the_whole_tensor_bit_for_bit(monkeypatch, method, setti
     monkeypatch.setattr(primitives, "CPU_BLOCK", 8)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     spec = METHODS[method]
-    base, others = tied_inputs(dtype)
-    params = spec.resolve({"weights": WEIGHTS, "density": [0.3, 0.5, 0.45], **settings}, 3)
-    ctx = context(method, 3)
-    want = spec.fn(base.float(), [o.float() for o in others], **params, **ctx)
+    base, others = tied_inputs(dtype, spec.others[1] or 3)
+    params = spec.resolve(settings, len(others))
+    ctx = context(method, len(others))
     for step in (1, 5):
-        facts = spec.two_pass.stats(source_of(base, others, step), **params, **ctx)
+        monkeypatch.setattr(rows, "CHUNK_ELEMENTS", step * SHAPE[1])
+        want = spec.fn(base.float(), [o.float() for o in others], **params, **ctx)
+        source = source_of(base, others)
+        facts = spec.two_pass.stats(source, **params, **ctx)
         if method == "ties":   # the threshold splits a run of ties: where it ends matters
             assert all(0 < f.cut.keep_equal < f.cut.equal for f, _ in facts.values()
                        if isinstance(f, TopK))
         got = torch.cat([spec.two_pass.apply(facts, a * SHAPE[1], base[a:b],
                                              [o[a:b] for o in others], **params, **ctx).clone()
-                         for a, b in source_of(base, others, step).chunks])
+                         for a, b in source.chunks])
         assert torch.equal(got.view(torch.int32), want.view(torch.int32))
 
 
@@ -99,17 +104,19 @@ def recorded_reads(monkeypatch) -> list[int]:
 @pytest.mark.parametrize("method,extra", [
     ("ties", ["--density", "0.3"]),
     ("dare_ties", ["--density", "0.5", "--rescale_mode", "l1"]),
-    ("breadcrumbs_ties", ["--density", "0.5", "--gamma", "0.1"])])
+    ("breadcrumbs_ties", ["--density", "0.5", "--gamma", "0.1"]),
+    ("slerp", ["--t", "0.3"])])
 def test_runner_holds_no_more_than_a_chunk(family, monkeypatch, tmp_path, method,  # noqa: F811
                                            extra):
     """Every tensor above a 64-element budget goes in two passes: no read and no result buffer
     holds more than 64 elements (one row of the widest matrix), and the output is the
     whole-tensor merge's, bit for bit."""
     base, fts = family
+    models = fts[:METHODS[method].others[1] or len(fts)]
     args = ["--method", method, "--base_model", str(base), "--models_to_merge",
-            ",".join(map(str, fts)), *extra]
+            ",".join(map(str, models)), *extra]
+    monkeypatch.setattr(rows, "CHUNK_ELEMENTS", 64)   # slerp sums its dots over these chunks
     assert merge.main([*args, "--save_path", str(tmp_path / "whole")]) == 0
-    monkeypatch.setattr(rows, "CHUNK_ELEMENTS", 64)
     monkeypatch.setattr(rows, "TWO_PASS_ELEMENTS", 64)
     sizes = recorded_reads(monkeypatch)
     assert merge.main([*args, "--save_path", str(tmp_path / "chunked")]) == 0
