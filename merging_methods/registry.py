@@ -47,7 +47,7 @@ from merging_methods.breadcrumbs import band_plan, breadcrumbs, breadcrumbs_ties
 from merging_methods.della import check_window, della, della_linear
 from merging_methods.fr_merging import fr_merging
 from merging_methods.free_merging import free_merging
-from merging_methods.model_stock import model_stock
+from merging_methods.model_stock import MODEL_STOCK_TWO_PASS, model_stock
 from merging_methods.passthrough import passthrough
 from merging_methods.params import (
     ABOVE_AVERAGE_VALUE_RATIO, DELLA_RESCALE_MODE, DENSITY, EPSILON, EXPERT_DENSITY, FILTER_WISE,
@@ -221,7 +221,7 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     method("slerp", slerp, "spherical interpolation from the base to one other model", T,
            others=(1, 1), two_pass=SLERP_TWO_PASS),
     method("model_stock", model_stock, "base-to-average interpolation set by the task vectors' "
-           "angles", FILTER_WISE, others=(2, None)),
+           "angles", FILTER_WISE, others=(2, None), two_pass=MODEL_STOCK_TWO_PASS),
     method("breadcrumbs", breadcrumbs, "drop the smallest and the largest |delta|, then task "
            "arithmetic", *_BREADCRUMBS, warn=_negative_weights(False),
            two_pass=two_pass_gta(band_plan, consensus=False)),

@@ -187,7 +187,8 @@ class TensorMerge:
         shape = self.item.out.shape
         if self._facts is None:
             source = RowSource(shape, tuple(row_ranges(shape, True)),
-                               partial(self._read_model, device=device), device)
+                               partial(self._read_model, device=device), device,
+                               len(self.models))
             self._facts = self.two_pass.stats(source, **self.params, **self.context)
         merged = self.two_pass.apply(self._facts, rows[0] * math.prod(shape[1:]), base, others,
                                      **self.params, **self.context, out=out)

@@ -34,6 +34,7 @@ class RowSource:
     chunks: tuple[RowRange, ...]
     read: Callable[[RowRange, int], tuple[Tensor, Tensor]]
     device: torch.device
+    n_models: int
 
     @property
     def n(self) -> int:

@@ -24,7 +24,7 @@ SETTINGS = [("ties", GTA), ("ties", {**GTA, "rescale": True}),
             ("dare_linear", {**GTA, "rescale_mode": "l1"}),
             ("breadcrumbs", {**GTA, "gamma": [0.1, 0.05, 0.2]}),
             ("breadcrumbs_ties", {**GTA, "gamma": [0.1, 0.05, 0.2], "rescale": True}),
-            ("slerp", {"t": 0.3})]
+            ("slerp", {"t": 0.3}), ("model_stock", {}), ("model_stock", {"filter_wise": True})]
 
 
 def tied_inputs(dtype: torch.dtype, n_models: int = 3) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -40,7 +40,8 @@ def tied_inputs(dtype: torch.dtype, n_models: int = 3) -> tuple[torch.Tensor, li
 def source_of(base: torch.Tensor, others: list[torch.Tensor]) -> RowSource:
     """The tensor as the runner streams it, in chunks of rows.row_ranges."""
     return RowSource(SHAPE, tuple(rows.row_ranges(SHAPE, True)),
-                     lambda r, i: (base[r[0]:r[1]], others[i][r[0]:r[1]]), torch.device("cpu"))
+                     lambda r, i: (base[r[0]:r[1]], others[i][r[0]:r[1]]), torch.device("cpu"),
+                     len(others))
 
 
 @pytest.mark.parametrize("step", [1, 4])
@@ -105,7 +106,7 @@ def recorded_reads(monkeypatch) -> list[int]:
     ("ties", ["--density", "0.3"]),
     ("dare_ties", ["--density", "0.5", "--rescale_mode", "l1"]),
     ("breadcrumbs_ties", ["--density", "0.5", "--gamma", "0.1"]),
-    ("slerp", ["--t", "0.3"])])
+    ("slerp", ["--t", "0.3"]), ("model_stock", ["--filter_wise"])])
 def test_runner_holds_no_more_than_a_chunk(family, monkeypatch, tmp_path, method,  # noqa: F811
                                            extra):
     """Every tensor above a 64-element budget goes in two passes: no read and no result buffer
