@@ -44,7 +44,7 @@ from torch import Tensor
 from checkpoints.errors import UserError
 from merging_methods import gta, gta_blocked
 from merging_methods.breadcrumbs import band_plan, breadcrumbs, breadcrumbs_ties
-from merging_methods.della import check_window, della, della_linear
+from merging_methods.della import check_window, della, della_linear, magprune_plan
 from merging_methods.fr_merging import fr_merging
 from merging_methods.free_merging import free_merging
 from merging_methods.model_stock import MODEL_STOCK_TWO_PASS, model_stock
@@ -230,11 +230,12 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
            two_pass=two_pass_gta(band_plan, consensus=True)),
     method("della", della, "magnitude-ranked random drop + rescale, TIES sign consensus",
            *_DELLA, NORMALIZE.with_default(True), context=frozenset({"generators"}),
-           check=_della_windows, warn=_negative_weights(True)),
+           check=_della_windows, warn=_negative_weights(True),
+           two_pass=two_pass_gta(magprune_plan, consensus=True)),
     method("della_linear", della_linear, "magnitude-ranked random drop + rescale, task "
            "arithmetic", *_DELLA, NORMALIZE.with_default(False),
            context=frozenset({"generators"}), check=_della_windows,
-           warn=_negative_weights(False)),
+           warn=_negative_weights(False), two_pass=two_pass_gta(magprune_plan, consensus=False)),
     method("fr_merging", fr_merging, "Fourier high-pass filter of each 2-D task vector, TIES "
            "sign consensus", *_FR, warn=_negative_weights(True)),
     method("passthrough", passthrough, "layer ranges of the models stacked into one model "

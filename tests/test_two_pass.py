@@ -24,6 +24,9 @@ SETTINGS = [("ties", GTA), ("ties", {**GTA, "rescale": True}),
             ("dare_linear", {**GTA, "rescale_mode": "l1"}),
             ("breadcrumbs", {**GTA, "gamma": [0.1, 0.05, 0.2]}),
             ("breadcrumbs_ties", {**GTA, "gamma": [0.1, 0.05, 0.2], "rescale": True}),
+            ("della", {**GTA, "epsilon": [0.1, 0.2, 0.05]}),
+            ("della_linear", {**GTA, "epsilon": [0.1, 0.2, 0.05], "rescale_mode": "inverse_prob"}),
+            ("della_linear", {**GTA, "density": [0.3, 1.0, 0.5], "epsilon": [0.1, 0.2, 0.05]}),
             ("slerp", {"t": 0.3}), ("model_stock", {}), ("model_stock", {"filter_wise": True})]
 
 
@@ -67,10 +70,11 @@ def test_two_pass_equals_the_whole_tensor_bit_for_bit(monkeypatch, method, setti
     spec = METHODS[method]
     base, others = tied_inputs(dtype, spec.others[1] or 3)
     params = spec.resolve(settings, len(others))
-    ctx = context(method, len(others))
     for step in (1, 5):
         monkeypatch.setattr(rows, "CHUNK_ELEMENTS", step * SHAPE[1])
-        want = spec.fn(base.float(), [o.float() for o in others], **params, **ctx)
+        want = spec.fn(base.float(), [o.float() for o in others], **params,
+                       **context(method, len(others)))
+        ctx = context(method, len(others))   # DELLA: generators in their starting state
         source = source_of(base, others)
         facts = spec.two_pass.stats(source, **params, **ctx)
         if method == "ties":   # the threshold splits a run of ties: where it ends matters
@@ -106,6 +110,7 @@ def recorded_reads(monkeypatch) -> list[int]:
     ("ties", ["--density", "0.3"]),
     ("dare_ties", ["--density", "0.5", "--rescale_mode", "l1"]),
     ("breadcrumbs_ties", ["--density", "0.5", "--gamma", "0.1"]),
+    ("della", ["--density", "0.5", "--epsilon", "0.1"]),
     ("slerp", ["--t", "0.3"]), ("model_stock", ["--filter_wise"])])
 def test_runner_holds_no_more_than_a_chunk(family, monkeypatch, tmp_path, method,  # noqa: F811
                                            extra):
