@@ -28,9 +28,11 @@ TWO_PASS_ELEMENTS = 1 << 23
 RowRange = tuple[int, int]
 
 
-def too_large_to_hold(numel: int) -> bool:
-    """Whether a tensor goes in row chunks even for a method that needs whole-tensor facts."""
-    return numel > TWO_PASS_ELEMENTS
+def too_large_to_hold(shape: tuple[int, ...]) -> bool:
+    """Whether a tensor goes in row chunks even for a method that needs whole-tensor facts: a
+    matrix above TWO_PASS_ELEMENTS (a 1-D tensor is one row for row-wise statistics, and
+    never that large in a model)."""
+    return len(shape) >= 2 and math.prod(shape) > TWO_PASS_ELEMENTS
 
 
 def row_ranges(shape: tuple[int, ...], split: bool) -> Iterator[RowRange | None]:

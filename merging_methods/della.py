@@ -98,8 +98,8 @@ class RowDraws:
     π is per row (axis 1), and a CPU generator's torch.rand of a chunk of rows continues the
     stream where the previous chunk stopped, so chunks in order give the whole draw. Blocks
     must come in flat order; one at flat offset 0 starts a new pass from the generator's state
-    at construction (the runner's generator itself is never advanced). A 1-D δ is one row,
-    drawn whole.
+    at construction (the runner's generator itself is never advanced). The runner streams
+    matrices only (a 1-D δ is one row).
     """
 
     def __init__(self, deltas: StreamedDeltas, generator: torch.Generator, p: float, eps: float,
@@ -108,13 +108,11 @@ class RowDraws:
             deltas.source, deltas.model, p, eps, inverse)
         self._state = generator.get_state()
         self._generator = torch.Generator(device="cpu")
-        shape = self.source.shape
-        self._chunks = self.source.chunks if len(shape) >= 2 else ((0, shape[0]),)
 
     def _masks(self) -> Iterator[Tensor]:
         """Each chunk's flat mask, in order."""
         self._generator.set_state(self._state)
-        for rows in self._chunks:
+        for rows in self.source.chunks:
             base, other = self.source.read(rows, self.model)
             delta = torch.sub(other.float(), base)   # the exact float32 δ of these rows
             prob = keep_probabilities(delta, self.p, self.eps)

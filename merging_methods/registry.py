@@ -57,7 +57,7 @@ from merging_methods.params import (
 from merging_methods.primitives import keep_threshold
 from merging_methods.slerp import SLERP_TWO_PASS, slerp
 from merging_methods.streamed import TwoPass, two_pass_gta
-from merging_methods.widen import widen
+from merging_methods.widen import WIDEN_TWO_PASS, widen
 
 CONTEXT = frozenset({"tensor_name", "layer_index", "num_layers", "is_input_embedding",
                      "generators", "mask_keys"})
@@ -217,7 +217,7 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
            two_pass=two_pass_gta(gta_blocked.dare_plan, consensus=True)),
     method("widen", widen, "per-column magnitude/direction ranking of task vectors (WIDEN)",
            ABOVE_AVERAGE_VALUE_RATIO, SCORE_CALIBRATION_VALUE,
-           context=frozenset({"is_input_embedding"})),
+           context=frozenset({"is_input_embedding"}), two_pass=WIDEN_TWO_PASS),
     method("slerp", slerp, "spherical interpolation from the base to one other model", T,
            others=(1, 1), two_pass=SLERP_TWO_PASS),
     method("model_stock", model_stock, "base-to-average interpolation set by the task vectors' "

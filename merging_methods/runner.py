@@ -139,7 +139,7 @@ class TensorMerge:
         # too large to hold whole for a method that needs whole-tensor facts: its two-pass form
         # gathers them from the row chunks at the first chunk (streamed.py)
         whole = spec.two_pass is None or splits_by_rows(spec, params)
-        self.two_pass = None if whole or not too_large_to_hold(item.out.numel) else spec.two_pass
+        self.two_pass = None if whole or not too_large_to_hold(item.out.shape) else spec.two_pass
         self._facts = None
 
     def units(self) -> Iterator[tuple[RowRange | None, tuple[int, ...]]]:

@@ -60,11 +60,10 @@ def test_streamed_deltas_are_the_blocks_of_deltas(monkeypatch, step):
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, want))
 
 
-@pytest.mark.parametrize("method,settings", SETTINGS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_two_pass_equals_the_whole_tensor_bit_for_bit(monkeypatch, method, settings, dtype):
+def assert_two_pass_is_whole(monkeypatch, method: str, settings: dict, dtype: torch.dtype,
+                             **facts) -> None:
     """Chunks of 1 and 5 rows, blocks of 8 elements (so blocks span chunks): the chunks merged
-    with the streamed facts are the dense function's result on the whole tensor."""
+    with the streamed statistics are the dense function's result on the whole tensor."""
     monkeypatch.setattr(primitives, "CPU_BLOCK", 8)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     spec = METHODS[method]
@@ -73,17 +72,31 @@ def test_two_pass_equals_the_whole_tensor_bit_for_bit(monkeypatch, method, setti
     for step in (1, 5):
         monkeypatch.setattr(rows, "CHUNK_ELEMENTS", step * SHAPE[1])
         want = spec.fn(base.float(), [o.float() for o in others], **params,
-                       **context(method, len(others)))
-        ctx = context(method, len(others))   # DELLA: generators in their starting state
+                       **context(method, len(others), **facts))
+        ctx = context(method, len(others), **facts)   # DELLA: generators in their first state
         source = source_of(base, others)
-        facts = spec.two_pass.stats(source, **params, **ctx)
+        stats = spec.two_pass.stats(source, **params, **ctx)
         if method == "ties":   # the threshold splits a run of ties: where it ends matters
-            assert all(0 < f.cut.keep_equal < f.cut.equal for f, _ in facts.values()
+            assert all(0 < f.cut.keep_equal < f.cut.equal for f, _ in stats.values()
                        if isinstance(f, TopK))
-        got = torch.cat([spec.two_pass.apply(facts, a * SHAPE[1], base[a:b],
+        got = torch.cat([spec.two_pass.apply(stats, a * SHAPE[1], base[a:b],
                                              [o[a:b] for o in others], **params, **ctx).clone()
                          for a, b in source.chunks])
         assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+@pytest.mark.parametrize("method,settings", SETTINGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_two_pass_equals_the_whole_tensor_bit_for_bit(monkeypatch, method, settings, dtype):
+    assert_two_pass_is_whole(monkeypatch, method, settings, dtype)
+
+
+@pytest.mark.parametrize("is_input_embedding", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_widen_two_pass_equals_the_whole_tensor(monkeypatch, is_input_embedding, dtype):
+    """Per-column units, and per-row units (the input embedding, transposed)."""
+    assert_two_pass_is_whole(monkeypatch, "widen", {"above_average_value_ratio": 0.9}, dtype,
+                             is_input_embedding=is_input_embedding)
 
 
 def recorded_reads(monkeypatch) -> list[int]:
@@ -111,7 +124,7 @@ def recorded_reads(monkeypatch) -> list[int]:
     ("dare_ties", ["--density", "0.5", "--rescale_mode", "l1"]),
     ("breadcrumbs_ties", ["--density", "0.5", "--gamma", "0.1"]),
     ("della", ["--density", "0.5", "--epsilon", "0.1"]),
-    ("slerp", ["--t", "0.3"]), ("model_stock", ["--filter_wise"])])
+    ("slerp", ["--t", "0.3"]), ("model_stock", ["--filter_wise"]), ("widen", [])])
 def test_runner_holds_no_more_than_a_chunk(family, monkeypatch, tmp_path, method,  # noqa: F811
                                            extra):
     """Every tensor above a 64-element budget goes in two passes: no read and no result buffer
@@ -121,7 +134,11 @@ def test_runner_holds_no_more_than_a_chunk(family, monkeypatch, tmp_path, method
     models = fts[:METHODS[method].others[1] or len(fts)]
     args = ["--method", method, "--base_model", str(base), "--models_to_merge",
             ",".join(map(str, models)), *extra]
-    monkeypatch.setattr(rows, "CHUNK_ELEMENTS", 64)   # slerp sums its dots over these chunks
+    # the same chunks and 64-element blocks for both runs: slerp and model_stock sum over the
+    # chunks, WIDEN's statistics and the l1 factors over the blocks
+    monkeypatch.setattr(rows, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(primitives, "CPU_BLOCK", 64)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert merge.main([*args, "--save_path", str(tmp_path / "whole")]) == 0
     monkeypatch.setattr(rows, "TWO_PASS_ELEMENTS", 64)
     sizes = recorded_reads(monkeypatch)
