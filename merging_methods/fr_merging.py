@@ -15,6 +15,11 @@ frequencies: a high-pass filter. On a square matrix the farthest bin is at ≈ 0
 0.9 keeps everything. The filtered deltas are merged with the sum sign consensus (§10.3):
 
     out = θ0 + λ·Σ_agree wi·δi'     (/ Σ_agree wi if normalize; normalize false by default)
+
+Memory: the 2-D FFT needs the whole δ of a matrix, so this method has no two-pass form (issue
+14 §2) and holds whole tensors: the models in float32 plus complex64 spectra, about
+(models + 5) x 4 bytes per element of the largest matrix (2.6 GB for a 128K x 4096 embedding
+per extra model, ~10 GB for three).
 """
 from __future__ import annotations
 

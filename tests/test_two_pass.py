@@ -122,7 +122,6 @@ def recorded_reads(monkeypatch) -> list[int]:
 @pytest.mark.parametrize("method,extra", [
     ("ties", ["--density", "0.3"]),
     ("dare_ties", ["--density", "0.5", "--rescale_mode", "l1"]),
-    ("breadcrumbs_ties", ["--density", "0.5", "--gamma", "0.1"]),
     ("della", ["--density", "0.5", "--epsilon", "0.1"]),
     ("slerp", ["--t", "0.3"]), ("model_stock", ["--filter_wise"]), ("widen", [])])
 def test_runner_holds_no_more_than_a_chunk(family, monkeypatch, tmp_path, method,  # noqa: F811
