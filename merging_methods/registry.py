@@ -25,9 +25,10 @@ A method is a plain function over whole float32 tensors of one shape and device:
 The runner streams tensor by tensor and calls `fn`. A `FastPath` is optional: a blocked,
 buffer-reusing form the runner then uses instead, which must return the bits of `fn`
 (tests/test_methods.py checks every fast path against its dense function, fp32 and bf16 inputs).
-A `TwoPass` form (streamed.py) is optional too: for a tensor too large to hold whole, the
-whole-tensor facts (top-k thresholds, L1 factors) from streaming passes over its row chunks,
-then the merge chunk by chunk, to the same bits (tests/test_two_pass.py).
+A `TwoPass` form (streamed.py) is optional too: for a matrix too large to hold whole, its
+whole-tensor facts (top-k thresholds, L1 factors, dot products, column norms and ranks) from
+streaming passes over its row chunks, then the merge chunk by chunk, to the same bits
+(tests/test_two_pass.py).
 
 Adding a method: one file with its function, one row in METHODS with its `Param`s (existing
 declarations, or new ones in params.py); the CLI flags, validation, recipe and YAML keys
