@@ -62,10 +62,13 @@ def factor(gram: Tensor) -> Tensor:
 
 
 def interpolate(t: Tensor, base: Tensor, others: list[Tensor], row_wise: bool) -> Tensor:
-    """t·mean(θi) + (1 − t)·θ0 on (rows of) the tensor, t per row or one for all."""
+    """t·mean(θi) + (1 − t)·θ0 on (rows of) the tensor, t per row or one for all; the sum of
+    the θi is accumulated in one float32 buffer (a stack of N copies would cost N)."""
     b = _rows(base, row_wise)
-    mean = torch.stack([_rows(other, row_wise) for other in others]).mean(0)  # (R, C)
-    return (t * mean + (1 - t) * b).view(base.shape)
+    total = torch.zeros_like(b)  # (R, C)
+    for other in others:
+        total.add_(_rows(other, row_wise))
+    return total.div_(len(others)).mul_(t).add_(b * (1 - t)).view(base.shape)
 
 
 def model_stock(base: Tensor, others: list[Tensor], *, filter_wise: bool = False) -> Tensor:
@@ -89,9 +92,9 @@ def _stats(source: RowSource, *, filter_wise: bool) -> Tensor:
     row_wise = filter_wise and len(source.shape) >= 2
     gram = None
     for rows in source.chunks:
-        pairs = [source.read(rows, i) for i in range(source.n_models)]
-        part = chunk_gram(pairs[0][0], [other for _, other in pairs], row_wise)
-        gram = add_gram(gram, part, row_wise)
+        base, first = source.read(rows, 0)
+        others = [first, *(source.read(rows, i)[1] for i in range(1, source.n_models))]
+        gram = add_gram(gram, chunk_gram(base, others, row_wise), row_wise)
     return factor(gram)
 
 
