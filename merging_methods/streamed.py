@@ -1,13 +1,15 @@
 """Two-pass merges of tensors too large to hold whole (issue 14 §2: flat memory).
 
-Top-k thresholds (§0.5, §3.2) and L1 rescale factors need the whole tensor. For a tensor above
-`rows.TWO_PASS_ELEMENTS` the runner hands such a method a `RowSource` (the tensor's row chunks,
-read on demand) instead of whole tensors: the method's `TwoPass.stats` gathers those whole-tensor
-facts in streaming passes over the chunks, then `TwoPass.apply` merges one chunk at a time with
-them. `StreamedDeltas` yields the very float32 blocks `primitives.Deltas` yields over the whole
-tensor, so thresholds, tie positions and L1 sums get the same bits as the one-pass path, and peak
-memory is a few chunks whatever the tensor's size. Each pass reads the chunks again (from the
-page cache on a machine with the memory to spare).
+Top-k thresholds (§0.5, §3.2), rank bands (§9), L1 rescale factors, dot products (§6, §8) and
+column statistics (§5) need the whole tensor. For a matrix above `rows.TWO_PASS_ELEMENTS` the
+runner hands such a method a `RowSource` (the tensor's row chunks, read on demand) instead of
+whole tensors: the method's `TwoPass.stats` gathers those whole-tensor facts in streaming passes
+over the chunks, then `TwoPass.apply` merges one chunk at a time with them. `StreamedDeltas`
+yields the very float32 blocks `primitives.Deltas` yields over the whole tensor, so thresholds,
+tie positions and L1 sums get the same bits as the one-pass path; sums the dense functions take
+over row chunks use the same chunks (rows.row_ranges). Peak memory is a few chunks whatever the
+tensor's size. Each pass reads the chunks again (from the page cache when memory allows).
+Methods without a two-pass form: fr_merging and free_merging (a 2-D FFT of the whole delta).
 """
 from __future__ import annotations
 
