@@ -109,24 +109,33 @@ class RowDraws:
         self._state = generator.get_state()
         self._generator = torch.Generator(device="cpu")
 
+    def _chunk_mask(self, rows: tuple[int, int]) -> Tensor:
+        """The flat mask of one chunk of rows, the next draws of the generator."""
+        base, other = self.source.read(rows, self.model)
+        delta = torch.sub(other.float(), base)   # the exact float32 δ of these rows
+        prob = keep_probabilities(delta, self.p, self.eps)
+        keep = torch.rand(delta.shape, generator=self._generator).to(prob.device) < prob
+        return (keep / prob if self.inverse else keep).reshape(-1)
+
     def _masks(self) -> Iterator[Tensor]:
-        """Each chunk's flat mask, in order."""
+        """Each chunk's flat mask, in order (a suspended stream holds no chunk's inputs)."""
         self._generator.set_state(self._state)
         for rows in self.source.chunks:
-            base, other = self.source.read(rows, self.model)
-            delta = torch.sub(other.float(), base)   # the exact float32 δ of these rows
-            prob = keep_probabilities(delta, self.p, self.eps)
-            keep = torch.rand(delta.shape, generator=self._generator).to(prob.device) < prob
-            yield (keep / prob if self.inverse else keep).reshape(-1)
+            yield self._chunk_mask(rows)
 
     def apply_(self, delta: Tensor, start: int) -> Tensor:
         if start == 0:
-            self._stream, self._window, self._offset = self._masks(), delta[:0], 0
+            empty = torch.empty(0, dtype=torch.bool, device=delta.device)  # keeps bool masks bool
+            self._stream, self._window, self._offset = self._masks(), empty, 0
         stop = start + delta.numel()
         while self._offset + self._window.numel() < stop:  # extend past the block's end
             kept = self._window[start - self._offset:]
             self._window, self._offset = torch.cat([kept, next(self._stream)]), start
-        return delta.mul_(self._window[start - self._offset: stop - self._offset])
+        delta.mul_(self._window[start - self._offset: stop - self._offset])
+        if stop == self.source.n:   # the pass is over: free the last chunk's draws now (the
+            self._stream.close()    # suspended stream and self form a cycle only gc breaks)
+            self._stream = self._window = None
+        return delta
 
 
 def _row_draw(generators: list[torch.Generator]) -> Draw:
