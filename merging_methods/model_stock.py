@@ -36,7 +36,7 @@ def chunk_gram(base: Tensor, others: list[Tensor], row_wise: bool) -> Tensor:
     b = _rows(base, row_wise)
     offsets = [_rows(other, row_wise) - b for other in others]  # (R, C) each
     n = len(others)
-    gram = torch.empty(b.shape[0], n, n, dtype=torch.float64)
+    gram = torch.empty(b.shape[0], n, n, dtype=torch.float64, device=b.device)
     for i, j in itertools.combinations_with_replacement(range(n), 2):
         gram[:, i, j] = gram[:, j, i] = (offsets[i] * offsets[j]).sum(1)
     return gram

@@ -43,7 +43,7 @@ def tied_inputs(dtype: torch.dtype, n_models: int = 3) -> tuple[torch.Tensor, li
 def source_of(base: torch.Tensor, others: list[torch.Tensor]) -> RowSource:
     """The tensor as the runner streams it, in chunks of rows.row_ranges."""
     return RowSource(SHAPE, tuple(rows.row_ranges(SHAPE, True)),
-                     lambda r, i: (base[r[0]:r[1]], others[i][r[0]:r[1]]), torch.device("cpu"),
+                     lambda r, i: (base[r[0]:r[1]], others[i][r[0]:r[1]]), base.device,
                      len(others))
 
 
@@ -61,13 +61,15 @@ def test_streamed_deltas_are_the_blocks_of_deltas(monkeypatch, step):
 
 
 def assert_two_pass_is_whole(monkeypatch, method: str, settings: dict, dtype: torch.dtype,
-                             **facts) -> None:
+                             device: str = "cpu", **facts) -> None:
     """Chunks of 1 and 5 rows, blocks of 8 elements (so blocks span chunks): the chunks merged
     with the streamed statistics are the dense function's result on the whole tensor."""
     monkeypatch.setattr(primitives, "CPU_BLOCK", 8)
+    monkeypatch.setattr(primitives, "ACCELERATOR_BLOCK", 8)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     spec = METHODS[method]
     base, others = tied_inputs(dtype, spec.others[1] or 3)
+    base, others = base.to(device), [o.to(device) for o in others]
     params = spec.resolve(settings, len(others))
     for step in (1, 5):
         monkeypatch.setattr(rows, "CHUNK_ELEMENTS", step * SHAPE[1])
@@ -97,6 +99,14 @@ def test_widen_two_pass_equals_the_whole_tensor(monkeypatch, is_input_embedding,
     """Per-column units, and per-row units (the input embedding, transposed)."""
     assert_two_pass_is_whole(monkeypatch, "widen", {"above_average_value_ratio": 0.9}, dtype,
                              is_input_embedding=is_input_embedding)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method,settings",
+                         [s for s in SETTINGS if s[0] in ("ties", "della", "model_stock")])
+def test_two_pass_on_cuda_equals_the_whole_tensor(monkeypatch, method, settings):
+    assert_two_pass_is_whole(monkeypatch, method, settings, torch.bfloat16, "cuda")
 
 
 def recorded_reads(monkeypatch) -> list[int]:
