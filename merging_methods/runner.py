@@ -198,11 +198,11 @@ class TensorMerge:
 
     def _read_model(self, rows: RowRange, i: int, device: torch.device
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(base rows, model i's rows) for a streaming pass: fitted, checked finite, stored
-        dtype, on `device`."""
-        name, model = self.item.name, self.models[i]
-        base_rows = finite(self.base.get(rows), self.inputs.base.label, name)
-        other = finite(model.get(rows, base_rows), model.reader.label, name)
+        """(base rows, model i's rows) for a streaming pass: fitted, stored dtype, on `device`.
+        Not checked finite here: the merge reads every chunk again through `read`, which is,
+        before anything is written."""
+        base_rows = self.base.get(rows)
+        other = self.models[i].get(rows, base_rows)
         return _to_device(base_rows, device, True), _to_device(other, device, True)
 
 

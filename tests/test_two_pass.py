@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import merge
 from checkpoints import rows
@@ -13,8 +14,9 @@ from merging_methods import primitives, runner
 from merging_methods.primitives import Deltas, TopK
 from merging_methods.registry import METHODS
 from merging_methods.streamed import RowSource, StreamedDeltas
-from tests.test_merge_cli import family, load_weights  # noqa: F401 - the fixture is used
+from tests.test_merge_cli import assert_user_error, family, load_weights  # noqa: F401 - fixture
 from tests.test_methods import context
+from tests.tiny_models import build_finetune
 
 SHAPE = (13, 7)
 GTA = {"weights": [1.0, 0.5, -0.7], "density": [0.3, 0.5, 0.45]}
@@ -155,3 +157,19 @@ def test_runner_holds_no_more_than_a_chunk(family, monkeypatch, tmp_path, method
     assert max(sizes) == 64 and len(sizes) > 100
     got, want = load_weights(tmp_path / "chunked"), load_weights(tmp_path / "whole")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_nan_in_a_streamed_tensor_is_reported(family, monkeypatch, tmp_path, capsys):  # noqa: F811
+    """The streaming passes do not check finiteness; the merge pass does, before any output."""
+    base, _ = family
+    nan_dir = build_finetune(base, tmp_path / "nan", seed=9)
+    weights = load_file(nan_dir / "model.safetensors")
+    name = next(n for n in weights if n.endswith("embed_tokens.weight"))
+    weights[name][-1, 3] = float("nan")   # in the last chunk: found after the stats passes
+    save_file(weights, nan_dir / "model.safetensors", metadata={"format": "pt"})
+    monkeypatch.setattr(rows, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(rows, "TWO_PASS_ELEMENTS", 64)
+    code = merge.main(["--method", "ties", "--base_model", str(base), "--models_to_merge",
+                       str(nan_dir), "--save_path", str(tmp_path / "o")])
+    assert_user_error(capsys, code, name, "NaN")
+    assert not (tmp_path / "o").exists()
