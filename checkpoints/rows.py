@@ -3,7 +3,9 @@
 Work whose formula is per element (a per-element merge method, AIM's relaxation) streams a
 tensor in chunks of whole rows of at most CHUNK_ELEMENTS elements, so peak memory is a few
 chunks instead of a few float32 copies of the largest tensor (a 13B model's embedding is 650 MB
-in float32). Work that looks at a whole tensor (top-k, column norms) gets one chunk covering it.
+in float32). Work that looks at a whole tensor (top-k, column norms) gets one chunk covering it,
+unless the tensor is above TWO_PASS_ELEMENTS: a method with a two-pass form then gathers its
+whole-tensor facts in streaming passes over the chunks first (merging_methods/streamed.py).
 
 Vocab tensors are fitted to the output's rows here (ALGORITHMS.md §13): rows beyond the output
 are never read; rows a model lacks are the base's (`--vocab base`, no delta) or the model's own
@@ -19,7 +21,18 @@ import torch
 from checkpoints.checkpoint import CheckpointReader
 
 CHUNK_ELEMENTS = 1 << 22  # 16 MiB of float32 per chunk and per model
+# 32 MiB of float32: a larger tensor is merged in row chunks by methods with a two-pass form
+# (smaller ones stay whole: one pass, and a few of them fit in memory). TIES on the 542M family
+# (MLP weights 11.5M elements): peak RSS 0.42 GB; at 1 << 24 (only the embeddings) 0.57 GB
+TWO_PASS_ELEMENTS = 1 << 23
 RowRange = tuple[int, int]
+
+
+def too_large_to_hold(shape: tuple[int, ...]) -> bool:
+    """Whether a tensor goes in row chunks even for a method that needs whole-tensor facts: a
+    matrix above TWO_PASS_ELEMENTS (a 1-D tensor is one row for row-wise statistics, and
+    never that large in a model)."""
+    return len(shape) >= 2 and math.prod(shape) > TWO_PASS_ELEMENTS
 
 
 def row_ranges(shape: tuple[int, ...], split: bool) -> Iterator[RowRange | None]:
@@ -33,6 +46,11 @@ def row_ranges(shape: tuple[int, ...], split: bool) -> Iterator[RowRange | None]
     step = max(1, CHUNK_ELEMENTS // max(per_row, 1)) if split else max(rows, 1)
     for start in range(0, max(rows, 1), step):   # a 0-row tensor is one empty chunk
         yield start, min(start + step, rows)
+
+
+def rows_of(tensor: torch.Tensor, rows: RowRange | None) -> torch.Tensor:
+    """The rows `rows` of `tensor` (all of it for None, a 0-d tensor's chunk)."""
+    return tensor if rows is None else tensor[rows[0]:rows[1]]
 
 
 def mean_row(chunks: Iterable[torch.Tensor]) -> torch.Tensor:

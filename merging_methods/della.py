@@ -15,10 +15,15 @@ density p and epsilon ε (the half-width of the keep-probability window, p ± ε
 p ≥ 1 leaves δ unchanged (no rescale); p ≤ 0 drops it entirely. The generators are the
 runner's `mask_generator(seed, i, tensor_name)` (§17.3: §4.3's rule 1, kept for DELLA since π
 varies per entry; DARE's masks follow mask rule 2, primitives.py).
+
+π is per row, and torch.rand of a CPU generator drawn chunk of rows by chunk of rows gives the
+bits of one draw of the whole shape (torch 2.13, checked by tests/test_two_pass.py), so a large
+tensor is merged in row chunks with the same bits (RowDraws); only the l1 factor needs a pass
+over the whole tensor first.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -27,6 +32,7 @@ from checkpoints.errors import UserError
 from merging_methods.gta import check_lengths
 from merging_methods.gta_blocked import Plan, Sparsifier, blocked_gta
 from merging_methods.primitives import Deltas, PresetDrop, dense_delta, l1_factor
+from merging_methods.streamed import StreamedDeltas
 
 RESCALE_MODES = ("l1", "inverse_prob")
 
@@ -50,10 +56,14 @@ def keep_probabilities(delta: Tensor, density: float, epsilon: float) -> Tensor:
     return ((density - epsilon) + (2 * epsilon) * q).view_as(delta)
 
 
-def _magprune_plan(density: Sequence[float], epsilon: Sequence[float], shape: torch.Size,
+Draw = Callable[[Deltas, int, float, float, bool], Sparsifier]  # (δ, i, p, ε, inverse) -> mask
+
+
+def _magprune_plan(density: Sequence[float], epsilon: Sequence[float],
                    generators: list[torch.Generator] | None, rescale: bool,
-                   rescale_mode: str) -> Plan:
-    """Model i's Bernoulli(π) keep-mask, rescaled by L1 matching or by 1/π (§17.2 steps 1-8)."""
+                   rescale_mode: str, draw: Draw) -> Plan:
+    """Model i's Bernoulli(π) keep-mask, rescaled by L1 matching or by 1/π (§17.2 steps 1-8);
+    `draw` gives the mask (keep/π with `inverse`): whole (`_whole_draw`) or by rows (RowDraws)."""
     if rescale_mode not in RESCALE_MODES:
         raise ValueError(f"rescale_mode: unknown mode {rescale_mode!r}; choose one of "
                          f"{RESCALE_MODES}")
@@ -63,17 +73,82 @@ def _magprune_plan(density: Sequence[float], epsilon: Sequence[float], shape: to
         if p >= 1:
             return None, 1.0
         if p <= 0:
-            return PresetDrop(torch.zeros(deltas.n, dtype=torch.bool)), 1.0
+            return PresetDrop(torch.zeros(1, dtype=torch.bool).expand(deltas.n)), 1.0
         check_window(p, eps)
         if generators is None:
             raise ValueError("DELLA with density < 1 needs one generator per model")
+        inverse = rescale and rescale_mode == "inverse_prob"
+        drop = draw(deltas, i, p, eps, inverse)
+        return drop, l1_factor(deltas, drop) if rescale and not inverse else 1.0
+    return plan
+
+
+def _whole_draw(shape: torch.Size, generators: list[torch.Generator]) -> Draw:
+    """The mask of the whole tensor from one torch.rand of its shape."""
+    def draw(deltas: Deltas, i: int, p: float, eps: float, inverse: bool) -> Sparsifier:
         prob = keep_probabilities(dense_delta(deltas).view(shape), p, eps)
         keep = torch.rand(shape, generator=generators[i]).to(prob.device) < prob
-        if rescale and rescale_mode == "inverse_prob":
-            return PresetDrop(keep / prob), 1.0
-        drop = PresetDrop(keep)
-        return drop, l1_factor(deltas, drop) if rescale else 1.0
-    return plan
+        return PresetDrop(keep / prob if inverse else keep)
+    return draw
+
+
+class RowDraws:
+    """The mask `_whole_draw` gives, drawn row chunk by row chunk (streamed.py's two-pass form).
+
+    π is per row (axis 1), and a CPU generator's torch.rand of a chunk of rows continues the
+    stream where the previous chunk stopped, so chunks in order give the whole draw. Blocks
+    must come in flat order; one at flat offset 0 starts a new pass from the generator's state
+    at construction (the runner's generator itself is never advanced). The runner streams
+    matrices only (a 1-D δ is one row).
+    """
+
+    def __init__(self, deltas: StreamedDeltas, generator: torch.Generator, p: float, eps: float,
+                 inverse: bool):
+        self.source, self.model, self.p, self.eps, self.inverse = (
+            deltas.source, deltas.model, p, eps, inverse)
+        self._state = generator.get_state()
+        self._generator = torch.Generator(device="cpu")
+
+    def _chunk_mask(self, rows: tuple[int, int]) -> Tensor:
+        """The flat mask of one chunk of rows, the next draws of the generator."""
+        base, other = self.source.read(rows, self.model)
+        delta = torch.sub(other.float(), base)   # the exact float32 δ of these rows
+        prob = keep_probabilities(delta, self.p, self.eps)
+        keep = torch.rand(delta.shape, generator=self._generator).to(prob.device) < prob
+        return (keep / prob if self.inverse else keep).reshape(-1)
+
+    def _masks(self) -> Iterator[Tensor]:
+        """Each chunk's flat mask, in order (a suspended stream holds no chunk's inputs)."""
+        self._generator.set_state(self._state)
+        for rows in self.source.chunks:
+            yield self._chunk_mask(rows)
+
+    def apply_(self, delta: Tensor, start: int) -> Tensor:
+        if start == 0:
+            empty = torch.empty(0, dtype=torch.bool, device=delta.device)  # keeps bool masks bool
+            self._stream, self._window, self._offset = self._masks(), empty, 0
+        stop = start + delta.numel()
+        while self._offset + self._window.numel() < stop:  # extend past the block's end
+            kept = self._window[start - self._offset:]
+            self._window, self._offset = torch.cat([kept, next(self._stream)]), start
+        delta.mul_(self._window[start - self._offset: stop - self._offset])
+        if stop == self.source.n:   # the pass is over: free the last chunk's draws now (the
+            self._stream.close()    # suspended stream and self form a cycle only gc breaks)
+            self._stream = self._window = None
+        return delta
+
+
+def _row_draw(generators: list[torch.Generator]) -> Draw:
+    def draw(deltas: StreamedDeltas, i: int, p: float, eps: float, inverse: bool) -> Sparsifier:
+        return RowDraws(deltas, generators[i], p, eps, inverse)
+    return draw
+
+
+def magprune_plan(*, density: Sequence[float], epsilon: Sequence[float], rescale: bool,
+                  rescale_mode: str, generators: list[torch.Generator], **_) -> Plan:
+    """The two-pass form's plan (streamed.py): masks drawn by rows, the L1 factor streamed."""
+    return _magprune_plan(density, epsilon, generators, rescale, rescale_mode,
+                          _row_draw(generators))
 
 
 def _della_method(consensus: bool, normalize_default: bool) -> Callable[..., Tensor]:
@@ -86,7 +161,8 @@ def _della_method(consensus: bool, normalize_default: bool) -> Callable[..., Ten
         """DELLA (§17): MAGPRUNE each δi, then θ0 + λ·Σ wi·δ̃i; `della` sums the sign-agreeing
         models and normalises, `della_linear` sums all of them."""
         check_lengths(others, density=density, epsilon=epsilon, generators=generators)
-        plan = _magprune_plan(density, epsilon, base.shape, generators, rescale, rescale_mode)
+        plan = _magprune_plan(density, epsilon, generators, rescale, rescale_mode,
+                              _whole_draw(base.shape, generators))
         return blocked_gta(base, others, weights, plan, consensus=consensus, normalize=normalize,
                     scaling=scaling, out=None)
     return method

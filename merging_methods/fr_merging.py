@@ -15,6 +15,11 @@ frequencies: a high-pass filter. On a square matrix the farthest bin is at ≈ 0
 0.9 keeps everything. The filtered deltas are merged with the sum sign consensus (§10.3):
 
     out = θ0 + λ·Σ_agree wi·δi'     (/ Σ_agree wi if normalize; normalize false by default)
+
+Memory: the 2-D FFT needs the whole δ of a matrix, so this method has no two-pass form (issue
+14 §2) and holds whole tensors, the models in float32 plus complex64 spectra: peak RSS 3.8 GB
+merging three models of the 542M bench family (largest matrix 32000 x 2048), growing with
+the largest matrix.
 """
 from __future__ import annotations
 

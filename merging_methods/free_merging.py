@@ -1,7 +1,8 @@
 """FREE-Merging: the FR-Merging backbone plus one task's lightweight expert (Zheng & Wang,
 arXiv 2411.16815; ALGORITHMS.md §11). Alias `free`.
 
-The LLM variant is static (no router) and makes one checkpoint per task t:
+The LLM variant is static (no router) and makes one checkpoint per task t. It holds whole
+tensors, as fr_merging does (its 2-D FFT needs the whole δ; no two-pass form):
 
     E_t = the top ρ fraction of |δ_t| (δ_t = θ_t − θ0: unfiltered, unweighted), per tensor,
           exactly ⌊ρ·n⌋ entries, lower flat index first among ties (§0.5); the rest zero

@@ -162,6 +162,18 @@ def _dare_plan(density: Sequence[float], mask_keys: Sequence[int] | None,
     return plan
 
 
+def ties_plan(*, density: Sequence[float], rescale: bool, mergekit_trim: bool = False,
+              **_) -> Plan:
+    """TIES's plan from its resolved parameters (the two-pass form, streamed.py)."""
+    return _topk_plan(density, rescale, mergekit_trim)
+
+
+def dare_plan(*, density: Sequence[float], mask_keys: Sequence[int], rescale: bool,
+              rescale_mode: str, **_) -> Plan:
+    """DARE's plan from its resolved parameters and mask keys (the two-pass form, streamed.py)."""
+    return _dare_plan(density, mask_keys, rescale, rescale_mode)
+
+
 def linear(base: Tensor | None, others: list[Tensor], *, weights: Sequence[float],
            normalize: bool = True, out: Tensor | None = None) -> Tensor:
     """Σ wi·θi (/ Σ wi if normalize) over `others`; `base` is ignored (§1).

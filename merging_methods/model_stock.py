@@ -18,27 +18,93 @@ import itertools
 import torch
 from torch import Tensor
 
+from checkpoints.rows import row_ranges, rows_of
+from merging_methods.streamed import RowSource, TwoPass
+
 COS_EPS = 1e-6  # floor of the cosine denominators
 DENOM_EPS = 1e-6  # |1 + (N − 1)·c| below this gives t = 0 (the base)
 
 
+def _rows(tensor: Tensor, row_wise: bool) -> Tensor:
+    """(R, C) float32: the rows of the last axis with row_wise, else the tensor as one row."""
+    return tensor.float().reshape(-1, tensor.shape[-1] if row_wise else tensor.numel())
+
+
+def chunk_gram(base: Tensor, others: list[Tensor], row_wise: bool) -> Tensor:
+    """(R, N, N) float64: oi·oj of the task vectors in these rows (float32 sums), one matrix per
+    row with row_wise, else one for the chunk."""
+    b = _rows(base, row_wise)
+    offsets = [_rows(other, row_wise) - b for other in others]  # (R, C) each
+    n = len(others)
+    gram = torch.empty(b.shape[0], n, n, dtype=torch.float64, device=b.device)
+    for i, j in itertools.combinations_with_replacement(range(n), 2):
+        gram[:, i, j] = gram[:, j, i] = (offsets[i] * offsets[j]).sum(1)
+    return gram
+
+
+def add_gram(total: Tensor | None, part: Tensor, row_wise: bool) -> Tensor:
+    """Chunks' Gram matrices combined: rows stacked (row_wise) or summed in double."""
+    if total is None:
+        return part
+    return torch.cat([total, part]) if row_wise else total.add_(part)
+
+
+def factor(gram: Tensor) -> Tensor:
+    """(R, 1) float32 t = N·c / (1 + (N − 1)·c), c the mean pairwise cosine (§8)."""
+    n = gram.shape[-1]
+    norms = gram.diagonal(dim1=1, dim2=2).sqrt()  # (R, N)
+    cosines = [(gram[:, i, j] / (norms[:, i] * norms[:, j]).clamp(min=COS_EPS)).clamp(-1.0, 1.0)
+               for i, j in itertools.combinations(range(n), 2)]
+    c = torch.stack(cosines).mean(0)  # (R,)
+    denom = 1 + (n - 1) * c
+    flat = denom.abs() < DENOM_EPS
+    return torch.where(flat, 0.0, n * c / torch.where(flat, 1.0, denom)).float()[:, None]
+
+
+def interpolate(t: Tensor, base: Tensor, others: list[Tensor], row_wise: bool) -> Tensor:
+    """t·mean(θi) + (1 − t)·θ0 on (rows of) the tensor, t per row or one for all; the sum of
+    the θi is accumulated in one float32 buffer (a stack of N copies would cost N)."""
+    b = _rows(base, row_wise)
+    total = torch.zeros_like(b)  # (R, C)
+    for other in others:
+        total.add_(_rows(other, row_wise))
+    return total.div_(len(others)).mul_(t).add_(b * (1 - t)).view(base.shape)
+
+
 def model_stock(base: Tensor, others: list[Tensor], *, filter_wise: bool = False) -> Tensor:
-    """t·mean(θi) + (1 − t)·θ0 with t from the mean pairwise cosine of the task vectors (§8)."""
+    """t·mean(θi) + (1 − t)·θ0 with t from the mean pairwise cosine of the task vectors (§8).
+    The dots are summed over the row chunks the runner streams (rows.row_ranges), in double,
+    so that the two-pass form gets the same bits."""
     n = len(others)
     if n < 2:
         raise ValueError(f"model_stock needs at least 2 models besides the base, got {n}")
     if base.numel() == 0:
         return base.float().clone()
-    width = base.shape[-1] if filter_wise and base.dim() >= 2 else base.numel()
-    base_rows = base.float().reshape(-1, width)  # (R, C): one row unless filter_wise
-    rows = [other.float().reshape(-1, width) for other in others]
-    offsets = [row - base_rows for row in rows]
-    norms = [torch.linalg.vector_norm(o, dim=1) for o in offsets]  # (R,) each
-    cosines = [((offsets[i] * offsets[j]).sum(1) / (norms[i] * norms[j]).clamp(min=COS_EPS))
-               .clamp(-1.0, 1.0) for i, j in itertools.combinations(range(n), 2)]
-    c = torch.stack(cosines).mean(0)  # (R,)
-    denom = 1 + (n - 1) * c
-    flat = denom.abs() < DENOM_EPS
-    t = torch.where(flat, 0.0, n * c / torch.where(flat, 1.0, denom))[:, None]  # (R, 1)
-    mean = torch.stack(rows).mean(0)  # (R, C)
-    return (t * mean + (1 - t) * base_rows).view(base.shape)
+    row_wise = filter_wise and base.dim() >= 2
+    gram = None
+    for rows in row_ranges(base.shape, split=True):
+        part = chunk_gram(rows_of(base, rows), [rows_of(o, rows) for o in others], row_wise)
+        gram = add_gram(gram, part, row_wise)
+    return interpolate(factor(gram), base, others, row_wise)
+
+
+def _stats(source: RowSource, *, filter_wise: bool) -> Tensor:
+    row_wise = filter_wise and len(source.shape) >= 2
+    gram = None
+    for rows in source.chunks:
+        base, first = source.read(rows, 0)
+        others = [first, *(source.read(rows, i)[1] for i in range(1, source.n_models))]
+        gram = add_gram(gram, chunk_gram(base, others, row_wise), row_wise)
+    return factor(gram)
+
+
+def _apply(t: Tensor, offset: int, base: Tensor, others: list[Tensor], *, filter_wise: bool,
+           **_) -> Tensor:
+    row_wise = filter_wise and base.dim() >= 2
+    if row_wise:   # the rows of the last axis this chunk holds
+        first = offset // base.shape[-1]
+        t = t[first:first + base.numel() // base.shape[-1]]
+    return interpolate(t, base, others, row_wise)
+
+
+MODEL_STOCK_TWO_PASS = TwoPass(_stats, _apply)  # the Gram matrices from the chunks, then rows

@@ -332,6 +332,36 @@ def keep_topk(x: Tensor, density: float, size: int | None = None,
     return keep.view_as(x)
 
 
+def abs_blocks_of(deltas: Deltas) -> AbsBlocks:
+    """The |δ| blocks of `deltas` for plan_topk, each taken in place (the blocks are scratch)."""
+    def abs_blocks() -> Iterator[tuple[int, Tensor]]:
+        for start, delta in deltas:
+            yield start, delta.abs_()
+    return abs_blocks
+
+
+class TieRun:
+    """The first `count` of the `equal` entries with |x| == value, in flat order: where that
+    run ends is found while blocks pass by in flat order (counting ties), then remembered."""
+
+    def __init__(self, value: float, count: int, equal: int, n: int):
+        self.value, self.count = value, count
+        self.end: int | None = n if count == equal else 0 if count == 0 else None
+        self._seen = 0
+
+    def cut(self, delta: Tensor, start: int, scratch: Tensor) -> int:
+        """Leading entries of this block (flat offset `start`) before the run's end."""
+        if self.end is None:
+            equal = torch.abs(delta, out=scratch[: delta.numel()]).eq_(self.value)
+            count = int(equal.sum())  # float 0/1 sum: exact for blocks under 2**24
+            if self._seen + count < self.count:
+                self._seen += count
+                return delta.numel()
+            position = int(torch.nonzero(equal)[self.count - self._seen - 1])
+            self.end = start + position + 1
+        return min(max(self.end - start, 0), delta.numel())
+
+
 class TopK:
     """Magnitude trim of one model's delta (§3.2): keep exactly floor(density*n) largest |δ|.
 
@@ -340,39 +370,22 @@ class TopK:
     """
 
     def __init__(self, deltas: Deltas, density: float, at_least_one: bool = False):
-        def abs_blocks() -> Iterator[tuple[int, Tensor]]:
-            for start, delta in deltas:
-                yield start, delta.abs_()  # the block is scratch: take |δ| in place
-
         n = deltas.n
         self._scratch = deltas.new_buffer()
         sample = deltas.sample().abs_()
-        self.cut = plan_topk(abs_blocks, n, topk_count(density, n, at_least_one), self._scratch,
-                              sample)
+        self.cut = plan_topk(abs_blocks_of(deltas), n, topk_count(density, n, at_least_one),
+                             self._scratch, sample)
         # hardshrink(x, below) keeps |x| >= threshold: `below` is the float32 just under it
         self._below = _bits_to_float(self.cut.bits - 1) if self.cut.bits else -1.0
         # kept zeros change nothing, so with a zero threshold every tie may as well be kept
-        every_tie = self.cut.keep_equal == self.cut.equal or self.cut.bits == 0
-        self.ties_end: int | None = n if every_tie else None
-        self._seen = 0
-
-    def _tie_cut(self, delta: Tensor, start: int) -> int:
-        """Leading entries of this block inside the kept run of ties."""
-        if self.ties_end is None:
-            equal = torch.abs(delta, out=self._scratch[: delta.numel()]).eq_(self.cut.value)
-            count = int(equal.sum())  # float 0/1 sum: exact for blocks under 2**24
-            if self._seen + count < self.cut.keep_equal:
-                self._seen += count
-                return delta.numel()
-            position = int(torch.nonzero(equal)[self.cut.keep_equal - self._seen - 1])
-            self.ties_end = start + position + 1
-        return min(max(self.ties_end - start, 0), delta.numel())
+        kept = self.cut.equal if self.cut.bits == 0 else self.cut.keep_equal
+        self.ties = TieRun(self.cut.value, kept, self.cut.equal, n)
 
     def apply_(self, delta: Tensor, start: int) -> Tensor:
         """Zero, in place, the entries of this block (flat offset `start`) that top-k drops."""
         if self.cut.bits == 0:  # threshold 0: every non-zero entry is kept
             return delta
-        cut = self._tie_cut(delta, start)
+        cut = self.ties.cut(delta, start, self._scratch)
         hardshrink = torch.nn.functional.hardshrink  # keeps |x| > lambd, zeroes the rest
         if cut:
             delta[:cut] = hardshrink(delta[:cut], self._below)

@@ -25,6 +25,10 @@ A method is a plain function over whole float32 tensors of one shape and device:
 The runner streams tensor by tensor and calls `fn`. A `FastPath` is optional: a blocked,
 buffer-reusing form the runner then uses instead, which must return the bits of `fn`
 (tests/test_methods.py checks every fast path against its dense function, fp32 and bf16 inputs).
+A `TwoPass` form (streamed.py) is optional too: for a matrix too large to hold whole, its
+whole-tensor facts (top-k thresholds, L1 factors, dot products, column norms and ranks) from
+streaming passes over its row chunks, then the merge chunk by chunk, to the same bits
+(tests/test_two_pass.py).
 
 Adding a method: one file with its function, one row in METHODS with its `Param`s (existing
 declarations, or new ones in params.py); the CLI flags, validation, recipe and YAML keys
@@ -42,12 +46,12 @@ from checkpoints.errors import UserError
 from merging_methods import gta, gta_blocked
 from merging_methods.arcee_fusion import arcee_fusion
 from merging_methods.blockwise import per_element
-from merging_methods.breadcrumbs import breadcrumbs, breadcrumbs_ties
-from merging_methods.della import check_window, della, della_linear
+from merging_methods.breadcrumbs import band_plan, breadcrumbs, breadcrumbs_ties
+from merging_methods.della import check_window, della, della_linear, magprune_plan
 from merging_methods.fr_merging import fr_merging
 from merging_methods.free_merging import free_merging
 from merging_methods.karcher import karcher
-from merging_methods.model_stock import model_stock
+from merging_methods.model_stock import MODEL_STOCK_TWO_PASS, model_stock
 from merging_methods.multislerp import multislerp
 from merging_methods.nuslerp import nuslerp
 from merging_methods.nearswap import nearswap
@@ -64,8 +68,9 @@ from merging_methods.params import (
 from merging_methods.primitives import keep_threshold
 from merging_methods.ram import ram, ramplus_tl
 from merging_methods.sce import sce
-from merging_methods.slerp import slerp
-from merging_methods.widen import widen
+from merging_methods.slerp import SLERP_TWO_PASS, slerp
+from merging_methods.streamed import TwoPass, two_pass_gta
+from merging_methods.widen import WIDEN_TWO_PASS, widen
 
 CONTEXT = frozenset({"tensor_name", "layer_index", "num_layers", "is_input_embedding",
                      "generators", "mask_keys"})
@@ -103,6 +108,9 @@ class MethodSpec:
     # output from --layer_ranges instead of merging tensor by tensor
     stacks_layers: bool = False
     fast: FastPath | None = None
+    # the form for a tensor too large to hold whole (streamed.py): whole-tensor facts gathered
+    # in streaming passes over its row chunks, then the merge chunk by chunk, same bits
+    two_pass: TwoPass | None = None
     check: Callable[[Values], None] | None = None        # cross-parameter checks (UserError)
     warn: Callable[[Values], list[str]] | None = None    # valid but likely unmeant settings
     defaults: Mapping[str, object] = field(init=False, compare=False)
@@ -209,22 +217,25 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     method("ties", gta.ties, "trim to top-|delta|, elect signs, average the agreeing deltas",
            WEIGHTS, SCALING, DENSITY, NORMALIZE.with_default(True), RESCALE.with_default(False),
            MERGEKIT_TRIM, warn=_negative_weights(True),
-           fast=FastPath(gta_blocked.ties, stored_dtype_inputs=True)),
+           fast=FastPath(gta_blocked.ties, stored_dtype_inputs=True),
+           two_pass=two_pass_gta(gta_blocked.ties_plan, consensus=True)),
     method("dare_linear", gta.dare_linear, "random drop + rescale, then task arithmetic", *_DARE,
            context=frozenset({"mask_keys"}), check=_dare_densities,
            warn=_negative_weights(False),
            fast=FastPath(gta_blocked.dare_linear, stored_dtype_inputs=True, row_separable=True,
-                         masks_ahead=True)),
+                         masks_ahead=True),
+           two_pass=two_pass_gta(gta_blocked.dare_plan, consensus=False)),
     method("dare_ties", gta.dare_ties, "random drop + rescale, then TIES sign consensus", *_DARE,
            context=frozenset({"mask_keys"}), check=_dare_densities,
            warn=_negative_weights(True),
            fast=FastPath(gta_blocked.dare_ties, stored_dtype_inputs=True, row_separable=True,
-                         masks_ahead=True)),
+                         masks_ahead=True),
+           two_pass=two_pass_gta(gta_blocked.dare_plan, consensus=True)),
     method("widen", widen, "per-column magnitude/direction ranking of task vectors (WIDEN)",
            ABOVE_AVERAGE_VALUE_RATIO, SCORE_CALIBRATION_VALUE,
-           context=frozenset({"is_input_embedding"})),
+           context=frozenset({"is_input_embedding"}), two_pass=WIDEN_TWO_PASS),
     method("slerp", slerp, "spherical interpolation from the base to one other model", T,
-           others=(1, 1)),
+           others=(1, 1), two_pass=SLERP_TWO_PASS),
     method("nuslerp", nuslerp, "spherical interpolation between two models (or their task "
            "vectors) by weight, per tensor, row or column", WEIGHTS, NUSLERP_ROW_WISE,
            NUSLERP_FLATTEN, TASK_VECTORS, others=(2, 2)),
@@ -235,18 +246,21 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     method("karcher", karcher, "Riemannian (Karcher) mean of the models' directions times their "
            "mean norm (the base is not averaged in)", MAX_ITER, TOL),
     method("model_stock", model_stock, "base-to-average interpolation set by the task vectors' "
-           "angles", FILTER_WISE, others=(2, None)),
+           "angles", FILTER_WISE, others=(2, None), two_pass=MODEL_STOCK_TWO_PASS),
     method("breadcrumbs", breadcrumbs, "drop the smallest and the largest |delta|, then task "
-           "arithmetic", *_BREADCRUMBS, warn=_negative_weights(False)),
+           "arithmetic", *_BREADCRUMBS, warn=_negative_weights(False),
+           two_pass=two_pass_gta(band_plan, consensus=False)),
     method("breadcrumbs_ties", breadcrumbs_ties, "breadcrumbs with TIES sign consensus",
-           *_BREADCRUMBS, warn=_negative_weights(True)),
+           *_BREADCRUMBS, warn=_negative_weights(True),
+           two_pass=two_pass_gta(band_plan, consensus=True)),
     method("della", della, "magnitude-ranked random drop + rescale, TIES sign consensus",
            *_DELLA, NORMALIZE.with_default(True), context=frozenset({"generators"}),
-           check=_della_windows, warn=_negative_weights(True)),
+           check=_della_windows, warn=_negative_weights(True),
+           two_pass=two_pass_gta(magprune_plan, consensus=True)),
     method("della_linear", della_linear, "magnitude-ranked random drop + rescale, task "
            "arithmetic", *_DELLA, NORMALIZE.with_default(False),
            context=frozenset({"generators"}), check=_della_windows,
-           warn=_negative_weights(False)),
+           warn=_negative_weights(False), two_pass=two_pass_gta(magprune_plan, consensus=False)),
     method("fr_merging", fr_merging, "Fourier high-pass filter of each 2-D task vector, TIES "
            "sign consensus", *_FR, warn=_negative_weights(True)),
     method("passthrough", passthrough, "layer ranges of the models stacked into one model "

@@ -3,10 +3,12 @@
 This is the only code that loops over tensor names, chooses the device and dtypes, seeds
 randomness and decides what happens to tensors that are not merged. A unit of work is one
 whole tensor, merged by the method's dense function in float32, or, for a method with a
-per-element fast path (registry.FastPath), a chunk of its rows (rows.py); an I/O thread reads
-the next unit and writes the previous one while the current one is merged (overlap.py). Peak
-memory is a few chunks for per-element fast paths and about (models + 2) x the largest tensor
-otherwise.
+per-element fast path (registry.FastPath), a chunk of its rows (rows.py); a tensor above
+rows.TWO_PASS_ELEMENTS of a method with a two-pass form (streamed.py) also goes in row chunks,
+after streaming passes that gather its whole-tensor facts. An I/O thread reads the next unit and
+writes the previous one while the current one is merged (overlap.py). Peak memory is a few
+chunks for per-element fast paths, a few chunks or tensors of TWO_PASS_ELEMENTS for two-pass
+methods, and about (models + 2) x the largest tensor otherwise.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from checkpoints.errors import UserError, writing
 from checkpoints.output import check_output_path, staged_output
 from checkpoints.overlap import IOThread
 from checkpoints.record import write_model_card, write_record
-from checkpoints.rows import AlignedRows, RowRange, row_ranges
+from checkpoints.rows import AlignedRows, RowRange, row_ranges, too_large_to_hold
 from merging_methods.passthrough import (LayerSlice, PassthroughPlan, Source, layout_update,
                                          passthrough_plan)
 from merging_methods.plan import (MergePlan, TensorPlan, build_plan, input_embedding_name,
@@ -38,6 +40,7 @@ from merging_methods.primitives import keep_mask, mask_generator, mask_key, used
 from merging_methods.recipe import MergeRecipe
 from merging_methods.registry import MethodSpec, get_method, method_warnings, splits_by_rows
 from merging_methods.sliced import SlicedInput
+from merging_methods.streamed import RowSource
 from merging_methods.token_vocab import (TokenRows, plan_token_rows, reindexes,
                                          save_chat_template)
 from merging_methods.vocab import VocabUnion, plan_union, save_union_tokenizer, vocab_config_update
@@ -156,11 +159,17 @@ class TensorMerge:
         # thread, off the merge thread; an accelerator draws them itself, block by block
         self.masks_ahead = (device.type == "cpu" and spec.fast is not None
                             and spec.fast.masks_ahead and splits_by_rows(spec, params))
+        # too large to hold whole for a method that needs whole-tensor facts: its two-pass form
+        # gathers them from the row chunks at the first chunk (streamed.py)
+        whole = spec.two_pass is None or splits_by_rows(spec, params) or self.tokens is not None
+        self.two_pass = None if whole or not too_large_to_hold(item.out.shape) else spec.two_pass
+        self._facts = None
 
     def units(self) -> Iterator[tuple[RowRange | None, tuple[int, ...]]]:
         """(rows, output shape of those rows) for each chunk this tensor is merged in."""
         shape = self.item.out.shape
-        split = splits_by_rows(self.spec, self.params) and self.tokens is None
+        split = ((splits_by_rows(self.spec, self.params) or self.two_pass is not None)
+                 and self.tokens is None)
         for rows in row_ranges(shape, split):
             yield rows, shape if rows is None else (rows[1] - rows[0], *shape[1:])
 
@@ -183,20 +192,47 @@ class TensorMerge:
                         for d, w, k in zip(p["density"], p["weights"], self.context["mask_keys"])])
         return raw
 
-    def merge(self, raw: list[torch.Tensor], device: torch.device,
+    def merge(self, raw: list[torch.Tensor], device: torch.device, rows: RowRange | None = None,
               out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Merge what `read` returned (emptied here, so each stored copy is freed as soon as it
-        is converted); returns (merged float32, base) on `device`, base in its stored dtype for
-        a fast path that takes it so. `out` is an optional float32 result buffer of the rows'
-        shape, which a fast path writes into."""
+        """Merge what `read(rows)` returned (emptied here, so each stored copy is freed as soon
+        as it is converted); returns (merged float32, base) on `device`, base in its stored
+        dtype for a fast path or two-pass form that takes it so. `out` is an optional float32
+        result buffer of the rows' shape, which a fast path or two-pass form writes into."""
         fast = self.spec.fast
-        keep = fast is not None and fast.stored_dtype_inputs
+        keep = (fast is not None and fast.stored_dtype_inputs) or self.two_pass is not None
         base = _to_device(raw.pop(0), device, keep)
         others = [_to_device(raw.pop(0), device, keep) for _ in self.models]
+        if self.two_pass is not None:
+            return self._merge_two_pass(base, others, rows, device, out), base
         if fast is None:
             return self.spec.fn(base, others, **self.params, **self.context), base
         extra = {"keep_masks": raw.pop()} if raw else {}
         return fast.fn(base, others, **self.params, **self.context, **extra, out=out), base
+
+    def _merge_two_pass(self, base: torch.Tensor, others: list[torch.Tensor], rows: RowRange,
+                        device: torch.device, out: torch.Tensor | None) -> torch.Tensor:
+        """The chunk `rows` merged by the two-pass form: its whole-tensor facts are gathered
+        at the first chunk and dropped after the last (chunks come in row order)."""
+        shape = self.item.out.shape
+        if self._facts is None:
+            source = RowSource(shape, tuple(row_ranges(shape, True)),
+                               partial(self._read_model, device=device), device,
+                               len(self.models))
+            self._facts = self.two_pass.stats(source, **self.params, **self.context)
+        merged = self.two_pass.apply(self._facts, rows[0] * math.prod(shape[1:]), base, others,
+                                     **self.params, **self.context, out=out)
+        if rows[1] == shape[0]:
+            self._facts = None
+        return merged
+
+    def _read_model(self, rows: RowRange, i: int, device: torch.device
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(base rows, model i's rows) for a streaming pass: fitted, stored dtype, on `device`.
+        Not checked finite here: the merge reads every chunk again through `read`, which is,
+        before anything is written."""
+        base_rows = self.base.get(rows)
+        other = self.models[i].get(rows, base_rows)
+        return _to_device(base_rows, device, True), _to_device(other, device, True)
 
 
 @dataclass(frozen=True)
@@ -236,8 +272,8 @@ def _merge_unit(unit: WorkUnit, raw: list[torch.Tensor], device: torch.device,
                 results: ResultBuffer, post: TensorHook | None) -> torch.Tensor:
     """The unit's rows merged, passed through `post` and cast to the output dtype (a tensor of
     its own: the result buffer is reused by the next unit while this one is being written)."""
-    buffer = results.view(unit.shape) if unit.job.spec.fast else None
-    merged, base = unit.job.merge(raw, device, buffer)
+    buffer = results.view(unit.shape) if unit.job.spec.fast or unit.job.two_pass else None
+    merged, base = unit.job.merge(raw, device, unit.rows, buffer)
     if post is not None:
         merged = post(unit.name, merged, base, unit.rows)
     out = merged.to(unit.job.item.out.dtype)

@@ -18,24 +18,64 @@ import math
 import torch
 from torch import Tensor
 
+from checkpoints.rows import row_ranges, rows_of
+from merging_methods.streamed import RowSource, TwoPass
+
 DOT_THRESHOLD = 0.9995  # above this |cos| the inputs count as colinear and are lerped
 NORM_EPS = 1e-8  # a norm at or below this is not divided out (mergekit's eps)
+Sums = tuple[float, float, float]  # (v0·v1, ‖v0‖², ‖v1‖²)
 
 
-def _norm_or_one(x: Tensor) -> float:
-    norm = float(torch.linalg.vector_norm(x))
+def chunk_sums(base: Tensor, other: Tensor) -> Sums:
+    """(v0·v1, ‖v0‖², ‖v1‖²) of one row chunk: float32 dots, returned as Python floats."""
+    v0, v1 = base.float().reshape(-1), other.float().reshape(-1)
+    return float(torch.dot(v0, v1)), float(torch.dot(v0, v0)), float(torch.dot(v1, v1))
+
+
+def add_sums(total: Sums, part: Sums) -> Sums:
+    """The sums of two chunks, in double (the chunks' order fixes the bits)."""
+    return tuple(a + b for a, b in zip(total, part))
+
+
+def _norm_or_one(square: float) -> float:
+    norm = math.sqrt(square)
     return norm if norm > NORM_EPS else 1.0
 
 
-def slerp(base: Tensor, others: list[Tensor], *, t: float) -> Tensor:
-    """Spherical interpolation from the base (t = 0) to `others[0]` (t = 1), §6."""
-    if len(others) != 1:
-        raise ValueError(f"slerp merges the base with exactly 1 other model, got {len(others)}")
-    v0, v1 = base.float(), others[0].float()
-    dot = float(torch.dot(v0.reshape(-1), v1.reshape(-1))) / (_norm_or_one(v0) * _norm_or_one(v1))
+def interpolate(sums: Sums, base: Tensor, other: Tensor, t: float) -> Tensor:
+    """The §6 formula on (rows of) v0 = base and v1 = other, given the whole tensor's sums."""
+    v0, v1 = base.float(), other.float()
+    dot = sums[0] / (_norm_or_one(sums[1]) * _norm_or_one(sums[2]))
     dot = min(max(dot, -1.0), 1.0)
     if abs(dot) > DOT_THRESHOLD:
         return torch.lerp(v0, v1, t)  # exact at t = 0, t = 1 and for v0 == v1
     omega = math.acos(dot)
     c0, c1 = math.sin((1.0 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)
     return torch.mul(v0, c0).add_(v1, alpha=c1)
+
+
+def slerp(base: Tensor, others: list[Tensor], *, t: float) -> Tensor:
+    """Spherical interpolation from the base (t = 0) to `others[0]` (t = 1), §6. The dots are
+    summed over the row chunks the runner streams (rows.row_ranges), so that the two-pass form
+    gets the same bits."""
+    if len(others) != 1:
+        raise ValueError(f"slerp merges the base with exactly 1 other model, got {len(others)}")
+    sums: Sums = (0.0, 0.0, 0.0)
+    for rows in row_ranges(base.shape, split=True):
+        sums = add_sums(sums, chunk_sums(rows_of(base, rows), rows_of(others[0], rows)))
+    return interpolate(sums, base, others[0], t)
+
+
+def _stats(source: RowSource, **_) -> Sums:
+    sums: Sums = (0.0, 0.0, 0.0)
+    for rows in source.chunks:
+        sums = add_sums(sums, chunk_sums(*source.read(rows, 0)))
+    return sums
+
+
+def _apply(sums: Sums, offset: int, base: Tensor, others: list[Tensor], *, t: float,  # noqa: ARG001
+           **_) -> Tensor:
+    return interpolate(sums, base, others[0], t)
+
+
+SLERP_TWO_PASS = TwoPass(_stats, _apply)  # the dots from the streamed chunks, then the rows

@@ -11,6 +11,8 @@ Weight Disentanglement" (arXiv 2408.03092). For a 2-D weight [out, in] and each 
 
 The input embedding is transposed first (one score per token). 1-D tensors use |δ| per element
 (§5.3); tensors with more than 2 dimensions are viewed as [shape[0], −1].
+A matrix too large to hold whole gets its unit statistics from blocks of rows read on demand
+(StreamedMatrix: the very blocks `Units` takes), then is merged chunk by chunk (streamed.py).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import torch
 from torch import Tensor
 
 from merging_methods.primitives import block_size
+from merging_methods.streamed import RowSource, TwoPass
 
 NORM_EPS = 1e-12  # column norms are clamped to this before dividing (§5.2 step 1)
 COS_EPS = 1e-8  # cosine denominators are clamped to this (§5.2 step 2)
@@ -114,15 +117,21 @@ def rank_scores(values: Tensor, ratio: float, calibration: float) -> Tensor:
     return scores.masked_fill_(important, calibration)
 
 
-def _widen_matrix(w0: Tensor, ws: list[Tensor], out: Tensor, units: Units, ratio: float,
-                  calibration: float) -> None:
-    """Write the WIDEN merge of the 2-D `ws` onto `w0` into `out` (all in stored layout)."""
+def widen_weights(w0: Tensor, ws: list[Tensor], units: Units, ratio: float,
+                  calibration: float) -> Tensor:
+    """[N, units] merge weights of the 2-D `ws` against `w0` (§5.2 steps 1-5, stored layout).
+    The matrices are only read a block of rows at a time (`matrix[rows]`, `index_select`)."""
     m0 = units.norms(w0)
     changes = [direction_change(w0, w, units, m0) for w in ws]
     magnitude = torch.stack([c[0] for c in changes])  # [N, units]
     direction = torch.stack([c[1] for c in changes])
-    weights = (rank_scores(magnitude, ratio, calibration)
-               + rank_scores(direction, ratio, calibration)).mul_(0.5)  # [N, units]
+    return (rank_scores(magnitude, ratio, calibration)
+            + rank_scores(direction, ratio, calibration)).mul_(0.5)
+
+
+def merge_rows(w0: Tensor, ws: list[Tensor], out: Tensor, units: Units, weights: Tensor) -> None:
+    """out = w0 + Σi weights_i · (Wi − W0) per unit, a block of rows at a time; with transposed
+    units, `weights` holds these rows' entries."""
     for rows, delta in units.blocks():
         acc = out[rows]
         acc.copy_(w0[rows])
@@ -157,8 +166,61 @@ def widen(base: Tensor, others: list[Tensor], *, above_average_value_ratio: floa
         return result.view_as(base)
 
     rows = base.shape[0]
-    matrix = base.reshape(rows, -1)
-    _widen_matrix(matrix, [o.reshape(rows, -1) for o in others], result.view(rows, -1),
-                  Units(matrix, transposed=is_input_embedding),
-                  above_average_value_ratio, score_calibration_value)
+    matrix, models = base.reshape(rows, -1), [o.reshape(rows, -1) for o in others]
+    units = Units(matrix, transposed=is_input_embedding)
+    weights = widen_weights(matrix, models, units, above_average_value_ratio,
+                            score_calibration_value)
+    merge_rows(matrix, models, result.view(rows, -1), units, weights)
     return result.view_as(base)
+
+
+class StreamedMatrix:
+    """A model's tensor of a RowSource (streamed.py) as the [rows, -1] float32 matrix
+    widen_weights reads: rows and selected units are read from the checkpoint on demand, so
+    the statistics pass holds a block of rows, never the matrix. Model None is the base."""
+
+    dtype = torch.float32
+
+    def __init__(self, source: RowSource, model: int | None):
+        self.source, self.model = source, model
+        self.shape = (source.shape[0], source.n // max(source.shape[0], 1))
+        self.device = source.device
+
+    def __getitem__(self, rows: slice) -> Tensor:
+        base, other = self.source.read((rows.start, rows.stop),
+                                       0 if self.model is None else self.model)
+        return (base if self.model is None else other).float().reshape(-1, self.shape[1])
+
+    def index_select(self, dim: int, index: Tensor) -> Tensor:
+        """Whole rows (dim 0) or whole columns (dim 1, read a CPU block of rows at a time)."""
+        if dim == 0:
+            return torch.cat([self[slice(r, r + 1)] for r in index.tolist()])
+        step = max(1, block_size(torch.device("cpu")) // max(self.shape[1], 1))
+        return torch.cat([self[slice(r, min(r + step, self.shape[0]))].index_select(1, index)
+                          for r in range(0, self.shape[0], step)])
+
+
+def _stats(source: RowSource, *, above_average_value_ratio: float,
+           score_calibration_value: float, is_input_embedding: bool) -> Tensor:
+    w0 = StreamedMatrix(source, None)
+    units = Units(w0, transposed=is_input_embedding)
+    return widen_weights(w0, [StreamedMatrix(source, i) for i in range(source.n_models)], units,
+                         above_average_value_ratio, score_calibration_value)
+
+
+def _apply(weights: Tensor, offset: int, base: Tensor, others: list[Tensor], *,
+           is_input_embedding: bool, out: Tensor | None = None, **_) -> Tensor:
+    rows = base.shape[0]
+    matrix, models = base.float().reshape(rows, -1), [o.float().reshape(rows, -1) for o in others]
+    result = torch.empty(base.numel(), dtype=torch.float32, device=base.device) if out is None \
+        else out.view(-1)
+    units = Units(matrix, transposed=is_input_embedding)
+    if is_input_embedding:   # a weight per row: this chunk's rows
+        first = offset // matrix.shape[1]
+        weights = weights[:, first:first + rows]
+    merge_rows(matrix, models, result.view(rows, -1), units, weights)
+    return result.view(base.shape)
+
+
+# the unit statistics in streaming passes, then the rows (the runner streams matrices only)
+WIDEN_TWO_PASS = TwoPass(_stats, _apply)

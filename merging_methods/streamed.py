@@ -1,0 +1,131 @@
+"""Two-pass merges of tensors too large to hold whole (issue 14 §2: flat memory).
+
+Top-k thresholds (§0.5, §3.2), rank bands (§9), L1 rescale factors, dot products (§6, §8) and
+column statistics (§5) need the whole tensor. For a matrix above `rows.TWO_PASS_ELEMENTS` the
+runner hands such a method a `RowSource` (the tensor's row chunks, read on demand) instead of
+whole tensors: the method's `TwoPass.stats` gathers those whole-tensor facts in streaming passes
+over the chunks, then `TwoPass.apply` merges one chunk at a time with them. `StreamedDeltas`
+yields the very float32 blocks `primitives.Deltas` yields over the whole tensor, so thresholds,
+tie positions and L1 sums get the same bits as the one-pass path; sums the dense functions take
+over row chunks use the same chunks (rows.row_ranges). Peak memory is a few chunks whatever the
+tensor's size. Each pass reads the chunks again (from the page cache when memory allows).
+Methods without a two-pass form: fr_merging and free_merging (a 2-D FFT of the whole delta).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from merging_methods.gta_blocked import Plan, Sparsifier, blocked_gta
+from merging_methods.primitives import SAMPLE, block_size
+
+RowRange = tuple[int, int]
+SAMPLE_ROWS = 256  # rows read for the top-k sample
+
+
+@dataclass(frozen=True)
+class RowSource:
+    """One tensor as the runner streams it: its shape, its row chunks in order, and
+    `read(rows, i)` -> (base rows, model i's rows), stored dtype, on the merge device."""
+
+    shape: tuple[int, ...]
+    chunks: tuple[RowRange, ...]
+    read: Callable[[RowRange, int], tuple[Tensor, Tensor]]
+    device: torch.device
+    n_models: int
+
+    @property
+    def n(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class TwoPass:
+    """A method's form for large tensors: `stats(source, **params, **context)` returns what needs
+    the whole tensor; `apply(stats, offset, base, others, **params, **context, out=None)` merges
+    the chunk at flat offset `offset` (inputs in their stored dtype) to the bits of the method
+    on the whole tensor. Chunks are applied in flat order, each once."""
+
+    stats: Callable[..., object]
+    apply: Callable[..., Tensor]
+
+
+class StreamedDeltas:
+    """Model i's delta over a whole `RowSource`, as `Deltas` yields it: flat float32 blocks of
+    `size` elements in flat order, bit for bit, assembled from the row chunks (a block may span
+    two chunks). A yielded block is overwritten by the next one; callers may modify it."""
+
+    def __init__(self, source: RowSource, model: int, size: int):
+        self.source, self.model = source, model
+        self.n, self.size = source.n, size
+        self._buf = torch.empty(min(size, self.n), dtype=torch.float32, device=source.device)
+
+    def __iter__(self) -> Iterator[tuple[int, Tensor]]:
+        start = filled = 0   # flat offset of the block being filled, entries in it so far
+        for rows in self.source.chunks:
+            base, other = (t.reshape(-1) for t in self.source.read(rows, self.model))
+            pos = 0
+            while pos < base.numel():
+                take = min(self._buf.numel() - filled, base.numel() - pos)
+                piece = self._buf[filled:filled + take]
+                # one float32 subtraction of exact upcasts, as Deltas.block computes it
+                piece.copy_(other[pos:pos + take]).sub_(base[pos:pos + take])
+                filled, pos = filled + take, pos + take
+                if filled == min(self.size, self.n - start):
+                    yield start, self._buf[:filled]
+                    start, filled = start + filled, 0
+
+    def new_buffer(self) -> Tensor:
+        """An uninitialised float buffer of one block."""
+        return torch.empty_like(self._buf)
+
+    def sample(self) -> Tensor:
+        """About SAMPLE entries of the delta from SAMPLE_ROWS evenly spaced rows, each read
+        alone (a fresh tensor). Only a guess at a tied top-k threshold is taken from it, which
+        a counting pass then verifies (primitives.plan_topk), so it need not be `Deltas`'s
+        sample; a full pass for it would cost as much as the count."""
+        rows = self.source.shape[0]
+        picked = sorted({r * rows // SAMPLE_ROWS for r in range(min(rows, SAMPLE_ROWS))})
+        step = max(1, self.n // rows * len(picked) // SAMPLE)   # entries per sampled row
+        parts = []
+        for r in picked:
+            base, other = (t.reshape(-1) for t in self.source.read((r, r + 1), self.model))
+            parts.append(torch.sub(other[::step].float(), base[::step]))
+        return torch.cat(parts)
+
+
+class Shifted:
+    """A sparsifier planned over the whole tensor, applied to a chunk at flat offset `offset`."""
+
+    def __init__(self, inner: Sparsifier, offset: int):
+        self.inner, self.offset = inner, offset
+
+    def apply_(self, delta: Tensor, start: int) -> Tensor:
+        return self.inner.apply_(delta, start + self.offset)
+
+
+Planned = dict[int, tuple[Sparsifier, float]]  # active model -> (sparsifier, factor ci)
+
+
+def two_pass_gta(plan_of: Callable[..., Plan], consensus: bool) -> TwoPass:
+    """The two-pass form of a §0.6 method whose `plan_of(**params, **context)` gives its Plan:
+    stats = each active model's sparsifier and factor planned over the streamed whole delta
+    (as blocked_gta plans them), apply = blocked_gta on the chunk with those plans."""
+    def stats(source: RowSource, *, weights, **params) -> Planned:
+        plan = plan_of(**params)
+        size = block_size(source.device)
+        return {i: plan(i, StreamedDeltas(source, i, size)) for i, w in enumerate(weights)
+                if w != 0}
+
+    def apply(planned: Planned, offset: int, base: Tensor, others: list[Tensor], *, weights,
+              normalize: bool, scaling: float, out: Tensor | None = None, **_) -> Tensor:
+        def at(i: int, _deltas) -> tuple[Sparsifier, float]:
+            sparsifier, factor = planned[i]
+            return (None if sparsifier is None else Shifted(sparsifier, offset)), factor
+        return blocked_gta(base, others, weights, at, consensus=consensus, normalize=normalize,
+                           scaling=scaling, out=out)
+    return TwoPass(stats, apply)

@@ -1,0 +1,176 @@
+"""Large tensors in two passes (merging_methods/streamed.py): whole-tensor facts gathered from
+row chunks, then the merge chunk by chunk; the same bits as the whole-tensor path, in memory
+bounded by the chunk size."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import merge
+from checkpoints import rows
+from checkpoints.checkpoint import CheckpointReader
+from merging_methods import primitives, runner
+from merging_methods.primitives import Deltas, TopK
+from merging_methods.registry import METHODS
+from merging_methods.streamed import RowSource, StreamedDeltas
+from tests.test_merge_cli import assert_user_error, family, load_weights  # noqa: F401 - fixture
+from tests.test_methods import context
+from tests.tiny_models import build_finetune
+
+SHAPE = (13, 7)
+GTA = {"weights": [1.0, 0.5, -0.7], "density": [0.3, 0.5, 0.45]}
+# each two-pass method with the settings that need it (DARE: only the whole-tensor l1 rescale)
+SETTINGS = [("ties", GTA), ("ties", {**GTA, "rescale": True}),
+            ("ties", {**GTA, "density": [1e-4, 0.5, 0.2], "mergekit_trim": True}),  # k = 1
+            ("dare_ties", {**GTA, "rescale_mode": "l1"}),
+            ("dare_linear", {**GTA, "rescale_mode": "l1"}),
+            ("breadcrumbs", {**GTA, "gamma": [0.1, 0.05, 0.2]}),
+            ("breadcrumbs_ties", {**GTA, "gamma": [0.1, 0.05, 0.2], "rescale": True}),
+            ("della", {**GTA, "epsilon": [0.1, 0.2, 0.05]}),
+            ("della_linear", {**GTA, "epsilon": [0.1, 0.2, 0.05], "rescale_mode": "inverse_prob"}),
+            ("della_linear", {**GTA, "density": [0.3, 1.0, 0.5], "epsilon": [0.1, 0.2, 0.05]}),
+            ("slerp", {"t": 0.3}), ("model_stock", {}), ("model_stock", {"filter_wise": True})]
+
+
+def tied_inputs(dtype: torch.dtype, n_models: int = 3) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Integer-valued base and models: |delta| in 0..4, so long runs of ties sit at every top-k
+    threshold."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randint(-3, 4, SHAPE, generator=g).to(dtype)
+    others = [(base.float() + torch.randint(-4, 5, SHAPE, generator=g)).to(dtype)
+              for _ in range(n_models)]
+    return base, others
+
+
+def source_of(base: torch.Tensor, others: list[torch.Tensor]) -> RowSource:
+    """The tensor as the runner streams it, in chunks of rows.row_ranges."""
+    return RowSource(SHAPE, tuple(rows.row_ranges(SHAPE, True)),
+                     lambda r, i: (base[r[0]:r[1]], others[i][r[0]:r[1]]), base.device,
+                     len(others))
+
+
+@pytest.mark.parametrize("step", [1, 4])
+def test_streamed_deltas_are_the_blocks_of_deltas(monkeypatch, step):
+    """Blocks of 5 elements over chunks of 7 or 28: blocks span chunks, and still equal the
+    whole tensor's blocks (bf16 model minus fp32 base)."""
+    monkeypatch.setattr(rows, "CHUNK_ELEMENTS", step * SHAPE[1])
+    base, others = tied_inputs(torch.bfloat16)
+    base = base.float() + 0.25
+    got = [(s, b.clone()) for s, b in StreamedDeltas(source_of(base, others), 1, 5)]
+    want = [(s, b.clone()) for s, b in Deltas(base, others[1], 5)]
+    assert [s for s, _ in got] == [s for s, _ in want] == list(range(0, 91, 5))
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, want))
+
+
+def assert_two_pass_is_whole(monkeypatch, method: str, settings: dict, dtype: torch.dtype,
+                             device: str = "cpu", **facts) -> None:
+    """Chunks of 1 and 5 rows, blocks of 8 elements (so blocks span chunks): the chunks merged
+    with the streamed statistics are the dense function's result on the whole tensor."""
+    monkeypatch.setattr(primitives, "CPU_BLOCK", 8)
+    monkeypatch.setattr(primitives, "ACCELERATOR_BLOCK", 8)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    spec = METHODS[method]
+    base, others = tied_inputs(dtype, spec.others[1] or 3)
+    base, others = base.to(device), [o.to(device) for o in others]
+    params = spec.resolve(settings, len(others))
+    for step in (1, 5):
+        monkeypatch.setattr(rows, "CHUNK_ELEMENTS", step * SHAPE[1])
+        want = spec.fn(base.float(), [o.float() for o in others], **params,
+                       **context(method, len(others), **facts))
+        ctx = context(method, len(others), **facts)   # DELLA: generators in their first state
+        source = source_of(base, others)
+        stats = spec.two_pass.stats(source, **params, **ctx)
+        if method == "ties":   # the threshold splits a run of ties: where it ends matters
+            assert all(0 < f.cut.keep_equal < f.cut.equal for f, _ in stats.values()
+                       if isinstance(f, TopK))
+        got = torch.cat([spec.two_pass.apply(stats, a * SHAPE[1], base[a:b],
+                                             [o[a:b] for o in others], **params, **ctx).clone()
+                         for a, b in source.chunks])
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+@pytest.mark.parametrize("method,settings", SETTINGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_two_pass_equals_the_whole_tensor_bit_for_bit(monkeypatch, method, settings, dtype):
+    assert_two_pass_is_whole(monkeypatch, method, settings, dtype)
+
+
+@pytest.mark.parametrize("is_input_embedding", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_widen_two_pass_equals_the_whole_tensor(monkeypatch, is_input_embedding, dtype):
+    """Per-column units, and per-row units (the input embedding, transposed)."""
+    assert_two_pass_is_whole(monkeypatch, "widen", {"above_average_value_ratio": 0.9}, dtype,
+                             is_input_embedding=is_input_embedding)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method,settings",
+                         [s for s in SETTINGS if s[0] in ("ties", "della", "model_stock")])
+def test_two_pass_on_cuda_equals_the_whole_tensor(monkeypatch, method, settings):
+    assert_two_pass_is_whole(monkeypatch, method, settings, torch.bfloat16, "cuda")
+
+
+def recorded_reads(monkeypatch) -> list[int]:
+    """Element counts of every tensor read from a checkpoint and every result buffer used."""
+    sizes: list[int] = []
+    read, view = CheckpointReader.get, runner.ResultBuffer.view
+
+    def get(self, name, rows=None):
+        tensor = read(self, name, rows)
+        sizes.append(tensor.numel())
+        return tensor
+
+    def buffer_view(self, shape):
+        out = view(self, shape)
+        sizes.append(out.numel())
+        return out
+
+    monkeypatch.setattr(CheckpointReader, "get", get)
+    monkeypatch.setattr(runner.ResultBuffer, "view", buffer_view)
+    return sizes
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("ties", ["--density", "0.3"]),
+    ("dare_ties", ["--density", "0.5", "--rescale_mode", "l1"]),
+    ("della", ["--density", "0.5", "--epsilon", "0.1"]),
+    ("slerp", ["--t", "0.3"]), ("model_stock", ["--filter_wise"]), ("widen", [])])
+def test_runner_holds_no_more_than_a_chunk(family, monkeypatch, tmp_path, method,  # noqa: F811
+                                           extra):
+    """Every tensor above a 64-element budget goes in two passes: no read and no result buffer
+    holds more than 64 elements (one row of the widest matrix), and the output is the
+    whole-tensor merge's, bit for bit."""
+    base, fts = family
+    models = fts[:METHODS[method].others[1] or len(fts)]
+    args = ["--method", method, "--base_model", str(base), "--models_to_merge",
+            ",".join(map(str, models)), *extra]
+    # the same chunks and 64-element blocks for both runs: slerp and model_stock sum over the
+    # chunks, WIDEN's statistics and the l1 factors over the blocks
+    monkeypatch.setattr(rows, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(primitives, "CPU_BLOCK", 64)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert merge.main([*args, "--save_path", str(tmp_path / "whole")]) == 0
+    monkeypatch.setattr(rows, "TWO_PASS_ELEMENTS", 64)
+    sizes = recorded_reads(monkeypatch)
+    assert merge.main([*args, "--save_path", str(tmp_path / "chunked")]) == 0
+    assert max(sizes) == 64 and len(sizes) > 100
+    got, want = load_weights(tmp_path / "chunked"), load_weights(tmp_path / "whole")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_nan_in_a_streamed_tensor_is_reported(family, monkeypatch, tmp_path, capsys):  # noqa: F811
+    """The streaming passes do not check finiteness; the merge pass does, before any output."""
+    base, _ = family
+    nan_dir = build_finetune(base, tmp_path / "nan", seed=9)
+    weights = load_file(nan_dir / "model.safetensors")
+    name = next(n for n in weights if n.endswith("embed_tokens.weight"))
+    weights[name][-1, 3] = float("nan")   # in the last chunk: found after the stats passes
+    save_file(weights, nan_dir / "model.safetensors", metadata={"format": "pt"})
+    monkeypatch.setattr(rows, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(rows, "TWO_PASS_ELEMENTS", 64)
+    code = merge.main(["--method", "ties", "--base_model", str(base), "--models_to_merge",
+                       str(nan_dir), "--save_path", str(tmp_path / "o")])
+    assert_user_error(capsys, code, name, "NaN")
+    assert not (tmp_path / "o").exists()
