@@ -104,12 +104,20 @@ def compare(ours: Path, theirs: Path) -> tuple[bool, float, float]:
     return vo == vt, vocab_diff, other_diff
 
 
+MARKER = "vocab_vs_mergekit.txt"  # marks --out as this script's scratch folder
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mergekit", required=True, help="path of mergekit-yaml")
     parser.add_argument("--out", type=Path, required=True, help="scratch folder")
     args = parser.parse_args()
+    marker = args.out / MARKER
+    if args.out.exists() and any(args.out.iterdir()) and not marker.exists():
+        parser.error(f"--out: {args.out} holds files this script did not write; give a new or "
+                     "empty folder (its outputs there are overwritten on every run)")
     args.out.mkdir(parents=True, exist_ok=True)
+    marker.write_text("scratch folder of bench/vocab_vs_mergekit.py; rewritten on every run\n")
     zoo = build_family(args.out / "zoo")
     for name, text in configs(zoo).items():
         path = args.out / f"{name}.yml"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -62,3 +64,14 @@ def test_a_rerun_deletes_only_earlier_benchmark_outputs(tmp_path):
         bench.remove_output(mine)
     assert not ours.exists() and not theirs.exists()
     assert (mine / "model.safetensors").read_bytes() == b"weights"
+
+
+def test_vocab_comparison_refuses_a_folder_it_did_not_write(tmp_path):
+    """bench/vocab_vs_mergekit.py overwrites its outputs under --out: a folder holding someone
+    else's files is refused before anything is written, and kept."""
+    (tmp_path / "mine.txt").write_text("keep")
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "vocab_vs_mergekit.py"),
+                          "--mergekit", "unused", "--out", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "holds files this script did not write" in run.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
