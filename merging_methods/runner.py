@@ -412,10 +412,11 @@ def run_stacked(recipe: MergeRecipe, spec: MethodSpec) -> Path:
         writer = ShardedWriter(tmp, infos, parse_size(recipe.max_shard_size))
         for name, source in tqdm(plan.sources.items(), desc=f"{spec.name}", unit="tensor"):
             reader = readers[source.model]
-            tensor = finite(reader.get(source.name), reader.label, source.name)
-            if tensor.dtype.is_floating_point:
-                tensor = spec.fn(tensor, [tensor], **arguments(name, source)).to(out_dtype)
-            writer.add(name, tensor)
+            for rows in row_ranges(reader.info[source.name].shape, split=True):  # per element
+                tensor = finite(reader.get(source.name, rows), reader.label, source.name)
+                if tensor.dtype.is_floating_point:
+                    tensor = spec.fn(tensor, [tensor], **arguments(name, source)).to(out_dtype)
+                writer.add(name, tensor, rows[0] if rows else 0)
         writer.close()
         copy_model_files(donor.folder, tmp, config_updates=_stacked_config(
             donor, readers, slices, out_dtype))

@@ -174,3 +174,18 @@ def test_a_nan_in_a_streamed_tensor_is_reported(family, monkeypatch, tmp_path, c
                        str(nan_dir), "--save_path", str(tmp_path / "o")])
     assert_user_error(capsys, code, name, "NaN")
     assert not (tmp_path / "o").exists()
+
+
+def test_passthrough_copies_in_row_chunks(family, monkeypatch, tmp_path):  # noqa: F811
+    """passthrough reads, scales and writes every tensor a chunk of rows at a time: no read
+    holds more than 64 elements, and the output is the whole-tensor copy's, bit for bit."""
+    base, fts = family
+    args = ["--method", "passthrough", "--base_model", str(base), "--models_to_merge",
+            f"{fts[0]},{fts[1]}", "--layer_ranges", "0:1,1:2", "--scale", "0.5,1"]
+    assert merge.main([*args, "--save_path", str(tmp_path / "whole")]) == 0
+    monkeypatch.setattr(rows, "CHUNK_ELEMENTS", 64)
+    sizes = recorded_reads(monkeypatch)
+    assert merge.main([*args, "--save_path", str(tmp_path / "chunked")]) == 0
+    assert max(sizes) == 64 and len(sizes) > 100
+    got, want = load_weights(tmp_path / "chunked"), load_weights(tmp_path / "whole")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
