@@ -183,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         remove_output(out)
         warm_page_cache(files)
         wall, rss = run_child(cmd)
+        remove_output(out)   # one output on disk at a time: each is a model's size
         runs.setdefault((tool, method), []).append((wall, rss))
         print(f"  {tool} {method}: {wall:.1f} s, {rss:.2f} GiB", flush=True)
 
