@@ -24,8 +24,10 @@ from the Gram form (float32 arccos cannot tell angles below ~2e-4 from 0, so the
 would drop the nearly parallel inputs of fine-tunes of one base at random); the result is one
 float32 pass Σ_V (scale·ai/ni)·xi. Cost: N(N+1)/2 dot products and N axpys over the tensor
 instead of about 4N passes per iteration; memory: the output and N float64 blocks of
-GRAM_BLOCK entries besides the inputs. The results agree with the float32 iteration (and
-mergekit) to float32 rounding, not bit for bit.
+GRAM_BLOCK entries besides the inputs. The results are not bit for bit those of a float32
+iteration: they are closer to the float64 paper box (measured on a 32000x2048 tensor: a
+float32 torch norm over all 65M entries is 0.6% short, and the earlier float32 form's output
+was 8e-4 off in relative terms; this one agrees with float64 to ~1e-7).
 """
 from __future__ import annotations
 
