@@ -12,19 +12,24 @@ tensor is one row):
 The quantiles are exact, over all M entries (Decision, §19.9). `arcee_fusion_sample=mergekit`
 reads them, as mergekit 0.1.5 does, from 10^6 entries drawn with replacement when the tensor
 has more, here from the runner's seeded per-tensor generator; both agree on smaller tensors.
-Dense (whole-tensor quantiles): besides its inputs it holds about five float32 copies of the
-tensor (the delta, the importance, the row softmaxes; then the sort's values and int64 indices).
+The quantiles are selected, not sorted (O(M): one numpy partition on CPU, torch.kthvalue
+elsewhere; the same values as the sorted ones). κ, I and the output are computed in row
+chunks of about ROW_CHUNK entries (the same bits: every step is per row or per entry), so
+besides its inputs it holds the importance and the output, the selection's copy of the
+importance, and chunk-sized temporaries.
 """
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
 PROB_EPS = 1e-8  # added to both softmaxes before the log ratio
 SAMPLE_SIZE = 1_000_000  # mergekit's quantile sample, drawn only from larger tensors
 IQR_FACTOR = 1.5
+ROW_CHUNK = 1 << 20  # entries per row chunk of the softmaxes and the output
 
 
 def row_kl(base: Tensor, other: Tensor) -> Tensor:
@@ -52,12 +57,24 @@ def fusion_threshold(importance: Tensor, sample: str,
         picks = torch.randint(flat.numel(), (SAMPLE_SIZE,), generator=generator,
                               device=generator.device)
         flat = flat[picks.to(flat.device)]
-    ordered = flat.sort().values
+    low, median, high = sorted_entries(flat, [math.floor(phi * (flat.numel() - 1))
+                                              for phi in (0.25, 0.5, 0.75)])
+    return median + IQR_FACTOR * (high - low)
 
-    def quantile(phi: float) -> Tensor:
-        return ordered[math.floor(phi * (ordered.numel() - 1))]
 
-    return quantile(0.5) + IQR_FACTOR * (quantile(0.75) - quantile(0.25))
+def sorted_entries(flat: Tensor, positions: list[int]) -> list[Tensor]:
+    """sorted(flat)[p] for each position p, by selection (O(M), no sort), as 0-d tensors."""
+    if flat.device.type == "cpu":
+        picked = torch.from_numpy(np.partition(flat.numpy(), positions)[positions])
+        return list(picked.unbind())
+    return [torch.kthvalue(flat, p + 1).values for p in positions]
+
+
+def row_chunks(x: Tensor) -> list[Tensor]:
+    """Views of `x` as (rows, last axis) in chunks of about ROW_CHUNK entries (a 1-D or 0-d
+    tensor is one row)."""
+    rows = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
+    return list(rows.split(max(1, ROW_CHUNK // max(rows.shape[1], 1))))
 
 
 def arcee_fusion(base: Tensor, others: list[Tensor], *, arcee_fusion_sample: str = "exact",
@@ -69,9 +86,13 @@ def arcee_fusion(base: Tensor, others: list[Tensor], *, arcee_fusion_sample: str
                          f"{len(others)}")
     if base.numel() == 0:
         return base.clone()
-    other = others[0]
-    delta = other - base
-    importance = delta.abs() * row_kl(base, other)
+    chunks = list(zip(row_chunks(base), row_chunks(others[0])))
+    importance = base.new_empty(base.shape)  # contiguous: written through row views
+    for (b, o), imp in zip(chunks, row_chunks(importance)):
+        torch.mul(torch.sub(o, b).abs_(), row_kl(b, o), out=imp)
     threshold = fusion_threshold(importance, arcee_fusion_sample,
                                  generators[0] if generators else None)
-    return base + delta.masked_fill_(importance < threshold, 0.0)
+    out = base.new_empty(base.shape)
+    for (b, o), imp, res in zip(chunks, row_chunks(importance), row_chunks(out)):
+        torch.add(b, torch.sub(o, b).masked_fill_(imp < threshold, 0.0), out=res)
+    return out

@@ -319,17 +319,22 @@ def keep_topk(x: Tensor, density: float, size: int | None = None,
 
     A whole-tensor helper with the same selection as the TIES trim (for checks and tests).
     """
-    n = x.numel()
-    flat = x.reshape(-1).abs()
-    k = topk_count(density, n, at_least_one)
-    if k == n:
-        return torch.ones_like(x, dtype=torch.bool)
-    size = size or block_size(x.device)
+    k = topk_count(density, x.numel(), at_least_one)
+    return largest_mask(x.reshape(-1).abs(), k, size).view_as(x)
+
+
+def largest_mask(flat: Tensor, k: int, size: int | None = None) -> Tensor:
+    """Boolean mask of the k largest entries of the flat, non-negative float32 `flat` (0 <= k
+    <= n), lower index first among ties (§0.5), found by `plan_topk` (no sort)."""
+    n = flat.numel()
+    if k == n or k == 0:
+        return torch.full_like(flat, k > 0, dtype=torch.bool)
+    size = size or block_size(flat.device)
     cut = plan_topk(lambda: ((s, flat[s:e]) for s, e in blocks(n, size)), n, k,
-                    torch.empty(min(n, size), device=x.device), flat[:: max(1, n // SAMPLE)])
+                    torch.empty(min(n, size), device=flat.device), flat[:: max(1, n // SAMPLE)])
     keep = flat > cut.value
     keep[torch.nonzero(flat == cut.value).flatten()[: cut.keep_equal]] = True
-    return keep.view_as(x)
+    return keep
 
 
 def abs_blocks_of(deltas: Deltas) -> AbsBlocks:

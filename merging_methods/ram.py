@@ -12,13 +12,18 @@ the active models there. Inactive deltas are dropped (even where other models ar
                 out_j = θ0j + Σi active λi·δij   where c_j = 1
 
 ram is per element (the runner merges it in row chunks, blockwise.py); ramplus_tl's ρi counts
-over the whole tensor, so it is dense: besides its inputs it holds the N masked deltas and
-about five more float32 copies of the tensor (counts, sums and their temporaries).
+over the whole tensor, so it takes two blocked passes (`block_size` entries): the integer
+counts, then the output. Besides its inputs it holds the output and block-sized temporaries;
+every entry has the bits of the whole-tensor form (the counts are exact, the rest per entry).
 """
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 from torch import Tensor
+
+from merging_methods.primitives import block_size, blocks
 
 
 def active_deltas(base: Tensor, others: list[Tensor], epsilon: float
@@ -42,18 +47,42 @@ def ram(base: Tensor, others: list[Tensor], *, ram_epsilon: float = 1e-5) -> Ten
     return base + sum(kept) / count.clamp_(min=1.0)
 
 
+def flat_blocks(base: Tensor, others: list[Tensor]) -> Iterator[tuple[int, int, Tensor, list[Tensor]]]:
+    """(start, stop, base block, the others' blocks) over the flattened tensors."""
+    flat, flats = base.reshape(-1), [other.reshape(-1) for other in others]
+    for start, stop in blocks(flat.numel(), block_size(base.device)):
+        yield start, stop, flat[start:stop], [other[start:stop] for other in flats]
+
+
+def ramplus_boosts(base: Tensor, others: list[Tensor], epsilon: float, r: float,
+                   alpha: float) -> list[float]:
+    """λi = 1 + r·clamp(ρi, 0, alpha), ρi = #(i active, c > 1) / max(#(i active, c = 1),
+    epsilon) over the whole tensor, counted block by block."""
+    shared_counts, unique_counts = [0] * len(others), [0] * len(others)
+    for _, _, b, os in flat_blocks(base, others):
+        kept, count = active_deltas(b, os, epsilon)
+        unique, shared = count == 1, count > 1
+        for i, delta in enumerate(kept):
+            active = delta != 0
+            shared_counts[i] += int((active & shared).sum())
+            unique_counts[i] += int((active & unique).sum())
+    return [1.0 + r * min(max(s / max(u, epsilon), 0.0), alpha)
+            for s, u in zip(shared_counts, unique_counts)]
+
+
 def ramplus_tl(base: Tensor, others: list[Tensor], *, ram_epsilon: float = 1e-5,
                ramplus_r: float = 0.1, ramplus_alpha: float = 0.2) -> Tensor:
     """ram with each model's unique entries boosted by λi = 1 + r·clamp(ρi, 0, alpha), ρi its
     shared/unique active-entry ratio in this tensor (§19.10); float64 paper box:
     reference.ramplus_tl."""
-    kept, count = active_deltas(base, others, ram_epsilon)
-    unique, shared = count == 1, count > 1
-    boosted = torch.zeros_like(base)
-    for delta in kept:
-        active = delta != 0
-        ratio = int((active & shared).sum()) / max(int((active & unique).sum()), ram_epsilon)
-        boost = 1.0 + ramplus_r * min(max(ratio, 0.0), ramplus_alpha)
-        boosted += torch.where(unique, delta * boost, 0.0)
-    averaged = sum(kept) / count.clamp(min=1.0)  # 0 where no model is active
-    return base + torch.where(unique, boosted, averaged)
+    boosts = ramplus_boosts(base, others, ram_epsilon, ramplus_r, ramplus_alpha)
+    out = base.new_empty(base.numel())
+    for start, stop, b, os in flat_blocks(base, others):
+        kept, count = active_deltas(b, os, ram_epsilon)
+        unique = count == 1
+        boosted = torch.zeros_like(b)
+        for delta, boost in zip(kept, boosts):
+            boosted += torch.where(unique, delta * boost, 0.0)
+        averaged = sum(kept) / count.clamp(min=1.0)  # 0 where no model is active
+        torch.add(b, torch.where(unique, boosted, averaged), out=out[start:stop])
+    return out.view_as(base)

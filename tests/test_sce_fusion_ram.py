@@ -16,8 +16,12 @@ import torch
 
 import merge
 from checkpoints.errors import UserError
+from merging_methods import arcee_fusion as arcee_module
+from merging_methods import ram as ram_module
 from merging_methods import reference
-from merging_methods.arcee_fusion import SAMPLE_SIZE, arcee_fusion, fusion_threshold, row_kl
+from merging_methods import sce as sce_module
+from merging_methods.arcee_fusion import (SAMPLE_SIZE, arcee_fusion, fusion_threshold, row_kl,
+                                          sorted_entries)
 from merging_methods.mergekit_plan import POST, method_params, resolve
 from merging_methods.nearswap import nearswap
 from merging_methods.ram import ram, ramplus_tl
@@ -71,6 +75,36 @@ def test_matches_the_float64_reference(method, n, params, dtype):
     want = getattr(reference, method)(base, others, **values)
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
     assert not torch.equal(out, base)  # the setting does move the base
+
+
+BLOCKED = [("sce", 3, {"select_topk": 0.3}), ("arcee_fusion", 1, {}),
+           ("ramplus_tl", 3, {"ram_epsilon": 0.02})]
+
+
+@pytest.mark.parametrize("method, n, params", BLOCKED, ids=[m for m, _, _ in BLOCKED])
+def test_many_small_blocks_give_the_one_block_result(method, n, params, monkeypatch):
+    """Blocks of 7 entries (sce, ramplus_tl) and chunks of one row (arcee_fusion) split the
+    tensor where the tests' tensors are otherwise one block: the same bits (sce: ω is summed
+    per block, so to float32 rounding), and still the float64 paper box."""
+    base, others = inputs(n)
+    values = METHODS[method].resolve(params, n)
+    whole = METHODS[method].fn(base, others, **values)
+    monkeypatch.setattr(sce_module, "block_size", lambda device: 7)
+    monkeypatch.setattr(ram_module, "block_size", lambda device: 7)
+    monkeypatch.setattr(arcee_module, "ROW_CHUNK", 20)
+    blocked = METHODS[method].fn(base, others, **values)
+    if method == "sce":
+        torch.testing.assert_close(blocked, whole, rtol=1e-6, atol=1e-7)
+    else:
+        assert torch.equal(blocked, whole)
+    torch.testing.assert_close(blocked.double(), getattr(reference, method)(base, others, **values),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_arcee_fusion_selected_quantiles_are_the_sorted_entries():
+    flat = torch.randint(0, 9, (1001,), generator=torch.Generator().manual_seed(3)).float()
+    positions = [250, 500, 750]
+    assert torch.equal(torch.stack(sorted_entries(flat, positions)), flat.sort().values[positions])
 
 
 @pytest.mark.parametrize("fn", [sce, nearswap, arcee_fusion, ram, ramplus_tl],
