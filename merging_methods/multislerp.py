@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from checkpoints.errors import UserError
+from merging_methods.primitives import vector_norm
 
 
 def multislerp(base: Tensor, others: list[Tensor], *, weights: list[float],
@@ -36,12 +37,12 @@ def multislerp(base: Tensor, others: list[Tensor], *, weights: list[float],
     total = sum(weights)
     w = [x / total for x in weights] if normalize_weights else list(weights)
     vs = [o - base for o in others] if task_vectors else others
-    norms = [torch.linalg.vector_norm(v) for v in vs]
+    norms = [vector_norm(v) for v in vs]
     mean = torch.zeros_like(base)
     for wi, v, n in zip(w, vs, norms):   # wi·ui rounded on its own (no fused multiply-add) and
         mean += v * (wi / float(n + eps))  # n + eps in float32, as mergekit: antipodes cancel
     norms = [float(n) for n in norms]
-    mean_norm = float(torch.linalg.vector_norm(mean))
+    mean_norm = float(vector_norm(mean))
     if mean_norm >= eps:
         out = mean.mul_(sum(wi * n for wi, n in zip(w, norms)) / mean_norm)
     elif len(vs) == 2:

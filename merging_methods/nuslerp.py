@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from merging_methods.primitives import vector_norm
+
 WEIGHT_SUM_EPS = 1e-6  # |w1 + w2| below this: t = 0.5
 NORM_FLOOR = 1e-7  # norms are clamped to this before dividing
 COLINEAR = 1e-16  # 1 − c² at or below this: lerp
@@ -57,7 +59,7 @@ def slerp_rows(x: Tensor, y: Tensor, t: float) -> Tensor:
     un-normalised rows; colinear rows are lerped. Per-row coefficients, so the only full-size
     temporaries are x·y and the result."""
     def norm(v: Tensor) -> Tensor:
-        return torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp(min=NORM_FLOOR)
+        return vector_norm(v, dim=-1, keepdim=True).clamp_(min=NORM_FLOOR)
 
     c = ((x * y).sum(-1, keepdim=True) / (norm(x) * norm(y))).clamp(-1.0, 1.0)   # (vectors, 1)
     colinear = 1.0 - c * c <= COLINEAR

