@@ -23,6 +23,7 @@ over the whole tensor first.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -35,6 +36,9 @@ from merging_methods.primitives import Deltas, PresetDrop, dense_delta, l1_facto
 from merging_methods.streamed import StreamedDeltas
 
 RESCALE_MODES = ("l1", "inverse_prob")
+# elements (whole rows, at least one) drawn at once by the two-pass form: the int64 argsort
+# indices of a whole 4M-element row chunk (several 32 MB temporaries) raised its peak RSS
+DRAW_ELEMENTS = 1 << 18
 
 
 def check_window(density: float, epsilon: float) -> None:
@@ -93,10 +97,10 @@ def _whole_draw(shape: torch.Size, generators: list[torch.Generator]) -> Draw:
 
 
 class RowDraws:
-    """The mask `_whole_draw` gives, drawn row chunk by row chunk (streamed.py's two-pass form).
+    """The mask `_whole_draw` gives, drawn a few rows at a time (streamed.py's two-pass form).
 
-    π is per row (axis 1), and a CPU generator's torch.rand of a chunk of rows continues the
-    stream where the previous chunk stopped, so chunks in order give the whole draw. Blocks
+    π is per row (axis 1), and a CPU generator's torch.rand of some rows continues the
+    stream where the previous rows stopped, so rows in order give the whole draw. Blocks
     must come in flat order; one at flat offset 0 starts a new pass from the generator's state
     at construction (the runner's generator itself is never advanced). The runner streams
     matrices only (a 1-D δ is one row).
@@ -109,8 +113,8 @@ class RowDraws:
         self._state = generator.get_state()
         self._generator = torch.Generator(device="cpu")
 
-    def _chunk_mask(self, rows: tuple[int, int]) -> Tensor:
-        """The flat mask of one chunk of rows, the next draws of the generator."""
+    def _rows_mask(self, rows: tuple[int, int]) -> Tensor:
+        """The flat mask of these rows, the next draws of the generator."""
         base, other = self.source.read(rows, self.model)
         delta = torch.sub(other.float(), base)   # the exact float32 δ of these rows
         prob = keep_probabilities(delta, self.p, self.eps)
@@ -118,10 +122,14 @@ class RowDraws:
         return (keep / prob if self.inverse else keep).reshape(-1)
 
     def _masks(self) -> Iterator[Tensor]:
-        """Each chunk's flat mask, in order (a suspended stream holds no chunk's inputs)."""
+        """The flat masks of each chunk's rows, DRAW_ELEMENTS at a time, in order (a suspended
+        stream holds no inputs): the rank temporaries (int64 argsort indices) stay small, and π
+        is per row, so the bits are those of the whole draw."""
         self._generator.set_state(self._state)
-        for rows in self.source.chunks:
-            yield self._chunk_mask(rows)
+        step = max(1, DRAW_ELEMENTS // max(math.prod(self.source.shape[1:]), 1))
+        for first, stop in self.source.chunks:
+            for start in range(first, stop, step):
+                yield self._rows_mask((start, min(start + step, stop)))
 
     def apply_(self, delta: Tensor, start: int) -> Tensor:
         if start == 0:

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 import merge
 from checkpoints import rows
 from checkpoints.checkpoint import CheckpointReader
-from merging_methods import primitives, runner
+from merging_methods import della, primitives, runner
 from merging_methods.primitives import Deltas, TopK
 from merging_methods.registry import METHODS
 from merging_methods.streamed import RowSource, StreamedDeltas
@@ -94,6 +94,13 @@ def assert_two_pass_is_whole(monkeypatch, method: str, settings: dict, dtype: to
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_two_pass_equals_the_whole_tensor_bit_for_bit(monkeypatch, method, settings, dtype):
     assert_two_pass_is_whole(monkeypatch, method, settings, dtype)
+
+
+@pytest.mark.parametrize("method,settings", [s for s in SETTINGS if s[0].startswith("della")])
+def test_della_draws_rows_in_small_groups_with_the_same_bits(monkeypatch, method, settings):
+    """Masks drawn 2 rows at a time (groups that straddle the 5-row chunks) are the whole draw."""
+    monkeypatch.setattr(della, "DRAW_ELEMENTS", 2 * SHAPE[1] + 1)
+    assert_two_pass_is_whole(monkeypatch, method, settings, torch.bfloat16)
 
 
 @pytest.mark.parametrize("is_input_embedding", [False, True])
