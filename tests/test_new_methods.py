@@ -20,6 +20,7 @@ from merging_methods.della import della, della_linear, keep_probabilities
 from checkpoints.errors import UserError
 from merging_methods.fr_merging import fr_filter, fr_keep_mask, fr_merging
 from merging_methods.free_merging import free_merging
+from merging_methods import model_stock as model_stock_module
 from merging_methods.model_stock import model_stock
 from merging_methods.passthrough import (
     LayerSlice, Source, layout_update, passthrough_plan, scaled_copy, split_layer_name,
@@ -225,6 +226,18 @@ def test_model_stock_matches_reference(shape, filter_wise, bf16):
     base, others = family(shape=shape, bf16=bf16)
     close(model_stock(base, others, filter_wise=filter_wise),
           ref_model_stock(base, others, filter_wise))
+
+
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_in_small_pieces_matches_reference(monkeypatch, filter_wise):
+    """Pieces of 7 elements (one row of 10 with filter_wise): still the reference; per-row dots
+    (filter_wise) are whole rows, so the bits do not change."""
+    base, others = family(shape=(12, 10), bf16=True)
+    whole = model_stock(base, others, filter_wise=filter_wise)
+    monkeypatch.setattr(model_stock_module, "PIECE", 7)
+    pieces = model_stock(base, others, filter_wise=filter_wise)
+    close(pieces, ref_model_stock(base, others, filter_wise))
+    assert torch.equal(pieces, whole) or not filter_wise
 
 
 @pytest.mark.parametrize("filter_wise", [False, True])

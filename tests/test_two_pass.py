@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 import merge
 from checkpoints import rows
 from checkpoints.checkpoint import CheckpointReader
-from merging_methods import della, primitives, runner
+from merging_methods import della, model_stock, primitives, runner
 from merging_methods.primitives import Deltas, TopK
 from merging_methods.registry import METHODS
 from merging_methods.streamed import RowSource, StreamedDeltas
@@ -101,6 +101,13 @@ def test_della_draws_rows_in_small_groups_with_the_same_bits(monkeypatch, method
     """Masks drawn 2 rows at a time (groups that straddle the 5-row chunks) are the whole draw."""
     monkeypatch.setattr(della, "DRAW_ELEMENTS", 2 * SHAPE[1] + 1)
     assert_two_pass_is_whole(monkeypatch, method, settings, torch.bfloat16)
+
+
+@pytest.mark.parametrize("settings", [{}, {"filter_wise": True}])
+def test_model_stock_in_pieces_inside_chunks(monkeypatch, settings):
+    """Pieces of 2 rows or 15 elements inside the chunks: both forms still agree bit for bit."""
+    monkeypatch.setattr(model_stock, "PIECE", 2 * SHAPE[1] + 1)
+    assert_two_pass_is_whole(monkeypatch, "model_stock", settings, torch.bfloat16)
 
 
 @pytest.mark.parametrize("is_input_embedding", [False, True])
