@@ -97,10 +97,12 @@ def interpolate(t: Tensor, base: Tensor, others: list[Tensor], row_wise: bool,
     return result.view(base.shape)
 
 
-def model_stock(base: Tensor, others: list[Tensor], *, filter_wise: bool = False) -> Tensor:
+def model_stock(base: Tensor, others: list[Tensor], *, filter_wise: bool = False,
+                out: Tensor | None = None) -> Tensor:
     """t·mean(θi) + (1 − t)·θ0 with t from the mean pairwise cosine of the task vectors (§8).
     The dots are summed over the row chunks the runner streams (rows.row_ranges), in double,
-    so that the two-pass form gets the same bits."""
+    so that the two-pass form gets the same bits. Inputs may be stored bf16/fp16 (read in
+    float32 pieces); `out` is an optional float32 result buffer."""
     n = len(others)
     if n < 2:
         raise ValueError(f"model_stock needs at least 2 models besides the base, got {n}")
@@ -111,7 +113,7 @@ def model_stock(base: Tensor, others: list[Tensor], *, filter_wise: bool = False
     for rows in row_ranges(base.shape, split=True):
         part = chunk_gram(rows_of(base, rows), [rows_of(o, rows) for o in others], row_wise)
         gram = add_gram(gram, part, row_wise)
-    return interpolate(factor(gram), base, others, row_wise)
+    return interpolate(factor(gram), base, others, row_wise, out)
 
 
 def _stats(source: RowSource, *, filter_wise: bool) -> Tensor:
