@@ -120,9 +120,7 @@ def _stats(source: RowSource, *, filter_wise: bool) -> Tensor:
     row_wise = filter_wise and len(source.shape) >= 2
     gram = None
     for rows in source.chunks:
-        base, first = source.read(rows, 0)
-        others = [first, *(source.read(rows, i)[1] for i in range(1, source.n_models))]
-        gram = add_gram(gram, chunk_gram(base, others, row_wise), row_wise)
+        gram = add_gram(gram, chunk_gram(*source.read_all(rows), row_wise), row_wise)
     return factor(gram)
 
 

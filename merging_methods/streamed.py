@@ -31,12 +31,14 @@ SAMPLE_BANDS, SAMPLE_BAND_ROWS = 32, 8
 
 @dataclass(frozen=True)
 class RowSource:
-    """One tensor as the runner streams it: its shape, its row chunks in order, and
-    `read(rows, i)` -> (base rows, model i's rows), stored dtype, on the merge device."""
+    """One tensor as the runner streams it: its shape, its row chunks in order,
+    `read(rows, i)` -> (base rows, model i's rows) and `read_all(rows)` -> (base rows, every
+    model's rows; the base read once), stored dtype, on the merge device."""
 
     shape: tuple[int, ...]
     chunks: tuple[RowRange, ...]
     read: Callable[[RowRange, int], tuple[Tensor, Tensor]]
+    read_all: Callable[[RowRange], tuple[Tensor, list[Tensor]]]
     device: torch.device
     n_models: int
 

@@ -46,7 +46,8 @@ def tied_inputs(dtype: torch.dtype, n_models: int = 3) -> tuple[torch.Tensor, li
 def source_of(base: torch.Tensor, others: list[torch.Tensor]) -> RowSource:
     """The tensor as the runner streams it, in chunks of rows.row_ranges."""
     return RowSource(SHAPE, tuple(rows.row_ranges(SHAPE, True)),
-                     lambda r, i: (base[r[0]:r[1]], others[i][r[0]:r[1]]), base.device,
+                     lambda r, i: (base[r[0]:r[1]], others[i][r[0]:r[1]]),
+                     lambda r: (base[r[0]:r[1]], [o[r[0]:r[1]] for o in others]), base.device,
                      len(others))
 
 
