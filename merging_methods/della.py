@@ -24,7 +24,7 @@ over the whole tensor first.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -87,12 +87,38 @@ def _magprune_plan(density: Sequence[float], epsilon: Sequence[float],
     return plan
 
 
+def row_groups(shape: tuple[int, ...], chunks: Iterable[tuple[int, int]]
+               ) -> Iterator[tuple[int, int]]:
+    """Ranges of whole rows (axis 0) of about DRAW_ELEMENTS elements inside each chunk."""
+    step = max(1, DRAW_ELEMENTS // max(math.prod(shape[1:]), 1))
+    for first, stop in chunks:
+        for start in range(first, stop, step):
+            yield start, min(start + step, stop)
+
+
+def drawn_masks(deltas: Iterable[Tensor], generator: torch.Generator, p: float, eps: float,
+                inverse: bool) -> Iterator[Tensor]:
+    """The flat mask (keep/π with `inverse`) of each δ in turn, the next draws of `generator`.
+
+    π is per row along axis 1, so δ given as consecutive groups of axis-0 rows gives the
+    bits of one draw of the whole: only a group's rank temporaries (int64 argsort indices)
+    are ever held."""
+    for delta in deltas:
+        prob = keep_probabilities(delta, p, eps)
+        keep = torch.rand(delta.shape, generator=generator).to(prob.device) < prob
+        yield (keep / prob if inverse else keep).reshape(-1)
+
+
 def _whole_draw(shape: torch.Size, generators: list[torch.Generator]) -> Draw:
-    """The mask of the whole tensor from one torch.rand of its shape."""
+    """The mask of the whole tensor: one torch.rand of its shape, drawn by row groups."""
     def draw(deltas: Deltas, i: int, p: float, eps: float, inverse: bool) -> Sparsifier:
-        prob = keep_probabilities(dense_delta(deltas).view(shape), p, eps)
-        keep = torch.rand(shape, generator=generators[i]).to(prob.device) < prob
-        return PresetDrop(keep / prob if inverse else keep)
+        if len(shape) < 2:   # one row
+            parts = [dense_delta(deltas).view(shape)]
+        else:
+            base, other = deltas.base.view(shape), deltas.other.view(shape)
+            parts = (torch.sub(other[a:b].float(), base[a:b])
+                     for a, b in row_groups(shape, [(0, shape[0])]))
+        return PresetDrop(torch.cat(list(drawn_masks(parts, generators[i], p, eps, inverse))))
     return draw
 
 
@@ -113,23 +139,14 @@ class RowDraws:
         self._state = generator.get_state()
         self._generator = torch.Generator(device="cpu")
 
-    def _rows_mask(self, rows: tuple[int, int]) -> Tensor:
-        """The flat mask of these rows, the next draws of the generator."""
-        base, other = self.source.read(rows, self.model)
-        delta = torch.sub(other.float(), base)   # the exact float32 δ of these rows
-        prob = keep_probabilities(delta, self.p, self.eps)
-        keep = torch.rand(delta.shape, generator=self._generator).to(prob.device) < prob
-        return (keep / prob if self.inverse else keep).reshape(-1)
-
     def _masks(self) -> Iterator[Tensor]:
-        """The flat masks of each chunk's rows, DRAW_ELEMENTS at a time, in order (a suspended
-        stream holds no inputs): the rank temporaries (int64 argsort indices) stay small, and π
-        is per row, so the bits are those of the whole draw."""
+        """The flat masks of each chunk's row groups, in order (a suspended stream holds no
+        inputs)."""
         self._generator.set_state(self._state)
-        step = max(1, DRAW_ELEMENTS // max(math.prod(self.source.shape[1:]), 1))
-        for first, stop in self.source.chunks:
-            for start in range(first, stop, step):
-                yield self._rows_mask((start, min(start + step, stop)))
+        deltas = (torch.sub(other.float(), base) for base, other in
+                  (self.source.read(rows, self.model)
+                   for rows in row_groups(self.source.shape, self.source.chunks)))
+        return drawn_masks(deltas, self._generator, self.p, self.eps, self.inverse)
 
     def apply_(self, delta: Tensor, start: int) -> Tensor:
         if start == 0:

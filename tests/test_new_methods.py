@@ -20,7 +20,7 @@ from merging_methods.della import della, della_linear, keep_probabilities
 from checkpoints.errors import UserError
 from merging_methods.fr_merging import fr_filter, fr_keep_mask, fr_merging
 from merging_methods.free_merging import free_merging
-from merging_methods import model_stock as model_stock_module
+from merging_methods import della as della_module, model_stock as model_stock_module
 from merging_methods.model_stock import model_stock
 from merging_methods.passthrough import (
     LayerSlice, Source, layout_update, passthrough_plan, scaled_copy, split_layer_name,
@@ -319,6 +319,13 @@ def test_della_matches_reference(method, consensus, normalize, rescale, mode, sh
                            mode) for i, o in enumerate(others)]
     close(out, ref_gta(base, sparse, p["weights"], consensus=consensus, normalize=normalize,
                        scaling=1.1))
+
+
+@pytest.mark.parametrize("shape", [(12, 10), (2, 3, 4)])
+def test_della_drawn_one_row_at_a_time_matches_reference(monkeypatch, shape):
+    """Masks drawn by groups of one axis-0 row (della.DRAW_ELEMENTS): the whole draw's bits."""
+    monkeypatch.setattr(della_module, "DRAW_ELEMENTS", 7)
+    test_della_matches_reference(della, True, True, True, "inverse_prob", shape, False, None)
 
 
 def test_della_keep_probabilities_by_hand():
