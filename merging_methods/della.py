@@ -23,7 +23,8 @@ over the whole tensor first.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence
+import math
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -35,6 +36,9 @@ from merging_methods.primitives import Deltas, PresetDrop, dense_delta, l1_facto
 from merging_methods.streamed import StreamedDeltas
 
 RESCALE_MODES = ("l1", "inverse_prob")
+# elements (whole rows, at least one) drawn at once by the two-pass form: the int64 argsort
+# indices of a whole 4M-element row chunk (several 32 MB temporaries) raised its peak RSS
+DRAW_ELEMENTS = 1 << 18
 
 
 def check_window(density: float, epsilon: float) -> None:
@@ -83,20 +87,46 @@ def _magprune_plan(density: Sequence[float], epsilon: Sequence[float],
     return plan
 
 
+def row_groups(shape: tuple[int, ...], chunks: Iterable[tuple[int, int]]
+               ) -> Iterator[tuple[int, int]]:
+    """Ranges of whole rows (axis 0) of about DRAW_ELEMENTS elements inside each chunk."""
+    step = max(1, DRAW_ELEMENTS // max(math.prod(shape[1:]), 1))
+    for first, stop in chunks:
+        for start in range(first, stop, step):
+            yield start, min(start + step, stop)
+
+
+def drawn_masks(deltas: Iterable[Tensor], generator: torch.Generator, p: float, eps: float,
+                inverse: bool) -> Iterator[Tensor]:
+    """The flat mask (keep/π with `inverse`) of each δ in turn, the next draws of `generator`.
+
+    π is per row along axis 1, so δ given as consecutive groups of axis-0 rows gives the
+    bits of one draw of the whole: only a group's rank temporaries (int64 argsort indices)
+    are ever held."""
+    for delta in deltas:
+        prob = keep_probabilities(delta, p, eps)
+        keep = torch.rand(delta.shape, generator=generator).to(prob.device) < prob
+        yield (keep / prob if inverse else keep).reshape(-1)
+
+
 def _whole_draw(shape: torch.Size, generators: list[torch.Generator]) -> Draw:
-    """The mask of the whole tensor from one torch.rand of its shape."""
+    """The mask of the whole tensor: one torch.rand of its shape, drawn by row groups."""
     def draw(deltas: Deltas, i: int, p: float, eps: float, inverse: bool) -> Sparsifier:
-        prob = keep_probabilities(dense_delta(deltas).view(shape), p, eps)
-        keep = torch.rand(shape, generator=generators[i]).to(prob.device) < prob
-        return PresetDrop(keep / prob if inverse else keep)
+        if len(shape) < 2:   # one row
+            parts = [dense_delta(deltas).view(shape)]
+        else:
+            base, other = deltas.base.view(shape), deltas.other.view(shape)
+            parts = (torch.sub(other[a:b].float(), base[a:b])
+                     for a, b in row_groups(shape, [(0, shape[0])]))
+        return PresetDrop(torch.cat(list(drawn_masks(parts, generators[i], p, eps, inverse))))
     return draw
 
 
 class RowDraws:
-    """The mask `_whole_draw` gives, drawn row chunk by row chunk (streamed.py's two-pass form).
+    """The mask `_whole_draw` gives, drawn a few rows at a time (streamed.py's two-pass form).
 
-    π is per row (axis 1), and a CPU generator's torch.rand of a chunk of rows continues the
-    stream where the previous chunk stopped, so chunks in order give the whole draw. Blocks
+    π is per row (axis 1), and a CPU generator's torch.rand of some rows continues the
+    stream where the previous rows stopped, so rows in order give the whole draw. Blocks
     must come in flat order; one at flat offset 0 starts a new pass from the generator's state
     at construction (the runner's generator itself is never advanced). The runner streams
     matrices only (a 1-D δ is one row).
@@ -109,19 +139,14 @@ class RowDraws:
         self._state = generator.get_state()
         self._generator = torch.Generator(device="cpu")
 
-    def _chunk_mask(self, rows: tuple[int, int]) -> Tensor:
-        """The flat mask of one chunk of rows, the next draws of the generator."""
-        base, other = self.source.read(rows, self.model)
-        delta = torch.sub(other.float(), base)   # the exact float32 δ of these rows
-        prob = keep_probabilities(delta, self.p, self.eps)
-        keep = torch.rand(delta.shape, generator=self._generator).to(prob.device) < prob
-        return (keep / prob if self.inverse else keep).reshape(-1)
-
     def _masks(self) -> Iterator[Tensor]:
-        """Each chunk's flat mask, in order (a suspended stream holds no chunk's inputs)."""
+        """The flat masks of each chunk's row groups, in order (a suspended stream holds no
+        inputs)."""
         self._generator.set_state(self._state)
-        for rows in self.source.chunks:
-            yield self._chunk_mask(rows)
+        deltas = (torch.sub(other.float(), base) for base, other in
+                  (self.source.read(rows, self.model)
+                   for rows in row_groups(self.source.shape, self.source.chunks)))
+        return drawn_masks(deltas, self._generator, self.p, self.eps, self.inverse)
 
     def apply_(self, delta: Tensor, start: int) -> Tensor:
         if start == 0:

@@ -14,31 +14,51 @@ angles between their task vectors. Per tensor (per row with `filter_wise`):
 from __future__ import annotations
 
 import itertools
+from typing import Iterator
 
 import torch
 from torch import Tensor
 
 from checkpoints.rows import row_ranges, rows_of
+from merging_methods.gta_blocked import output_buffer
 from merging_methods.streamed import RowSource, TwoPass
 
 COS_EPS = 1e-6  # floor of the cosine denominators
 DENOM_EPS = 1e-6  # |1 + (N − 1)·c| below this gives t = 0 (the base)
+PIECE = 1 << 18  # elements worked on at once: float32 temporaries of a piece, not of a chunk
 
 
 def _rows(tensor: Tensor, row_wise: bool) -> Tensor:
-    """(R, C) float32: the rows of the last axis with row_wise, else the tensor as one row."""
-    return tensor.float().reshape(-1, tensor.shape[-1] if row_wise else tensor.numel())
+    """(R, C), stored dtype: the rows of the last axis with row_wise, else the tensor as one row."""
+    return tensor.reshape(-1, tensor.shape[-1] if row_wise else tensor.numel())
+
+
+def _pieces(rows: int, cols: int, row_wise: bool) -> Iterator[tuple[slice, slice]]:
+    """About PIECE elements of an (R, C) matrix at a time, in order: groups of whole rows with
+    row_wise (so each row's dot is one float32 sum, as on the whole), else slices of the row."""
+    if row_wise:
+        step = max(1, PIECE // max(cols, 1))
+        for start in range(0, rows, step):
+            yield slice(start, start + step), slice(None)
+    else:
+        for start in range(0, max(cols, 1), PIECE):
+            yield slice(None), slice(start, start + PIECE)
 
 
 def chunk_gram(base: Tensor, others: list[Tensor], row_wise: bool) -> Tensor:
-    """(R, N, N) float64: oi·oj of the task vectors in these rows (float32 sums), one matrix per
-    row with row_wise, else one for the chunk."""
-    b = _rows(base, row_wise)
-    offsets = [_rows(other, row_wise) - b for other in others]  # (R, C) each
+    """(R, N, N) float64: oi·oj of the task vectors in these rows, one matrix per row with
+    row_wise, else one for the chunk; float32 sums over each piece (_pieces), added in double."""
+    b, stored = _rows(base, row_wise), [_rows(other, row_wise) for other in others]
     n = len(others)
-    gram = torch.empty(b.shape[0], n, n, dtype=torch.float64, device=b.device)
-    for i, j in itertools.combinations_with_replacement(range(n), 2):
-        gram[:, i, j] = gram[:, j, i] = (offsets[i] * offsets[j]).sum(1)
+    gram = torch.zeros(b.shape[0], n, n, dtype=torch.float64, device=b.device)
+    for rows, cols in _pieces(*b.shape, row_wise):
+        piece = b[rows, cols].float()
+        offsets = [o[rows, cols].float() - piece for o in stored]  # (r, c) each
+        for i, j in itertools.combinations_with_replacement(range(n), 2):
+            dots = (offsets[i] * offsets[j]).sum(1)
+            gram[rows, i, j] += dots
+            if i != j:
+                gram[rows, j, i] += dots
     return gram
 
 
@@ -61,20 +81,28 @@ def factor(gram: Tensor) -> Tensor:
     return torch.where(flat, 0.0, n * c / torch.where(flat, 1.0, denom)).float()[:, None]
 
 
-def interpolate(t: Tensor, base: Tensor, others: list[Tensor], row_wise: bool) -> Tensor:
-    """t·mean(θi) + (1 − t)·θ0 on (rows of) the tensor, t per row or one for all; the sum of
-    the θi is accumulated in one float32 buffer (a stack of N copies would cost N)."""
-    b = _rows(base, row_wise)
-    total = torch.zeros_like(b)  # (R, C)
-    for other in others:
-        total.add_(_rows(other, row_wise))
-    return total.div_(len(others)).mul_(t).add_(b * (1 - t)).view(base.shape)
+def interpolate(t: Tensor, base: Tensor, others: list[Tensor], row_wise: bool,
+                out: Tensor | None = None) -> Tensor:
+    """t·mean(θi) + (1 − t)·θ0 on (rows of) the tensor, t per row or one for all, into `out`
+    (a float32 buffer shaped like base, or None); the sum of the θi is accumulated piece by
+    piece (_pieces) in float32, so temporaries are a few pieces."""
+    b, stored = _rows(base, row_wise), [_rows(other, row_wise) for other in others]
+    result = output_buffer(base, out).view(b.shape)
+    for rows, cols in _pieces(*b.shape, row_wise):
+        total = result[rows, cols].zero_()
+        for other in stored:
+            total.add_(other[rows, cols])
+        piece, tp = b[rows, cols].float(), t[rows]
+        total.div_(len(others)).mul_(tp).add_(piece * (1 - tp))
+    return result.view(base.shape)
 
 
-def model_stock(base: Tensor, others: list[Tensor], *, filter_wise: bool = False) -> Tensor:
+def model_stock(base: Tensor, others: list[Tensor], *, filter_wise: bool = False,
+                out: Tensor | None = None) -> Tensor:
     """t·mean(θi) + (1 − t)·θ0 with t from the mean pairwise cosine of the task vectors (§8).
     The dots are summed over the row chunks the runner streams (rows.row_ranges), in double,
-    so that the two-pass form gets the same bits."""
+    so that the two-pass form gets the same bits. Inputs may be stored bf16/fp16 (read in
+    float32 pieces); `out` is an optional float32 result buffer."""
     n = len(others)
     if n < 2:
         raise ValueError(f"model_stock needs at least 2 models besides the base, got {n}")
@@ -85,26 +113,24 @@ def model_stock(base: Tensor, others: list[Tensor], *, filter_wise: bool = False
     for rows in row_ranges(base.shape, split=True):
         part = chunk_gram(rows_of(base, rows), [rows_of(o, rows) for o in others], row_wise)
         gram = add_gram(gram, part, row_wise)
-    return interpolate(factor(gram), base, others, row_wise)
+    return interpolate(factor(gram), base, others, row_wise, out)
 
 
 def _stats(source: RowSource, *, filter_wise: bool) -> Tensor:
     row_wise = filter_wise and len(source.shape) >= 2
     gram = None
     for rows in source.chunks:
-        base, first = source.read(rows, 0)
-        others = [first, *(source.read(rows, i)[1] for i in range(1, source.n_models))]
-        gram = add_gram(gram, chunk_gram(base, others, row_wise), row_wise)
+        gram = add_gram(gram, chunk_gram(*source.read_all(rows), row_wise), row_wise)
     return factor(gram)
 
 
 def _apply(t: Tensor, offset: int, base: Tensor, others: list[Tensor], *, filter_wise: bool,
-           **_) -> Tensor:
+           out: Tensor | None = None, **_) -> Tensor:
     row_wise = filter_wise and base.dim() >= 2
     if row_wise:   # the rows of the last axis this chunk holds
         first = offset // base.shape[-1]
         t = t[first:first + base.numel() // base.shape[-1]]
-    return interpolate(t, base, others, row_wise)
+    return interpolate(t, base, others, row_wise, out)
 
 
 MODEL_STOCK_TWO_PASS = TwoPass(_stats, _apply)  # the Gram matrices from the chunks, then rows

@@ -321,3 +321,22 @@ def ramplus_tl(base: Tensor, others: Sequence[Tensor], *, ram_epsilon: float = 1
     rho = (a * s).sum(1) / (a * u).sum(1).clamp(min=ram_epsilon)
     lam = 1 + ramplus_r * rho.clamp(0, ramplus_alpha)
     return (b + (ad * (lam[:, None] * u + s / c.clamp(min=1))).sum(0)).view(base.shape)
+
+
+def model_stock(base: Tensor, others: Sequence[Tensor], *, filter_wise: bool = False) -> Tensor:
+    """§8 per row (the last axis with filter_wise, else the whole tensor), pairs in a loop."""
+    width = base.shape[-1] if filter_wise and base.dim() >= 2 else base.numel()
+    b = base.double().reshape(-1, width)
+    thetas = [o.double().reshape(-1, width) for o in others]
+    n, out = len(others), torch.empty_like(b)
+    for r in range(b.shape[0]):
+        offsets = [t[r] - b[r] for t in thetas]
+        cosines = []
+        for i in range(n):
+            for j in range(i + 1, n):
+                cos = offsets[i] @ offsets[j] / max(offsets[i].norm() * offsets[j].norm(), 1e-6)
+                cosines.append(min(max(float(cos), -1.0), 1.0))
+        c = sum(cosines) / len(cosines)
+        t = 0.0 if abs(1 + (n - 1) * c) < 1e-6 else n * c / (1 + (n - 1) * c)
+        out[r] = t * sum(th[r] for th in thetas) / n + (1 - t) * b[r]
+    return out.view(base.shape)

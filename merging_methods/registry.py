@@ -246,7 +246,8 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     method("karcher", karcher, "Riemannian (Karcher) mean of the models' directions times their "
            "mean norm (the base is not averaged in)", MAX_ITER, TOL),
     method("model_stock", model_stock, "base-to-average interpolation set by the task vectors' "
-           "angles", FILTER_WISE, others=(2, None), two_pass=MODEL_STOCK_TWO_PASS),
+           "angles", FILTER_WISE, others=(2, None), two_pass=MODEL_STOCK_TWO_PASS,
+           fast=FastPath(model_stock, stored_dtype_inputs=True)),
     method("breadcrumbs", breadcrumbs, "drop the smallest and the largest |delta|, then task "
            "arithmetic", *_BREADCRUMBS, warn=_negative_weights(False),
            two_pass=two_pass_gta(band_plan, consensus=False)),

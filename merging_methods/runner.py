@@ -216,7 +216,8 @@ class TensorMerge:
         shape = self.item.out.shape
         if self._facts is None:
             source = RowSource(shape, tuple(row_ranges(shape, True)),
-                               partial(self._read_model, device=device), device,
+                               partial(self._read_model, device=device),
+                               partial(self._read_models, device=device), device,
                                len(self.models))
             self._facts = self.two_pass.stats(source, **self.params, **self.context)
         merged = self.two_pass.apply(self._facts, rows[0] * math.prod(shape[1:]), base, others,
@@ -227,12 +228,19 @@ class TensorMerge:
 
     def _read_model(self, rows: RowRange, i: int, device: torch.device
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(base rows, model i's rows) for a streaming pass: fitted, stored dtype, on `device`.
-        Not checked finite here: the merge reads every chunk again through `read`, which is,
-        before anything is written."""
+        """(base rows, model i's rows) for a streaming pass, as `_read_models` reads them."""
+        base_rows, (other,) = self._read_models(rows, device, i)
+        return base_rows, other
+
+    def _read_models(self, rows: RowRange, device: torch.device, only: int | None = None
+                     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(base rows, every model's rows, or model `only`'s) for a streaming pass, the base
+        read once: fitted, stored dtype, on `device`. Not checked finite here: the merge reads
+        every chunk again through `read`, which is, before anything is written."""
         base_rows = self.base.get(rows)
-        other = self.models[i].get(rows, base_rows)
-        return _to_device(base_rows, device, True), _to_device(other, device, True)
+        models = self.models if only is None else [self.models[only]]
+        others = [_to_device(m.get(rows, base_rows), device, True) for m in models]
+        return _to_device(base_rows, device, True), others
 
 
 @dataclass(frozen=True)

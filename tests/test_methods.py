@@ -94,6 +94,7 @@ OVERRIDES = {  # non-default settings that exercise each method's paths
     "arcee_fusion": {},
     "ram": {"ram_epsilon": 2 / 1024},
     "ramplus_tl": {"ram_epsilon": 2 / 1024, "ramplus_r": 0.5, "ramplus_alpha": 1.5},
+    "model_stock": {"filter_wise": True},
 }
 REQUIRED = {"nearswap": {"t": 1 / 1024}}  # values of parameters without a default
 

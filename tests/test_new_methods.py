@@ -14,12 +14,13 @@ import math
 import pytest
 import torch
 
-from merging_methods import primitives
+from merging_methods import primitives, reference
 from merging_methods.breadcrumbs import breadcrumbs, breadcrumbs_ties, keep_range
 from merging_methods.della import della, della_linear, keep_probabilities
 from checkpoints.errors import UserError
 from merging_methods.fr_merging import fr_filter, fr_keep_mask, fr_merging
 from merging_methods.free_merging import free_merging
+from merging_methods import della as della_module, model_stock as model_stock_module
 from merging_methods.model_stock import model_stock
 from merging_methods.passthrough import (
     LayerSlice, Source, layout_update, passthrough_plan, scaled_copy, split_layer_name,
@@ -162,25 +163,6 @@ def ref_slerp(a, b, t):
     return (math.sin((1 - t) * omega) * a + math.sin(t * omega) * b) / math.sin(omega)
 
 
-def ref_model_stock(base, others, filter_wise):
-    """§8 per row (the last axis with filter_wise, else the whole tensor), pairs in a loop."""
-    width = base.shape[-1] if filter_wise and base.dim() >= 2 else base.numel()
-    b = base.double().reshape(-1, width)
-    thetas = [o.double().reshape(-1, width) for o in others]
-    n, out = len(others), torch.empty_like(b)
-    for r in range(b.shape[0]):
-        offsets = [t[r] - b[r] for t in thetas]
-        cosines = []
-        for i in range(n):
-            for j in range(i + 1, n):
-                cos = offsets[i] @ offsets[j] / max(offsets[i].norm() * offsets[j].norm(), 1e-6)
-                cosines.append(min(max(float(cos), -1.0), 1.0))
-        c = sum(cosines) / len(cosines)
-        t = 0.0 if abs(1 + (n - 1) * c) < 1e-6 else n * c / (1 + (n - 1) * c)
-        out[r] = t * sum(th[r] for th in thetas) / n + (1 - t) * b[r]
-    return out.view(base.shape)
-
-
 # ----------------------------------------------------------------------------- slerp
 @pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("t", [0.0, 0.3, 0.5, 1.0, 1.2])
@@ -224,7 +206,19 @@ def test_slerp_takes_exactly_one_other_model():
 def test_model_stock_matches_reference(shape, filter_wise, bf16):
     base, others = family(shape=shape, bf16=bf16)
     close(model_stock(base, others, filter_wise=filter_wise),
-          ref_model_stock(base, others, filter_wise))
+          reference.model_stock(base, others, filter_wise=filter_wise))
+
+
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_in_small_pieces_matches_reference(monkeypatch, filter_wise):
+    """Pieces of 7 elements (one row of 10 with filter_wise): still the reference; per-row dots
+    (filter_wise) are whole rows, so the bits do not change."""
+    base, others = family(shape=(12, 10), bf16=True)
+    whole = model_stock(base, others, filter_wise=filter_wise)
+    monkeypatch.setattr(model_stock_module, "PIECE", 7)
+    pieces = model_stock(base, others, filter_wise=filter_wise)
+    close(pieces, reference.model_stock(base, others, filter_wise=filter_wise))
+    assert torch.equal(pieces, whole) or not filter_wise
 
 
 @pytest.mark.parametrize("filter_wise", [False, True])
@@ -325,6 +319,13 @@ def test_della_matches_reference(method, consensus, normalize, rescale, mode, sh
                            mode) for i, o in enumerate(others)]
     close(out, ref_gta(base, sparse, p["weights"], consensus=consensus, normalize=normalize,
                        scaling=1.1))
+
+
+@pytest.mark.parametrize("shape", [(12, 10), (2, 3, 4)])
+def test_della_drawn_one_row_at_a_time_matches_reference(monkeypatch, shape):
+    """Masks drawn by groups of one axis-0 row (della.DRAW_ELEMENTS): the whole draw's bits."""
+    monkeypatch.setattr(della_module, "DRAW_ELEMENTS", 7)
+    test_della_matches_reference(della, True, True, True, "inverse_prob", shape, False, None)
 
 
 def test_della_keep_probabilities_by_hand():

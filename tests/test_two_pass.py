@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 import merge
 from checkpoints import rows
 from checkpoints.checkpoint import CheckpointReader
-from merging_methods import primitives, runner
+from merging_methods import della, model_stock, primitives, runner
 from merging_methods.primitives import Deltas, TopK
 from merging_methods.registry import METHODS
 from merging_methods.streamed import RowSource, StreamedDeltas
@@ -46,7 +46,8 @@ def tied_inputs(dtype: torch.dtype, n_models: int = 3) -> tuple[torch.Tensor, li
 def source_of(base: torch.Tensor, others: list[torch.Tensor]) -> RowSource:
     """The tensor as the runner streams it, in chunks of rows.row_ranges."""
     return RowSource(SHAPE, tuple(rows.row_ranges(SHAPE, True)),
-                     lambda r, i: (base[r[0]:r[1]], others[i][r[0]:r[1]]), base.device,
+                     lambda r, i: (base[r[0]:r[1]], others[i][r[0]:r[1]]),
+                     lambda r: (base[r[0]:r[1]], [o[r[0]:r[1]] for o in others]), base.device,
                      len(others))
 
 
@@ -94,6 +95,20 @@ def assert_two_pass_is_whole(monkeypatch, method: str, settings: dict, dtype: to
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_two_pass_equals_the_whole_tensor_bit_for_bit(monkeypatch, method, settings, dtype):
     assert_two_pass_is_whole(monkeypatch, method, settings, dtype)
+
+
+@pytest.mark.parametrize("method,settings", [s for s in SETTINGS if s[0].startswith("della")])
+def test_della_draws_rows_in_small_groups_with_the_same_bits(monkeypatch, method, settings):
+    """Masks drawn 2 rows at a time (groups that straddle the 5-row chunks) are the whole draw."""
+    monkeypatch.setattr(della, "DRAW_ELEMENTS", 2 * SHAPE[1] + 1)
+    assert_two_pass_is_whole(monkeypatch, method, settings, torch.bfloat16)
+
+
+@pytest.mark.parametrize("settings", [{}, {"filter_wise": True}])
+def test_model_stock_in_pieces_inside_chunks(monkeypatch, settings):
+    """Pieces of 2 rows or 15 elements inside the chunks: both forms still agree bit for bit."""
+    monkeypatch.setattr(model_stock, "PIECE", 2 * SHAPE[1] + 1)
+    assert_two_pass_is_whole(monkeypatch, "model_stock", settings, torch.bfloat16)
 
 
 @pytest.mark.parametrize("is_input_embedding", [False, True])
