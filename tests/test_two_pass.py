@@ -166,8 +166,15 @@ def test_runner_holds_no_more_than_a_chunk(family, monkeypatch, tmp_path, method
     monkeypatch.setattr(rows, "CHUNK_ELEMENTS", 64)
     monkeypatch.setattr(primitives, "CPU_BLOCK", 64)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert_chunked_is_whole(monkeypatch, tmp_path, args, "TWO_PASS_ELEMENTS")
+
+
+def assert_chunked_is_whole(monkeypatch, tmp_path, args: list[str], budget: str) -> None:
+    """merge.py `args` run as they are, then with checkpoints.rows' `budget` set to 64 elements
+    and every read and result buffer recorded: none holds more than 64 elements (one row of
+    the widest matrix) and the output has the first run's bits."""
     assert merge.main([*args, "--save_path", str(tmp_path / "whole")]) == 0
-    monkeypatch.setattr(rows, "TWO_PASS_ELEMENTS", 64)
+    monkeypatch.setattr(rows, budget, 64)
     sizes = recorded_reads(monkeypatch)
     assert merge.main([*args, "--save_path", str(tmp_path / "chunked")]) == 0
     assert max(sizes) == 64 and len(sizes) > 100
@@ -197,10 +204,4 @@ def test_passthrough_copies_in_row_chunks(family, monkeypatch, tmp_path):  # noq
     base, fts = family
     args = ["--method", "passthrough", "--base_model", str(base), "--models_to_merge",
             f"{fts[0]},{fts[1]}", "--layer_ranges", "0:1,1:2", "--scale", "0.5,1"]
-    assert merge.main([*args, "--save_path", str(tmp_path / "whole")]) == 0
-    monkeypatch.setattr(rows, "CHUNK_ELEMENTS", 64)
-    sizes = recorded_reads(monkeypatch)
-    assert merge.main([*args, "--save_path", str(tmp_path / "chunked")]) == 0
-    assert max(sizes) == 64 and len(sizes) > 100
-    got, want = load_weights(tmp_path / "chunked"), load_weights(tmp_path / "whole")
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert_chunked_is_whole(monkeypatch, tmp_path, args, "CHUNK_ELEMENTS")
