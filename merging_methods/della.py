@@ -55,7 +55,10 @@ def keep_probabilities(delta: Tensor, density: float, epsilon: float) -> Tensor:
     rows = delta.reshape(1, -1) if delta.dim() <= 1 else delta
     m = rows.shape[1]
     order = torch.argsort(rows.abs(), dim=1, stable=True)  # ascending, lower index first
-    ranks = torch.argsort(order, dim=1).float()  # the inverse permutation: each entry's rank
+    # each entry's rank: the inverse permutation, scattered (a second argsort cost as much again)
+    positions = torch.arange(m, dtype=torch.float32, device=rows.device)
+    ranks = torch.empty(rows.shape, dtype=torch.float32, device=rows.device).scatter_(
+        1, order, positions.view(1, m, *[1] * (rows.dim() - 2)).expand_as(order))
     q = ranks / (m - 1) if m > 1 else torch.full_like(ranks, 0.5)
     return ((density - epsilon) + (2 * epsilon) * q).view_as(delta)
 
