@@ -29,6 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.plain_loop import DONE_FILE as PLAIN_LOOP_DONE  # noqa: E402
+from checkpoints.errors import UserError  # noqa: E402
+from checkpoints.output import check_apart_from_inputs  # noqa: E402
 from checkpoints.record import RECIPE_FILE  # noqa: E402
 from merging_methods.mergekit_config import MergeConfig, Source, to_yaml  # noqa: E402
 from merging_methods.mergekit_methods import IN_MERGEKIT  # noqa: E402
@@ -42,10 +44,22 @@ MERGEKIT_KEYS = {p.mergekit for p in declared_params().values() if p.mergekit}
 OUTPUT_MARKERS = (RECIPE_FILE, "mergekit_config.yml", PLAIN_LOOP_DONE)
 
 
-def remove_output(out: Path) -> None:
+def check_outputs(outs: list[Path], family: Path) -> None:
+    """Exit with one line when an output folder would be, contain or lie inside the family (the
+    inputs) or hold the working directory; checked before anything is written."""
+    try:
+        for out in outs:
+            check_apart_from_inputs(out, [family], "--work")
+    except UserError as err:
+        raise SystemExit(str(err)) from None
+
+
+def remove_output(out: Path, family: Path) -> None:
     """Delete `out` when it is an earlier output of a benchmarked tool (it holds one of
-    OUTPUT_MARKERS); anything else under that name is refused, never deleted, so a --work
-    pointing at a user's folder costs nothing."""
+    OUTPUT_MARKERS) and lies apart from the family and the working directory; anything else
+    under that name is refused, never deleted, so a --work pointing at a user's folder costs
+    nothing."""
+    check_outputs([out], family)
     if not out.exists():
         return
     if not any((out / marker).is_file() for marker in OUTPUT_MARKERS):
@@ -163,9 +177,11 @@ def main(argv: list[str] | None = None) -> int:
 
     family = Path(args.family).resolve()
     work = Path(args.work).resolve()
+    methods = args.methods.split(",")
+    check_outputs([work / "plain_out", *(work / f"{tool}_{m}" for m in methods
+                                          for tool in ("ours", "mergekit"))], family)
     work.mkdir(parents=True, exist_ok=True)
     experts = [str(family / f"expert{i}") for i in range(1, args.experts + 1)]
-    methods = args.methods.split(",")
     configs = {m: write_configs(family, m, experts, args.density, work) for m in methods}
     if args.dry_run:
         for method, (ours, theirs) in configs.items():
@@ -180,10 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[tuple[str, str], list[tuple[float, float]]] = {}
 
     def timed(tool: str, method: str, cmd: list[str], out: Path) -> None:
-        remove_output(out)
+        remove_output(out, family)
         warm_page_cache(files)
         wall, rss = run_child(cmd)
-        remove_output(out)   # one output on disk at a time: each is a model's size
+        remove_output(out, family)   # one output on disk at a time: each is a model's size
         runs.setdefault((tool, method), []).append((wall, rss))
         print(f"  {tool} {method}: {wall:.1f} s, {rss:.2f} GiB", flush=True)
 
@@ -199,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                 out = work / f"mergekit_{method}"
                 timed("mergekit", method, mergekit_cmd(args.mergekit, theirs, out), out)
 
-    print(f"\n| tool | method | wall s | peak RSS GiB | input GB/s | wall ratio | RSS ratio |")
+    print("\n| tool | method | wall s | peak RSS GiB | input GB/s | wall ratio | RSS ratio |")
     print("|---|---|---|---|---|---|---|")
     for (tool, method), values in runs.items():
         wall = statistics.median(v[0] for v in values)

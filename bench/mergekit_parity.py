@@ -27,7 +27,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.bench_merge import (mergekit_cmd, ours_cmd, remove_output, run_child,  # noqa: E402
+from bench.bench_merge import (check_outputs, mergekit_cmd, ours_cmd, remove_output, run_child,  # noqa: E402
                                write_configs)
 from checkpoints.checkpoint import CheckpointReader, dtype_name  # noqa: E402
 from merging_methods.mergekit_methods import IN_MERGEKIT  # noqa: E402
@@ -186,14 +186,17 @@ def main(argv: list[str] | None = None) -> int:
 
     family = Path(args.family).resolve()
     work = Path(args.work).resolve()
+    methods = args.methods.split(",")
+    check_outputs([work / f"{tool}_{m}" for m in methods for tool in ("ours", "mergekit")],
+                  family)
     work.mkdir(parents=True, exist_ok=True)
-    configs = parity_configs(family, args.methods.split(","), args.density, work)
+    configs = parity_configs(family, methods, args.density, work)
     results = {}
     for method, (ours_config, theirs_config) in configs.items():
         ours, theirs = work / f"ours_{method}", work / f"mergekit_{method}"
         for out, cmd in ((ours, ours_cmd(ours_config, ours, None)),
                          (theirs, mergekit_cmd(args.mergekit, theirs_config, theirs))):
-            remove_output(out)
+            remove_output(out, family)
             run_child(cmd)
         results[method] = compare_outputs(ours, theirs, family / "base",
                                           REGISTRY[method].stochastic)

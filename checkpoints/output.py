@@ -34,22 +34,33 @@ def _contains(folder: Path, path: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-def check_output_path(save_path: Path | str, overwrite: bool, inputs: Iterable[str | Path] = (),
-                      flag: str = "--save_path", marker: str = RECIPE_FILE) -> None:
-    """Refuse an output that would destroy an input, the working directory or a folder that is
-    not ours, i.e. lacks the `marker` file our outputs carry (call before any heavy work).
-    `inputs` that do not exist locally are skipped."""
+def check_apart_from_inputs(save_path: Path | str, inputs: Iterable[str | Path] = (),
+                           flag: str = "--save_path") -> Path:
+    """Refuse (UserError naming `flag`) an output that is, contains or lies inside one of the
+    `inputs` (those that do not exist locally are skipped), or that is the working directory or
+    one of its parents; returns the resolved output path."""
     save = Path(save_path).expanduser().resolve()
     for given in inputs:
         if given is None or not Path(given).expanduser().exists():
             continue
-        if _contains(save, Path(given).expanduser().resolve()):
-            relation = "is" if Path(given).expanduser().resolve() == save else "contains"
+        source = Path(given).expanduser().resolve()
+        if _contains(save, source) or _contains(source, save):
+            relation = ("is" if source == save else "contains" if _contains(save, source)
+                        else "is inside")
             raise UserError(f"{flag}: {save_path} {relation} the input {given}; choose an output "
                             "path outside every input")
     if _contains(save, Path.cwd().resolve()):
         raise UserError(f"{flag}: {save_path} is the working directory or one of its parents; "
                         "choose a new folder for the output")
+    return save
+
+
+def check_output_path(save_path: Path | str, overwrite: bool, inputs: Iterable[str | Path] = (),
+                      flag: str = "--save_path", marker: str = RECIPE_FILE) -> None:
+    """Refuse an output that would destroy an input, write inside one, replace the working
+    directory or a folder that is not ours, i.e. lacks the `marker` file our outputs carry
+    (call before any heavy work)."""
+    save = check_apart_from_inputs(save_path, inputs, flag)
     if save.exists() and not save.is_dir():
         raise UserError(f"{flag}: {save_path} is a file; choose a folder path")
     if not (save.is_dir() and any(save.iterdir())):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from merging_methods.mergekit_config import load_config
@@ -47,23 +48,44 @@ def test_dry_run_writes_a_config_per_method(tmp_path, capsys):
     assert "# dare_ties" in capsys.readouterr().out
 
 
-def test_a_rerun_deletes_only_earlier_benchmark_outputs(tmp_path):
-    import pytest
-
+def test_a_rerun_deletes_only_earlier_benchmark_outputs(tmp_path, monkeypatch):
+    """Only a folder holding a tool's marker is deleted, and never one that is, holds or lies
+    inside the family (the inputs) or holds the working directory, marker or not."""
     bench = bench_module()
+    family = tmp_path / "family"
     ours, theirs, mine = tmp_path / "ours_ties", tmp_path / "mergekit_ties", tmp_path / "my_model"
+    inside, cwd_holder = family / "ours_ties", tmp_path / "ours_slerp"
     for folder, marker in ((ours, "merge_recipe.yaml"), (theirs, "mergekit_config.yml"),
-                           (mine, "config.json")):
+                           (mine, "config.json"), (family, "merge_recipe.yaml"),
+                           (inside, "merge_recipe.yaml"), (cwd_holder, "merge_recipe.yaml")):
         folder.mkdir()
         (folder / marker).write_text("x")
         (folder / "model.safetensors").write_bytes(b"weights")
-    bench.remove_output(ours)
-    bench.remove_output(theirs)
-    bench.remove_output(tmp_path / "absent")
+    (cwd_holder / "here").mkdir()
+    monkeypatch.chdir(cwd_holder / "here")
+    bench.remove_output(ours, family)
+    bench.remove_output(theirs, family)
+    bench.remove_output(tmp_path / "absent", family)
     with pytest.raises(SystemExit, match="not an output of this benchmark"):
-        bench.remove_output(mine)
+        bench.remove_output(mine, family)
+    for folder, message in ((family, "is the input"), (inside, "is inside the input"),
+                            (tmp_path, "contains the input"),
+                            (cwd_holder, "working directory")):
+        with pytest.raises(SystemExit, match=message):
+            bench.remove_output(folder, family)
     assert not ours.exists() and not theirs.exists()
-    assert (mine / "model.safetensors").read_bytes() == b"weights"
+    for folder in (mine, family, inside, cwd_holder):
+        assert (folder / "model.safetensors").read_bytes() == b"weights"
+
+
+def test_a_work_folder_inside_the_family_is_refused_before_anything_is_written(tmp_path):
+    bench = bench_module()
+    family = tmp_path / "family"
+    (family / "base").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="is inside the input"):
+        bench.main(["--family", str(family), "--work", str(family / "base" / "w"),
+                    "--methods", "ties", "--dry-run"])
+    assert sorted(p.name for p in family.rglob("*")) == ["base"]
 
 
 def test_vocab_comparison_refuses_a_folder_it_did_not_write(tmp_path):

@@ -74,6 +74,19 @@ def test_output_may_not_contain_an_input(models, script, capsys):
     assert tree_hashes(models["root"]) == before
 
 
+@pytest.mark.parametrize("script", ["merge", "performAIM"])
+def test_output_may_not_lie_inside_an_input(models, script, capsys):
+    """Nothing is written inside an input model folder: the input stays byte for byte."""
+    before = tree_hashes(models["root"])
+    inside = models["base"] / "out"
+    if script == "merge":
+        code = merge.main(merge_args(models, inside))
+    else:
+        code = performAIM.main(aim_args(models, inside))
+    assert_user_error(capsys, code, f"--save_path: {inside} is inside the input")
+    assert tree_hashes(models["root"]) == before
+
+
 @pytest.mark.parametrize("target", [".", ".."])
 def test_output_may_not_be_the_working_directory_or_above(models, tmp_path, monkeypatch, target,
                                                           capsys):
