@@ -3,8 +3,9 @@
 Positioned reads and writes release the GIL, so on a machine with two or more cores the I/O of
 one unit of work (a chunk of rows of one tensor) overlaps the math of another: while unit k is
 merged, the write thread writes unit k-1's result and the read thread reads unit k+1's inputs
-(with one thread for both, the math also waited for the writes). At most one read and one write
-are ahead of the math, and a read is prefetched only when it and the unit being merged are
+(with one thread for both, the math also waited for the writes). A third thread runs work
+started ahead: a two-pass tensor's statistics passes, while the tensor before it is merged.
+At most one read and one write are ahead of the math, and a read is prefetched only when it and the unit being merged are
 together under PREFETCH_BYTES, so the largest tensor (the peak of whole-tensor methods) never
 has another one's inputs beside it.
 """
@@ -47,13 +48,20 @@ def tune_malloc() -> None:
 
 
 class IOThread:
-    """Two background threads: one runs the reads in submission order, one the writes."""
+    """Background threads: one runs the reads in submission order, one the writes, and one
+    work started ahead of the math (`ahead`: a tensor's whole-tensor statistics, gathered
+    while the tensor before it is merged)."""
 
     def __init__(self):
         tune_malloc()   # before the threads' first allocation
         self._reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-io-read")
         self._writes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-io-write")
+        self._ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-ahead")
         self._write: Future | None = None
+
+    def ahead(self, work: Callable[[], T]) -> Future:
+        """Run `work` on the thread for work ahead, after what was queued there before."""
+        return self._ahead.submit(work)
 
     def prefetch(self, loads: Iterable[tuple[Callable[[], T], int]]) -> Iterator[T]:
         """Results of the `(load, nbytes)` calls, in order, each load run on the read thread; the
@@ -86,5 +94,5 @@ class IOThread:
         return self
 
     def __exit__(self, *exc) -> None:
-        for pool in (self._reads, self._writes):
+        for pool in (self._reads, self._writes, self._ahead):
             pool.shutdown(wait=True, cancel_futures=True)

@@ -23,7 +23,8 @@ from torch import Tensor
 from merging_methods.gta import check_lengths
 from merging_methods.gta_blocked import Plan, Sparsifier, blocked_gta
 from merging_methods.primitives import (
-    Deltas, PresetDrop, TieRun, abs_blocks_of, abs_rank_band, dense_delta, l1_factor, plan_topk,
+    MATCH_L1, Deltas, MatchL1, PresetDrop, TieRun, abs_blocks_of, abs_rank_band, dense_delta,
+    plan_topk,
 )
 
 
@@ -84,12 +85,12 @@ def _outlier_plan(density: Sequence[float], gamma: Sequence[float], rescale: boo
                   band: Callable[[Deltas, int, int], Sparsifier] = _dense_band) -> Plan:
     """Keep the §9 band of model i's |δ| (`band`: the whole-tensor mask, or RankBand); with
     `rescale`, match the untrimmed L1 norm."""
-    def plan(i: int, deltas: Deltas) -> tuple[Sparsifier, float]:
+    def plan(i: int, deltas: Deltas) -> tuple[Sparsifier, float | MatchL1]:
         start, stop = keep_range(deltas.n, density[i], gamma[i])
         if (start, stop) == (0, deltas.n):
             return None, 1.0
         trim = band(deltas, start, stop)
-        return trim, l1_factor(deltas, trim) if rescale else 1.0
+        return trim, MATCH_L1 if rescale else 1.0
     return plan
 
 

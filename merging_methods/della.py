@@ -32,7 +32,7 @@ from torch import Tensor
 from checkpoints.errors import UserError
 from merging_methods.gta import check_lengths
 from merging_methods.gta_blocked import Plan, Sparsifier, blocked_gta
-from merging_methods.primitives import Deltas, PresetDrop, dense_delta, l1_factor
+from merging_methods.primitives import MATCH_L1, Deltas, MatchL1, PresetDrop, dense_delta
 from merging_methods.streamed import StreamedDeltas
 
 RESCALE_MODES = ("l1", "inverse_prob")
@@ -75,7 +75,7 @@ def _magprune_plan(density: Sequence[float], epsilon: Sequence[float],
         raise ValueError(f"rescale_mode: unknown mode {rescale_mode!r}; choose one of "
                          f"{RESCALE_MODES}")
 
-    def plan(i: int, deltas: Deltas) -> tuple[Sparsifier, float]:
+    def plan(i: int, deltas: Deltas) -> tuple[Sparsifier, float | MatchL1]:
         p, eps = density[i], epsilon[i]
         if p >= 1:
             return None, 1.0
@@ -86,7 +86,7 @@ def _magprune_plan(density: Sequence[float], epsilon: Sequence[float],
             raise ValueError("DELLA with density < 1 needs one generator per model")
         inverse = rescale and rescale_mode == "inverse_prob"
         drop = draw(deltas, i, p, eps, inverse)
-        return drop, l1_factor(deltas, drop) if rescale and not inverse else 1.0
+        return drop, MATCH_L1 if rescale and not inverse else 1.0
     return plan
 
 

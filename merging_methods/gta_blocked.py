@@ -17,12 +17,13 @@ from torch import Tensor
 
 from merging_methods.gta import SUM_EPS, check_lengths
 from merging_methods.primitives import (
-    Deltas, PresetDelta, PresetDrop, RandomDrop, TopK, block_size, blocks, l1_factor, topk_count,
-    used_density,
+    MATCH_L1, Deltas, MatchL1, PresetDelta, PresetDrop, RandomDrop, TopK, block_size, blocks,
+    l1_factors, topk_count, used_density,
 )
 
 Sparsifier = TopK | RandomDrop | PresetDrop | PresetDelta | None
-Plan = Callable[[int, Deltas], tuple[Sparsifier, float]]  # model index -> (sparsifier, ci)
+# model index, its deltas -> (sparsifier, ci), ci given as MATCH_L1 when it is the L1 ratio
+Plan = Callable[[int, Deltas], tuple[Sparsifier, float | MatchL1]]
 
 
 def output_buffer(like: Tensor, out: Tensor | None) -> Tensor:
@@ -111,7 +112,7 @@ def blocked_gta(base: Tensor, others: Sequence[Tensor], weights: Sequence[float]
         return output_buffer(base, out).copy_(base.reshape(-1)).view_as(base)
     size = block_size(base.device)
     sources = [Deltas(base, others[i], size) for i in active]
-    plans = [plan(i, source) for i, source in zip(active, sources)]
+    plans = planned(plan, active, sources)
     sparsifiers, factors = [p[0] for p in plans], [p[1] for p in plans]
     kept = [weights[i] for i in active]
     if consensus:
@@ -122,17 +123,29 @@ def blocked_gta(base: Tensor, others: Sequence[Tensor], weights: Sequence[float]
     return _weighted_sum(base, sources, sparsifiers, coeffs, out)
 
 
+def planned(plan: Plan, models: Sequence[int], sources: Sequence[Deltas]
+            ) -> list[tuple[Sparsifier, float]]:
+    """Each model's (sparsifier, factor) from `plan`; the MATCH_L1 factors are found together
+    in one pass over the models' blocks (l1_factors)."""
+    plans = [plan(i, source) for i, source in zip(models, sources)]
+    pending = [j for j, (_, factor) in enumerate(plans) if factor is MATCH_L1]
+    ratios = l1_factors([sources[j] for j in pending], [plans[j][0] for j in pending])
+    for j, ratio in zip(pending, ratios):
+        plans[j] = plans[j][0], ratio
+    return plans
+
+
 def _no_sparsifier(i: int, deltas: Deltas) -> tuple[Sparsifier, float]:  # noqa: ARG001
     return None, 1.0
 
 
 def _topk_plan(density: Sequence[float], rescale: bool, at_least_one: bool) -> Plan:
     """Magnitude top-k per model; with `rescale`, match the untrimmed L1 norm (§3.2 step 2)."""
-    def plan(i: int, deltas: Deltas) -> tuple[Sparsifier, float]:
+    def plan(i: int, deltas: Deltas) -> tuple[Sparsifier, float | MatchL1]:
         if topk_count(density[i], deltas.n, at_least_one) == deltas.n:
             return None, 1.0
         trim = TopK(deltas, density[i], at_least_one)
-        return trim, l1_factor(deltas, trim) if rescale else 1.0
+        return trim, MATCH_L1 if rescale else 1.0
     return plan
 
 
@@ -143,8 +156,9 @@ def _dare_plan(density: Sequence[float], mask_keys: Sequence[int] | None,
     (§4.2); the mask comes from `keep_masks[i]` when drawn ahead, else from `mask_keys[i]`."""
     if rescale_mode not in ("inverse_density", "l1"):
         raise ValueError(f"rescale_mode: unknown mode {rescale_mode!r}")
+    l1 = rescale and rescale_mode == "l1"
 
-    def plan(i: int, deltas: Deltas) -> tuple[Sparsifier, float]:
+    def plan(i: int, deltas: Deltas) -> tuple[Sparsifier, float | MatchL1]:
         p = used_density(density[i])
         if p >= 1.0:
             return None, 1.0
@@ -152,13 +166,11 @@ def _dare_plan(density: Sequence[float], mask_keys: Sequence[int] | None,
             drop = PresetDrop(keep_masks[i])
         elif mask_keys is None:
             raise ValueError("DARE with density < 1 needs one mask key per model")
-        else:
-            drop = RandomDrop(p, mask_keys[i])
+        else:   # the L1 factor's pass and the merge use the same masks: drawn once
+            drop = RandomDrop(p, mask_keys[i], deltas.n if l1 else None)
         if not rescale:
             return drop, 1.0
-        if rescale_mode == "inverse_density":
-            return drop, 1.0 / p
-        return drop, l1_factor(deltas, drop)
+        return drop, MATCH_L1 if l1 else 1.0 / p
     return plan
 
 

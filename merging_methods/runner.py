@@ -5,8 +5,9 @@ randomness and decides what happens to tensors that are not merged. A unit of wo
 whole tensor, merged by the method's dense function in float32, or, for a method with a
 per-element fast path (registry.FastPath), a chunk of its rows (rows.py); a tensor above
 rows.TWO_PASS_ELEMENTS of a method with a two-pass form (streamed.py) also goes in row chunks,
-after streaming passes that gather its whole-tensor facts. An I/O thread reads the next unit and
-writes the previous one while the current one is merged (overlap.py). Peak memory is a few
+after streaming passes that gather its whole-tensor facts (on a thread of their own, one tensor
+ahead). I/O threads read the next unit and write the previous one while the current one is
+merged (overlap.py). Peak memory is a few
 chunks for per-element fast paths, a few chunks or tensors of TWO_PASS_ELEMENTS for two-pass
 methods, and about (models + 2) x the largest tensor otherwise.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -136,6 +138,21 @@ def tensor_context(spec: MethodSpec, item: TensorPlan, seed: int, n_models: int,
     return {name: facts[name] for name in spec.context}
 
 
+class _LastRows:
+    """A tensor's rows with the last chunk read kept: the models' deltas, streamed in lockstep
+    (primitives.l1_factors), ask for the same base rows in turn, read once this way."""
+
+    def __init__(self, source: AlignedRows):
+        self.source = source
+        self._last: tuple[RowRange, torch.Tensor] | None = None
+
+    def get(self, rows: RowRange) -> torch.Tensor:
+        if self._last is None or self._last[0] != rows:
+            self._last = None   # free the old chunk before reading the next
+            self._last = rows, self.source.get(rows)
+        return self._last[1]
+
+
 class TensorMerge:
     """Merging one planned tensor: whole, through the method's dense function, or chunk of rows
     by chunk through its fast path (rows.py); DARE's masks are keyed by the flat element index,
@@ -163,7 +180,8 @@ class TensorMerge:
         # gathers them from the row chunks at the first chunk (streamed.py)
         whole = spec.two_pass is None or splits_by_rows(spec, params) or self.tokens is not None
         self.two_pass = None if whole or not too_large_to_hold(item.out.shape) else spec.two_pass
-        self._facts = None
+        self.device = device
+        self._facts: Future | None = None
 
     def units(self) -> Iterator[tuple[RowRange | None, tuple[int, ...]]]:
         """(rows, output shape of those rows) for each chunk this tensor is merged in."""
@@ -203,44 +221,61 @@ class TensorMerge:
         base = _to_device(raw.pop(0), device, keep)
         others = [_to_device(raw.pop(0), device, keep) for _ in self.models]
         if self.two_pass is not None:
-            return self._merge_two_pass(base, others, rows, device, out), base
+            return self._merge_two_pass(base, others, rows, out), base
         if fast is None:
             return self.spec.fn(base, others, **self.params, **self.context), base
         extra = {"keep_masks": raw.pop()} if raw else {}
         return fast.fn(base, others, **self.params, **self.context, **extra, out=out), base
 
-    def _merge_two_pass(self, base: torch.Tensor, others: list[torch.Tensor], rows: RowRange,
-                        device: torch.device, out: torch.Tensor | None) -> torch.Tensor:
-        """The chunk `rows` merged by the two-pass form: its whole-tensor facts are gathered
-        at the first chunk and dropped after the last (chunks come in row order)."""
-        shape = self.item.out.shape
+    def start_facts(self, submit: Callable[[Callable[[], object]], Future]) -> None:
+        """Have `submit` (a thread's queue) gather the two-pass form's whole-tensor facts, once:
+        the runner starts them while the tensor before this one is merged."""
         if self._facts is None:
-            source = RowSource(shape, tuple(row_ranges(shape, True)),
-                               partial(self._read_model, device=device),
-                               partial(self._read_models, device=device), device,
-                               len(self.models))
-            self._facts = self.two_pass.stats(source, **self.params, **self.context)
-        merged = self.two_pass.apply(self._facts, rows[0] * math.prod(shape[1:]), base, others,
-                                     **self.params, **self.context, out=out)
+            self._facts = submit(self._gather_facts)
+
+    def _gather_facts(self) -> object:
+        shape, device, base = self.item.out.shape, self.device, _LastRows(self.base)
+        source = RowSource(shape, tuple(row_ranges(shape, True)),
+                           partial(self._read_model, device=device, base=base),
+                           partial(self._read_models, device=device, base=base), device,
+                           len(self.models))
+        return self.two_pass.stats(source, **self.params, **self.context)
+
+    def _merge_two_pass(self, base: torch.Tensor, others: list[torch.Tensor], rows: RowRange,
+                        out: torch.Tensor | None) -> torch.Tensor:
+        """The chunk `rows` merged by the two-pass form with its whole-tensor facts (gathered
+        here at the first chunk unless started ahead), dropped after the last chunk (chunks
+        come in row order)."""
+        shape = self.item.out.shape
+        self.start_facts(_run_now)
+        merged = self.two_pass.apply(self._facts.result(), rows[0] * math.prod(shape[1:]), base,
+                                     others, **self.params, **self.context, out=out)
         if rows[1] == shape[0]:
             self._facts = None
         return merged
 
-    def _read_model(self, rows: RowRange, i: int, device: torch.device
+    def _read_model(self, rows: RowRange, i: int, device: torch.device, base: _LastRows
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(base rows, model i's rows) for a streaming pass, as `_read_models` reads them."""
-        base_rows, (other,) = self._read_models(rows, device, i)
+        base_rows, (other,) = self._read_models(rows, device, base, i)
         return base_rows, other
 
-    def _read_models(self, rows: RowRange, device: torch.device, only: int | None = None
-                     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _read_models(self, rows: RowRange, device: torch.device, base: _LastRows,
+                     only: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(base rows, every model's rows, or model `only`'s) for a streaming pass, the base
-        read once: fitted, stored dtype, on `device`. Not checked finite here: the merge reads
-        every chunk again through `read`, which is, before anything is written."""
-        base_rows = self.base.get(rows)
+        read through `base`: fitted, stored dtype, on `device`. Not checked finite here: the
+        merge reads every chunk again through `read`, which is, before anything is written."""
+        base_rows = base.get(rows)
         models = self.models if only is None else [self.models[only]]
         others = [_to_device(m.get(rows, base_rows), device, True) for m in models]
         return _to_device(base_rows, device, True), others
+
+
+def _run_now(work: Callable[[], object]) -> Future:
+    """`work` run on this thread, as a finished Future."""
+    future: Future = Future()
+    future.set_result(work())
+    return future
 
 
 @dataclass(frozen=True)
@@ -269,6 +304,28 @@ def _work_units(spec: MethodSpec, recipe: MergeRecipe, inputs: OpenedInputs,
         units += [WorkUnit(item.name, rows, shape, job, math.prod(shape) * itemsizes)
                   for rows, shape in job.units()]
     return units
+
+
+class _FactsAhead:
+    """Starts the whole-tensor facts of two-pass tensors one tensor ahead: the first tensor's
+    at once, the next one's when the merge reaches a tensor's first chunk, so that a tensor's
+    statistics pass (on the thread for work ahead) overlaps the merge of the one before it.
+    Two tensors' facts are alive at most."""
+
+    def __init__(self, units: list[WorkUnit], submit: Callable[[Callable[[], object]], Future]):
+        self.jobs = list(dict.fromkeys(u.job for u in units if u.job and u.job.two_pass))
+        self.order = {job: index for index, job in enumerate(self.jobs)}
+        self.submit = submit
+        self._start(0)
+
+    def _start(self, index: int) -> None:
+        if index < len(self.jobs):
+            self.jobs[index].start_facts(self.submit)
+
+    def reached(self, unit: WorkUnit) -> None:
+        """The merge is about to take `unit`."""
+        if unit.job is not None and unit.job.two_pass is not None and unit.rows[0] == 0:
+            self._start(self.order[unit.job] + 1)
 
 
 def _read_unit(base: CheckpointReader, unit: WorkUnit):
@@ -326,7 +383,9 @@ def run_merge(recipe: MergeRecipe, *, make_post: HookFactory | None = None) -> P
                 total=total, unit="B", unit_scale=True, desc=f"merge {recipe.method}") as bar:
             units = _work_units(spec, recipe, inputs, device)
             loads = ((partial(_read_unit, inputs.base, unit), unit.nbytes) for unit in units)
+            facts_ahead = _FactsAhead(units, io.ahead)
             for unit, raw in zip(units, io.prefetch(loads)):
+                facts_ahead.reached(unit)
                 out = raw if unit.job is None else _merge_unit(unit, raw, device, results, post)
                 io.write(partial(writer.add, unit.name, out, unit.rows[0] if unit.rows else 0))
                 bar.update(out.numel() * out.element_size())

@@ -8,7 +8,9 @@ over the chunks, then `TwoPass.apply` merges one chunk at a time with them. `Str
 yields the very float32 blocks `primitives.Deltas` yields over the whole tensor, so thresholds,
 tie positions and L1 sums get the same bits as the one-pass path; sums the dense functions take
 over row chunks use the same chunks (rows.row_ranges). Peak memory is a few chunks whatever the
-tensor's size. Each pass reads the chunks again (from the page cache when memory allows).
+tensor's size. Each pass reads the chunks again (from the page cache when memory allows); the
+statistics passes run on a thread of their own, one tensor ahead of the merge (the runner's
+_FactsAhead), so on two or more cores they cost little wall time.
 Methods without a two-pass form: fr_merging and free_merging (a 2-D FFT of the whole delta).
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
-from merging_methods.gta_blocked import Plan, Sparsifier, blocked_gta
+from merging_methods.gta_blocked import Plan, Sparsifier, blocked_gta, planned
 from merging_methods.primitives import SAMPLE, block_size
 
 RowRange = tuple[int, int]
@@ -126,10 +128,10 @@ def two_pass_gta(plan_of: Callable[..., Plan], consensus: bool) -> TwoPass:
     stats = each active model's sparsifier and factor planned over the streamed whole delta
     (as blocked_gta plans them), apply = blocked_gta on the chunk with those plans."""
     def stats(source: RowSource, *, weights, **params) -> Planned:
-        plan = plan_of(**params)
         size = block_size(source.device)
-        return {i: plan(i, StreamedDeltas(source, i, size)) for i, w in enumerate(weights)
-                if w != 0}
+        models = [i for i, w in enumerate(weights) if w != 0]
+        streams = [StreamedDeltas(source, i, size) for i in models]
+        return dict(zip(models, planned(plan_of(**params), models, streams)))
 
     def apply(planned: Planned, offset: int, base: Tensor, others: list[Tensor], *, weights,
               normalize: bool, scaling: float, out: Tensor | None = None, **_) -> Tensor:

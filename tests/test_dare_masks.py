@@ -168,3 +168,25 @@ def test_a_dare_record_of_mask_rule_1_is_refused_in_one_line(record):
 def test_records_of_methods_without_masks_need_no_mask_rule():
     record = {**RECIPE, "method": "task_arithmetic", "params": {}}
     assert MergeRecipe.from_record(record).method == "task_arithmetic"
+
+
+def test_a_remembered_drop_is_drawn_once_and_gives_the_same_masks(monkeypatch):
+    """RandomDrop(remember=n): the masks drawn over blocks in flat order come back for any
+    later range (starts off a byte boundary, ranges crossing blocks) without a second draw,
+    equal to keep_mask's; a range past what was drawn is drawn again."""
+    from merging_methods import primitives
+    n, key, density = 1000, mask_key(0, 1, "w"), 0.4
+    drop = primitives.RandomDrop(density, key, remember=n)
+    for start in range(0, 992, 64):   # blocks of 64 in flat order, the last 8 entries not
+        drop.apply_(torch.ones(min(64, 992 - start)), start)
+    calls = []
+    real = primitives.keep_mask
+    monkeypatch.setattr(primitives, "keep_mask", lambda *a, **k: calls.append(a) or real(*a, **k))
+    want = keep_mask(key, density, 0, n)
+    for start, stop in [(0, 992), (3, 70), (61, 67), (130, 131), (500, 992)]:
+        delta = torch.arange(1.0, stop - start + 1)
+        assert torch.equal(drop.apply_(delta, start), torch.arange(1.0, stop - start + 1)
+                           * want[start:stop])
+    assert calls == []
+    assert torch.equal(drop.apply_(torch.ones(12), 988), want[988:])   # past the drawn range
+    assert len(calls) == 1

@@ -25,7 +25,7 @@ from merging_methods.model_stock import model_stock
 from merging_methods.passthrough import (
     LayerSlice, Source, layout_update, passthrough_plan, scaled_copy, split_layer_name,
 )
-from merging_methods.primitives import Deltas, PresetDrop, abs_rank_band, l1_factor, mask_generator
+from merging_methods.primitives import Deltas, PresetDrop, abs_rank_band, l1_factors, mask_generator
 from merging_methods.slerp import slerp
 
 SEED, NAME = 11, "model.layers.2.mlp.down_proj.weight"
@@ -343,7 +343,7 @@ def test_della_l1_rescale_by_hand():
     delta = torch.tensor([0.3, -0.1, 0.2, -0.4, 0.0])
     deltas = Deltas(torch.zeros(5), delta, 8)
     drop = PresetDrop(torch.tensor([True, False, True, True, False]))
-    factor = l1_factor(deltas, drop)
+    (factor,) = l1_factors([deltas], [drop])
     assert factor == pytest.approx(10 / 9)
     close(drop.apply_(deltas.block(0, 5), 0) * factor,
           torch.tensor([1 / 3, 0, 2 / 9, -4 / 9, 0], dtype=torch.float64))
@@ -602,3 +602,17 @@ def test_cuda_matches_cpu(method):
     gpu = call(method, base.cuda(), [o.cuda() for o in others])
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-5)
+
+
+def test_l1_factors_of_several_models_in_one_pass():
+    """Each model's ratio ‖δ‖₁ / ‖sparse(δ)‖₁ by hand, found in one lockstep pass; a model whose
+    kept norm is 0 keeps factor 1."""
+    base = torch.zeros(5)
+    first = Deltas(base, torch.tensor([0.3, -0.1, 0.2, -0.4, 0.0]), 2)
+    second = Deltas(base, torch.tensor([1.0, -1.0, 2.0, 0.0, 4.0]), 2)
+    third = Deltas(base, torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0]), 2)
+    drops = [PresetDrop(torch.tensor(m)) for m in
+             ([True, False, True, True, False], [False, True, False, True, True],
+              [False, False, True, True, True])]
+    factors = l1_factors([first, second, third], drops)
+    assert factors == [pytest.approx(1.0 / 0.9), pytest.approx(8.0 / 5.0), 1.0]

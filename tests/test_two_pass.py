@@ -3,6 +3,8 @@ row chunks, then the merge chunk by chunk; the same bits as the whole-tensor pat
 bounded by the chunk size."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -205,3 +207,34 @@ def test_passthrough_copies_in_row_chunks(family, monkeypatch, tmp_path):  # noq
     args = ["--method", "passthrough", "--base_model", str(base), "--models_to_merge",
             f"{fts[0]},{fts[1]}", "--layer_ranges", "0:1,1:2", "--scale", "0.5,1"]
     assert_chunked_is_whole(monkeypatch, tmp_path, args, "CHUNK_ELEMENTS")
+
+
+def test_statistics_run_ahead_and_read_the_base_once_per_chunk(family, monkeypatch,  # noqa: F811
+                                                                tmp_path):
+    """DARE's L1 pass runs on the thread for work ahead, every model's delta in one lockstep
+    pass: each base chunk is asked for by every model there and read once."""
+    base, fts = family
+    monkeypatch.setattr(rows, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(rows, "TWO_PASS_ELEMENTS", 64)
+    monkeypatch.setattr(primitives, "CPU_BLOCK", 16)   # blocks inside the chunks, as in a merge
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    threads, asked, read = set(), [], []
+    last_rows = runner._LastRows
+
+    class Counted(last_rows):
+        def __init__(self, source):
+            super().__init__(source)
+            self.source = type("Reads", (), {"get": lambda _, r: read.append(r) or
+                                             source.get(r)})()
+
+        def get(self, r):
+            threads.add(threading.current_thread().name)
+            asked.append(r)
+            return super().get(r)
+
+    monkeypatch.setattr(runner, "_LastRows", Counted)
+    assert merge.main(["--method", "dare_linear", "--base_model", str(base), "--models_to_merge",
+                       ",".join(map(str, fts)), "--density", "0.5", "--rescale_mode", "l1",
+                       "--save_path", str(tmp_path / "o")]) == 0
+    assert threads and all(name.startswith("merge-ahead") for name in threads)
+    assert len(read) > 10 and len(asked) == len(fts) * len(read)
