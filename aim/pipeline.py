@@ -237,6 +237,18 @@ def check_rows_by_position(merged: CheckpointReader) -> None:
                         "instead (merge.py --config ... --aim)")
 
 
+def check_layers_in_place(merged: CheckpointReader) -> None:
+    """Refuse a merge whose recipe says its layers are not the base's layers of the same index
+    (slices that move layers, a passthrough stack): relaxing each toward the base's layer of
+    that name would pull it toward the wrong layer."""
+    if read_record(merged.folder).get("merge", {}).get("base_layers_moved"):
+        raise UserError(f"--merged_model: {merged.label}'s layers do not sit where the base's do "
+                        "(slices that move or stack layers, base_layers_moved in its "
+                        "merge_recipe.yaml), so they cannot be relaxed toward the base's layers "
+                        "of the same index; use merge.py --aim with slices that keep the base's "
+                        "layers in place")
+
+
 def _base_rows_if_fewer(base: CheckpointReader, merged: CheckpointReader, name: str) -> int | None:
     """The base tensor's row count when the merged one has more rows (a grown vocabulary)."""
     if name not in base.info:
@@ -266,6 +278,7 @@ def relax_checkpoint(merged_id: str, base_id: str, save_path: str, settings: Aim
     dtype = parse_dtype(out_dtype) if out_dtype else merged.stored_dtype
     outputs = output_paths(save_path, settings.omegas)
     check_rows_by_position(merged)
+    check_layers_in_place(merged)
     check_same_tensors(merged, base)
     stats, stats_record = obtain_stats(base_dir, base_id, settings, device)
     shapes = {n: i.shape for n, i in merged.info.items()}

@@ -405,7 +405,8 @@ def run_merge(recipe: MergeRecipe, *, make_post: HookFactory | None = None) -> P
             save_union_tokenizer(inputs.base.folder, inputs.union, tmp)
         if recipe.config is not None and recipe.config.chat_template:
             save_chat_template(tmp, recipe.config.chat_template, folders)
-        record = record_of(recipe, extra_record, dtype_name(inputs.out_dtype))
+        moved = isinstance(inputs.base, SlicedInput) and inputs.base.moves_layers
+        record = record_of(recipe, extra_record, dtype_name(inputs.out_dtype), moved)
         write_record(tmp, record)
         write_model_card(tmp, record)
     merged_count = sum(t.merge for t in inputs.plan.tensors)
@@ -489,7 +490,7 @@ def run_stacked(recipe: MergeRecipe, spec: MethodSpec) -> Path:
             donor, readers, slices, out_dtype))
         if recipe.config is not None and recipe.config.chat_template:
             save_chat_template(tmp, recipe.config.chat_template, folders)
-        record = record_of(recipe, {})
+        record = record_of(recipe, {}, layers_moved=True)   # stacked: there is no base
         write_record(tmp, record)
         write_model_card(tmp, record)
     log.info("stacked %d layers from %d slices -> %s", plan.num_hidden_layers, len(slices),

@@ -138,8 +138,11 @@ def config_of(recipe: MergeRecipe, out_dtype: str | None = None) -> MergeConfig:
     return MergeConfig(spec.name, models=tuple(models), base_model=base, **shared)
 
 
-def record_of(recipe: MergeRecipe, extra: dict, out_dtype: str | None = None) -> dict:
+def record_of(recipe: MergeRecipe, extra: dict, out_dtype: str | None = None,
+              layers_moved: bool = False) -> dict:
     """merge_recipe.yaml: the config that reproduces the merge (`out_dtype`: the dtype it wrote),
-    this toolkit's `merge` record (read by aim/, evaluation/, study/ and the report) and `extra`
-    (e.g. the `aim` record)."""
-    return {**config_doc(config_of(recipe, out_dtype)), "merge": recipe.as_record(), **extra}
+    this toolkit's `merge` record (read by aim/, evaluation/, study/ and the report; with
+    `layers_moved`, `base_layers_moved: true`: some output layer is not the base's layer of
+    that index, so post-hoc AIM must refuse it) and `extra` (e.g. the `aim` record)."""
+    merge = {**recipe.as_record(), **({"base_layers_moved": True} if layers_moved else {})}
+    return {**config_doc(config_of(recipe, out_dtype)), "merge": merge, **extra}

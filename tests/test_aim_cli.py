@@ -154,3 +154,29 @@ def test_bad_inputs_exit_2(merged_family, tmp_path, capsys):
     assert_user_error(capsys, performAIM.main([*common, "--pretrained_model_name", str(no_tok)]),
                       "tokenizer")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("moved", [False, True])
+def test_posthoc_aim_refuses_slices_that_move_layers(merged_family, tmp_path, capsys, moved):
+    """A sliced merge whose output layer 0 is the base's layer 1 is recorded as such, and
+    performAIM refuses it (it would relax toward the wrong layer) without writing; slices that
+    keep every layer in place relax as usual."""
+    f = merged_family
+    ranges = [[1, 2], [0, 1]] if moved else [[0, 1], [1, 2]]
+    config = tmp_path / "sliced.yml"
+    config.write_text(
+        f"merge_method: task_arithmetic\nbase_model: {f['base']}\nparameters: {{weight: 0.5}}\n"
+        "slices:\n" + "".join(
+            f"  - sources: [{{model: {f['base']}, layer_range: {r}}}, "
+            f"{{model: {f['fts'][0]}, layer_range: {r}}}]\n" for r in ranges))
+    merged = tmp_path / "merged"
+    assert merge.main(["--config", str(config), "--save_path", str(merged)]) == 0
+    out = tmp_path / "aim"
+    code = performAIM.main(["--merged_model", str(merged), "--pretrained_model_name",
+                            str(f["base"]), "--stats", str(f["stats"]), "--calib_data", "builtin",
+                            "--save_path", str(out), *CALIB])
+    if moved:
+        assert_user_error(capsys, code, "layers do not sit where the base's do")
+        assert not out.exists()
+    else:
+        assert code == 0 and out.exists()
