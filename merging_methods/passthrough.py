@@ -24,7 +24,9 @@ from typing import Callable, Sequence
 
 from torch import Tensor
 
+from checkpoints.checkpoint import HEAD_SUFFIXES, CheckpointReader
 from checkpoints.errors import UserError
+from merging_methods.plan import input_embedding_name
 
 DECODER_LAYER = re.compile(r"^(.*\b(?:layers|h)\.)(\d+)(\..+)$")  # prefix, index, rest
 ScaleFn = Callable[[int, str, float], float | None]  # (slice index, source name, x) -> scale
@@ -137,3 +139,21 @@ def passthrough(base: Tensor, others: list[Tensor], *, scale: Sequence[float]) -
     """One output tensor in the method contract's form: its one source `others[0]` times its
     slice's scale, float32 (`base` is unused: the runner's layer plan picks the source)."""
     return scaled_copy(others[0].float(), scale[0])
+
+
+def heads_like(plan: PassthroughPlan, donor: CheckpointReader,
+               readers: list[CheckpointReader]) -> PassthroughPlan:
+    """Output heads as the donor's config.json declares them (§0.2): none when it ties its
+    embeddings; else each head, read from the last slice's model or, when that model ties its
+    head, from its input embedding."""
+    sources = {n: s for n, s in plan.sources.items()
+               if not (n.endswith(HEAD_SUFFIXES) and donor.tie_word_embeddings)}
+    if not donor.tie_word_embeddings:
+        last = plan.sources[next(reversed(plan.sources))].model
+        for head in (n for n in donor.info if n.endswith(HEAD_SUFFIXES) and n not in sources):
+            embedding = input_embedding_name(readers[last])
+            if embedding is None:
+                raise UserError(f"{readers[last].label} has neither {head} nor an input "
+                                "embedding to use as the output head")
+            sources[head] = Source(last, embedding)
+    return PassthroughPlan(sources, plan.num_hidden_layers)

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from checkpoints.checkpoint import (
-    HEAD_SUFFIXES, MODEL_SIDE_FILES, CheckpointReader, ShardedWriter, TensorInfo, copy_model_files,
+    MODEL_SIDE_FILES, CheckpointReader, ShardedWriter, TensorInfo, copy_model_files,
     dtype_config_update, dtype_name, finite, parse_dtype, parse_size, resolve_model_dir,
 )
 from checkpoints.device import resolve_device
@@ -34,10 +34,10 @@ from checkpoints.output import check_output_path, staged_output
 from checkpoints.overlap import IOThread
 from checkpoints.record import write_model_card, write_record
 from checkpoints.rows import AlignedRows, RowRange, row_ranges, too_large_to_hold
-from merging_methods.passthrough import (LayerSlice, PassthroughPlan, Source, layout_update,
+from merging_methods.passthrough import (LayerSlice, Source, heads_like, layout_update,
                                          passthrough_plan)
-from merging_methods.plan import (MergePlan, TensorPlan, build_plan, input_embedding_name,
-                                  input_embedding_rows, num_layers)
+from merging_methods.plan import (MergePlan, TensorPlan, build_plan, input_embedding_rows,
+                                  num_layers)
 from merging_methods.primitives import keep_mask, mask_generator, mask_key, used_density
 from merging_methods.recipe import MergeRecipe
 from merging_methods.registry import MethodSpec, get_method, method_warnings, splits_by_rows
@@ -428,24 +428,6 @@ def _stacked_arguments(recipe: MergeRecipe,
     return lambda name, _source: at(name)
 
 
-def _heads_like_donor(plan: PassthroughPlan, donor: CheckpointReader,
-                      readers: list[CheckpointReader]) -> PassthroughPlan:
-    """Output heads as the donor's config.json declares them (§0.2): none when it ties its
-    embeddings; else each head, read from the last slice's model or, when that model ties its
-    head, from its input embedding."""
-    sources = {n: s for n, s in plan.sources.items()
-               if not (n.endswith(HEAD_SUFFIXES) and donor.tie_word_embeddings)}
-    if not donor.tie_word_embeddings:
-        last = plan.sources[next(reversed(plan.sources))].model
-        for head in (n for n in donor.info if n.endswith(HEAD_SUFFIXES) and n not in sources):
-            embedding = input_embedding_name(readers[last])
-            if embedding is None:
-                raise UserError(f"{readers[last].label} has neither {head} nor an input "
-                                "embedding to use as the output head")
-            sources[head] = Source(last, embedding)
-    return PassthroughPlan(sources, plan.num_hidden_layers)
-
-
 def _stacked_config(donor: CheckpointReader, readers: list[CheckpointReader],
                     slices: list[LayerSlice], out_dtype: torch.dtype) -> dict:
     """config.json updates: the output depth, per-layer lists (`layer_types`) taken from the
@@ -463,7 +445,7 @@ def run_stacked(recipe: MergeRecipe, spec: MethodSpec) -> Path:
                for m in recipe.models]
     slices = [LayerSlice(i, a, b) for i, (a, b) in enumerate(recipe.layer_ranges)]
     depths = [num_layers(r.config) or 0 for r in readers]
-    plan = _heads_like_donor(passthrough_plan(slices, [list(r.info) for r in readers], depths),
+    plan = heads_like(passthrough_plan(slices, [list(r.info) for r in readers], depths),
                              donor, readers)
     arguments = _stacked_arguments(recipe, {r.label: num_layers(r.config) or 0
                                             for r in (donor, *readers)})

@@ -18,7 +18,7 @@ import torch
 from checkpoints.checkpoint import CheckpointReader, TensorInfo
 from checkpoints.errors import UserError
 from merging_methods.mergekit_config import MergeConfig, ModelRef, Slice, Source, base_index
-from merging_methods.passthrough import LayerSlice, layout_update, passthrough_plan
+from merging_methods.passthrough import LayerSlice, heads_like, layout_update, passthrough_plan
 from merging_methods.plan import num_layers
 
 
@@ -96,10 +96,12 @@ def sliced_inputs(config: MergeConfig, slices: tuple[Slice, ...],
     for k in range(len(input_order(config, slices[0]))):
         pieces = [LayerSlice(refs.index(s.model), *s.layer_range)
                   for s in (input_order(config, piece)[k] for piece in slices)]
-        plan = passthrough_plan(pieces, names, [num_layers(c) or 0 for c in configs])
-        routes = {n: (readers[refs[s.model]], s.name) for n, s in plan.sources.items()}
         models = list(dict.fromkeys(readers[refs[p.model]] for p in pieces))
         like = donor if k == 0 else models[0]
+        # heads as `like` declares them: the last slice's model may tie them where it does not
+        plan = heads_like(passthrough_plan(pieces, names, [num_layers(c) or 0 for c in configs]),
+                          like, [readers[r] for r in refs])
+        routes = {n: (readers[refs[s.model]], s.name) for n, s in plan.sources.items()}
         layout = layout_update(like.config, configs, pieces)
         inputs.append(SlicedInput(" + ".join(m.label for m in models), routes, like, layout))
     return inputs

@@ -275,3 +275,23 @@ def test_method_flags_are_required_without_config(models, tmp_path, capsys):
     base, _ = models
     code = run("--base_model", base, "--save_path", tmp_path / "o")
     assert_user_error(capsys, code, "--method, --models_to_merge: required (or give a mergekit")
+
+
+def test_slices_give_the_heads_the_donor_declares(models, tmp_path):
+    """The output's config.json is the base's (untied head); when the last slice's base ties its
+    head, the output's lm_head is merged from that model's input embedding instead of being
+    left out (transformers would then initialise it at random)."""
+    base, (ft1, _, _) = models
+    tied = build_llama(tmp_path / "tied", seed=7, tie=True)
+    config = write(tmp_path, (
+        f"merge_method: task_arithmetic\nbase_model: {base}\nparameters: {{weight: 0.5}}\n"
+        "slices:\n"
+        f"  - sources: [{{model: {base}, layer_range: [0, 1]}}, {{model: {ft1}, layer_range: [0, 1]}}]\n"
+        f"  - base_model: {tied}\n"
+        f"    sources: [{{model: {tied}, layer_range: [1, 2]}}, {{model: {ft1}, layer_range: [1, 2]}}]\n"))
+    out = tmp_path / "out"
+    assert run("--config", config, "--save_path", out) == 0
+    got, t, f = load_weights(out), load_weights(tied), load_weights(ft1)
+    embedding = t["model.embed_tokens.weight"]
+    assert "lm_head.weight" not in t
+    assert torch.equal(got["lm_head.weight"], embedding + 0.5 * (f["lm_head.weight"] - embedding))
