@@ -96,12 +96,13 @@ def coefficients(source: RowSource, *, max_iter: int = 10, tol: float = 1e-5,
     return ks, False
 
 
-def karcher(base: Tensor, others: list[Tensor], *, max_iter: int = 10,
-            tol: float = 1e-5) -> Tensor:
+def karcher(base: Tensor, others: list[Tensor], *, max_iter: int = 10, tol: float = 1e-5,
+            out: Tensor | None = None) -> Tensor:
     """The Karcher mean of `others` on the unit sphere times their mean norm; `base` is not
-    used (§19.6). Paper box: reference.karcher."""
+    used (§19.6). Inputs may be stored bf16/fp16 (read in float32 blocks); `out` is an optional
+    float32 result buffer. Paper box: reference.karcher."""
     combination = coefficients(in_memory_source(base, others), max_iter=max_iter, tol=tol)
-    return combine(combination, base, others)
+    return combine(combination, base, others, out)
 
 
 # the Gram matrix from the chunks, then the combination chunk by chunk

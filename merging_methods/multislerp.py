@@ -64,13 +64,14 @@ def coefficients(source: RowSource, *, weights: list[float], normalize_weights: 
 
 def multislerp(base: Tensor, others: list[Tensor], *, weights: list[float],
                normalize_weights: bool = True, eps: float = 1e-8, task_vectors: bool = True,
-               tensor_name: str = "") -> Tensor:
+               tensor_name: str = "", out: Tensor | None = None) -> Tensor:
     """The weighted-mean direction of the unit (task) vectors scaled by their weighted mean norm
-    (§19.5). Paper box: reference.multislerp."""
+    (§19.5). Inputs may be stored bf16/fp16 (read in float32 blocks); `out` is an optional
+    float32 result buffer. Paper box: reference.multislerp."""
     combination = coefficients(in_memory_source(base, others), weights=weights,
                                normalize_weights=normalize_weights, eps=eps,
                                task_vectors=task_vectors, tensor_name=tensor_name)
-    return combine(combination, base, others)
+    return combine(combination, base, others, out)
 
 
 # the Gram matrix from the chunks, then the combination chunk by chunk

@@ -29,11 +29,12 @@ same bits.
 from __future__ import annotations
 
 import math
+from typing import Iterator
 
 import torch
 from torch import Tensor
 
-from merging_methods.gram import Combination, chunk_vectors, combine, gram, in_memory_source
+from merging_methods.gram import BLOCK, Combination, combine, gram, in_memory_source, vectors
 from merging_methods.gta_blocked import output_buffer
 from merging_methods.streamed import RowSource, TwoPass
 
@@ -71,9 +72,23 @@ def coefficients(xy: Tensor, xx: Tensor, yy: Tensor, t: float) -> tuple[Tensor, 
     return a, b
 
 
-def pair_sums(x: Tensor, y: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(x·y, ‖x‖², ‖y‖²) of float32 matrices along `dim`: float32 products summed in float64."""
-    return tuple((p * q).sum(dim, dtype=torch.float64) for p, q in ((x, y), (x, x), (y, y)))
+def pair_sums(x: Tensor, y: Tensor, dim: int) -> Tensor:
+    """(3, ...) x·y, ‖x‖², ‖y‖² of float32 matrices along `dim`: float32 products summed in
+    float64."""
+    return torch.stack([(p * q).sum(dim, dtype=torch.float64) for p, q in ((x, y), (x, x), (y, y))])
+
+
+def pieces(base: Tensor, others: list[Tensor], cols: int,
+           task_vectors: bool) -> Iterator[tuple[slice, Tensor, Tensor, Tensor]]:
+    """(row slice, float32 base, x, y) of (a chunk of) the tensors viewed as (rows, cols)
+    matrices, about BLOCK entries of whole rows at a time, in order; inputs may be stored
+    bf16/fp16."""
+    b, (p, q) = base.reshape(-1, cols), (o.reshape(-1, cols) for o in others)
+    step = max(1, BLOCK // max(cols, 1))
+    for start in range(0, b.shape[0], step):
+        rows = slice(start, start + step)
+        block = b[rows].float()
+        yield (rows, block, *vectors(block, [p[rows], q[rows]], task_vectors))
 
 
 def stats(source: RowSource, *, weights: list[float], nuslerp_row_wise: bool = False,
@@ -91,8 +106,9 @@ def stats(source: RowSource, *, weights: list[float], nuslerp_row_wise: bool = F
         return [float(a), float(b)], task_vectors
     cols = math.prod(source.shape[1:])
     sums = torch.zeros(3, cols, dtype=torch.float64, device=source.device)
-    for _, (x, y) in chunk_vectors(source, task_vectors):
-        sums += torch.stack(pair_sums(x.reshape(-1, cols), y.reshape(-1, cols), 0))
+    for rows in source.chunks:
+        for _, _, x, y in pieces(*source.read_all(rows), cols, task_vectors):
+            sums += pair_sums(x, y, 0)
     a, b = coefficients(*sums, t)
     return a.float(), b.float()
 
@@ -101,36 +117,37 @@ def apply(facts: Combination | Pairs | None, offset: int, base: Tensor,  # noqa:
           others: list[Tensor], *, weights: list[float], nuslerp_row_wise: bool = False,
           nuslerp_flatten: bool = True, task_vectors: bool = True,
           out: Tensor | None = None, **_) -> Tensor:
-    """The chunk `base`, `others` (whole rows) merged with `stats`' facts."""
+    """The chunk `base`, `others` (whole rows; stored dtype or float32) merged with `stats`'
+    facts, into `out` (a float32 buffer shaped like base, or None)."""
     mode = grouping(base.dim(), nuslerp_flatten, nuslerp_row_wise)
     if mode == "whole":
         return combine(facts, base, others, out)
-    b = base.float()
-    x, y = ((o.float() - b) for o in others) if task_vectors else (o.float() for o in others)
-    if mode == "rows":
-        x, y = x.reshape(-1, base.shape[-1]), y.reshape(-1, base.shape[-1])
-        a, c = (f.float()[:, None] for f in coefficients(*pair_sums(x, y, -1),
-                                                         interpolation_factor(weights)))
-    else:
-        columns = (base.shape[0], math.prod(base.shape[1:]))
-        x, y = x.reshape(columns), y.reshape(columns)
-        a, c = facts
-    result = output_buffer(base, out).view(x.shape)
-    torch.mul(x, a, out=result).addcmul_(y, c)
-    result = result.view(base.shape)
-    return result.add_(b) if task_vectors else result
+    cols = base.shape[-1] if mode == "rows" else math.prod(base.shape[1:])
+    result = output_buffer(base, out).view(-1, cols)
+    t = interpolation_factor(weights)
+    for rows, b, x, y in pieces(base, others, cols, task_vectors):
+        if mode == "rows":
+            a, c = (f.float()[:, None] for f in coefficients(*pair_sums(x, y, -1), t))
+        else:
+            a, c = facts
+        piece = torch.mul(x, a, out=result[rows]).addcmul_(y, c)
+        if task_vectors:
+            piece.add_(b)
+    return result.view(base.shape)
 
 
 def nuslerp(base: Tensor, others: list[Tensor], *, weights: list[float],
             nuslerp_row_wise: bool = False, nuslerp_flatten: bool = True,
-            task_vectors: bool = True) -> Tensor:
+            task_vectors: bool = True, out: Tensor | None = None) -> Tensor:
     """SLERP of the two models (or their task vectors) at t = w2/(w1 + w2), per tensor, row or
-    column (§19.4). Paper box: reference.nuslerp."""
+    column (§19.4). Inputs may be stored bf16/fp16 (read in float32 blocks); `out` is an
+    optional float32 result buffer. Paper box: reference.nuslerp."""
     if len(others) != 2:
         raise ValueError(f"nuslerp merges exactly 2 models, got {len(others)}")
     params = dict(weights=weights, nuslerp_row_wise=nuslerp_row_wise,
                   nuslerp_flatten=nuslerp_flatten, task_vectors=task_vectors)
-    return apply(stats(in_memory_source(base, others), **params), 0, base, others, **params)
+    return apply(stats(in_memory_source(base, others), **params), 0, base, others, **params,
+                 out=out)
 
 
 # the whole tensor's or the columns' sums from the chunks, then the chunks (rows: row-local)
