@@ -45,15 +45,17 @@ def vectors(base: Tensor, others: list[Tensor], task_vectors: bool) -> list[Tens
     return [o.float() - b for o in others]
 
 
-def blocks(base: Tensor, others: list[Tensor],
-           task_vectors: bool) -> Iterator[tuple[slice, Tensor, list[Tensor]]]:
-    """(flat slice, float32 base, float32 vectors) of each BLOCK-entry block of (a chunk of) the
-    tensors, in flat order; the inputs may be stored bf16/fp16."""
-    b, flat = base.reshape(-1), [o.reshape(-1) for o in others]
-    for start in range(0, b.numel(), BLOCK):
-        piece = slice(start, start + BLOCK)
-        block = b[piece].float()
-        yield piece, block, vectors(block, [o[piece] for o in flat], task_vectors)
+def blocks(base: Tensor, others: list[Tensor], task_vectors: bool,
+           width: int = 1) -> Iterator[tuple[slice, Tensor, list[Tensor]]]:
+    """(row slice, float32 base, float32 vectors) of (a chunk of) the tensors viewed as
+    (rows, width) matrices, about BLOCK entries of whole rows at a time (width 1: flat blocks
+    of BLOCK entries), in order; the inputs may be stored bf16/fp16."""
+    b, matrices = base.reshape(-1, width), [o.reshape(-1, width) for o in others]
+    step = max(1, BLOCK // width)
+    for start in range(0, b.shape[0], step):
+        rows = slice(start, start + step)
+        block = b[rows].float()
+        yield rows, block, vectors(block, [m[rows] for m in matrices], task_vectors)
 
 
 def add_gram(total: Tensor, base: Tensor, others: list[Tensor], task_vectors: bool) -> None:
@@ -65,7 +67,7 @@ def add_gram(total: Tensor, base: Tensor, others: list[Tensor], task_vectors: bo
     for _, _, xs in blocks(base, others, task_vectors):
         part = rows[:, : xs[0].numel()]
         for row, x in zip(part, xs):
-            row.copy_(x)
+            row.copy_(x.view(-1))
         total += part @ part.T
 
 
@@ -84,12 +86,12 @@ def combine(combination: Combination, base: Tensor, others: list[Tensor],
             out: Tensor | None = None) -> Tensor:
     """Σ ki·vi (+ θ0 on task vectors) of (a chunk of) the tensors, in float32 block by block,
     into `out` (a float32 buffer shaped like base, or None); the one model as it is for None."""
-    result = output_buffer(base, out)
+    result = output_buffer(base, out).view(-1, 1)
     if combination is None:
-        return result.copy_(others[0].reshape(-1)).view(base.shape)
+        return result.copy_(others[0].reshape(-1, 1)).view(base.shape)
     coefficients, task_vectors = combination
-    for piece, b, xs in blocks(base, others, task_vectors):
-        acc = result[piece].zero_()
+    for rows, b, xs in blocks(base, others, task_vectors):
+        acc = result[rows].zero_()
         for k, x in zip(coefficients, xs):
             acc.add_(x, alpha=k)
         if task_vectors:

@@ -29,12 +29,11 @@ same bits.
 from __future__ import annotations
 
 import math
-from typing import Iterator
 
 import torch
 from torch import Tensor
 
-from merging_methods.gram import BLOCK, Combination, combine, gram, in_memory_source, vectors
+from merging_methods.gram import Combination, blocks, combine, gram, in_memory_source
 from merging_methods.gta_blocked import output_buffer
 from merging_methods.streamed import RowSource, TwoPass
 
@@ -75,20 +74,8 @@ def coefficients(xy: Tensor, xx: Tensor, yy: Tensor, t: float) -> tuple[Tensor, 
 def pair_sums(x: Tensor, y: Tensor, dim: int) -> Tensor:
     """(3, ...) x·y, ‖x‖², ‖y‖² of float32 matrices along `dim`: float32 products summed in
     float64."""
-    return torch.stack([(p * q).sum(dim, dtype=torch.float64) for p, q in ((x, y), (x, x), (y, y))])
-
-
-def pieces(base: Tensor, others: list[Tensor], cols: int,
-           task_vectors: bool) -> Iterator[tuple[slice, Tensor, Tensor, Tensor]]:
-    """(row slice, float32 base, x, y) of (a chunk of) the tensors viewed as (rows, cols)
-    matrices, about BLOCK entries of whole rows at a time, in order; inputs may be stored
-    bf16/fp16."""
-    b, (p, q) = base.reshape(-1, cols), (o.reshape(-1, cols) for o in others)
-    step = max(1, BLOCK // max(cols, 1))
-    for start in range(0, b.shape[0], step):
-        rows = slice(start, start + step)
-        block = b[rows].float()
-        yield (rows, block, *vectors(block, [p[rows], q[rows]], task_vectors))
+    return torch.stack([(p * q).sum(dim, dtype=torch.float64)
+                        for p, q in ((x, y), (x, x), (y, y))])
 
 
 def stats(source: RowSource, *, weights: list[float], nuslerp_row_wise: bool = False,
@@ -107,7 +94,7 @@ def stats(source: RowSource, *, weights: list[float], nuslerp_row_wise: bool = F
     cols = math.prod(source.shape[1:])
     sums = torch.zeros(3, cols, dtype=torch.float64, device=source.device)
     for rows in source.chunks:
-        for _, _, x, y in pieces(*source.read_all(rows), cols, task_vectors):
+        for _, _, (x, y) in blocks(*source.read_all(rows), task_vectors, cols):
             sums += pair_sums(x, y, 0)
     a, b = coefficients(*sums, t)
     return a.float(), b.float()
@@ -125,7 +112,7 @@ def apply(facts: Combination | Pairs | None, offset: int, base: Tensor,  # noqa:
     cols = base.shape[-1] if mode == "rows" else math.prod(base.shape[1:])
     result = output_buffer(base, out).view(-1, cols)
     t = interpolation_factor(weights)
-    for rows, b, x, y in pieces(base, others, cols, task_vectors):
+    for rows, b, (x, y) in blocks(base, others, task_vectors, cols):
         if mode == "rows":
             a, c = (f.float()[:, None] for f in coefficients(*pair_sums(x, y, -1), t))
         else:
