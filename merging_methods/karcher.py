@@ -18,39 +18,29 @@ midpoint of their directions).
 μ, T and every ui − ci·μ stay in the span of the ui, so the iteration runs on their |V|
 coefficients: every dot product and norm above is a quadratic form in the Gram matrix
 Gij = xi·xj. Decisions: the Gram matrix is summed in float64 (float32 products are exact
-there) in fixed blocks, so its bits do not depend on memory alignment, threads or streaming;
-the iteration runs in float64 on the host; θi = atan2(sin θi, ci) with sin θi = ‖ui − ci·μ‖
-from the Gram form (float32 arccos cannot tell angles below ~2e-4 from 0, so the tol skip
-would drop the nearly parallel inputs of fine-tunes of one base at random); the result is one
-float32 pass Σ_V (scale·ai/ni)·xi. Cost: N(N+1)/2 dot products and N axpys over the tensor
-instead of about 4N passes per iteration; memory: the output and N float64 blocks of
-GRAM_BLOCK entries besides the inputs. The results are not bit for bit those of a float32
-iteration: they are closer to the float64 paper box (measured on a 32000x2048 tensor: a
-float32 torch norm over all 65M entries is 0.6% short, and the earlier float32 form's output
-was 8e-4 off in relative terms; this one agrees with float64 to ~1e-7).
+there) in fixed blocks of the tensor's row chunks (gram.py), so its bits do not depend on memory
+alignment, threads or streaming; the iteration runs in float64 on the host; θi = atan2(sin θi,
+ci) with sin θi = ‖ui − ci·μ‖ from the Gram form (float32 arccos cannot tell angles below ~2e-4
+from 0, so the tol skip would drop the nearly parallel inputs of fine-tunes of one base at
+random); the result is one float32 pass Σ_V (scale·ai/ni)·xi. Cost: N(N+1)/2 dot products and N
+axpys over the tensor instead of about 4N passes per iteration. The results are not bit for bit
+those of a float32 iteration: they are closer to the float64 paper box (measured on a 32000x2048
+tensor: a float32 torch norm over all 65M entries is 0.6% short, and the earlier float32 form's
+output was 8e-4 off in relative terms; this one agrees with float64 to ~1e-7).
+
+Memory: it streams. A matrix too large to hold whole gets its Gram matrix in one pass over its
+row chunks, then the combination chunk by chunk (KARCHER_TWO_PASS); peak: a few chunks.
 """
 from __future__ import annotations
 
 import math
 
 import numpy as np
-import torch
 from torch import Tensor
 
-GRAM_BLOCK = 1 << 16  # entries per model per float64 block of the Gram sums
-
-
-def gram(xs: list[Tensor]) -> np.ndarray:
-    """(N, N) float64 Gram matrix xi·xj of flat float32 tensors, summed in float64 blocks."""
-    n = xs[0].numel()
-    total = torch.zeros(len(xs), len(xs), dtype=torch.float64, device=xs[0].device)
-    rows = torch.empty(len(xs), min(n, GRAM_BLOCK), dtype=torch.float64, device=xs[0].device)
-    for start in range(0, n, GRAM_BLOCK):
-        block = rows[:, : min(GRAM_BLOCK, n - start)]
-        for row, x in zip(block, xs):
-            row.copy_(x[start:start + GRAM_BLOCK])
-        total += block @ block.T
-    return total.cpu().numpy()
+from merging_methods.gram import (Combination, apply_combination, combine, gram,
+                                  in_memory_source)
+from merging_methods.streamed import RowSource, TwoPass
 
 
 def norm_of(coef: np.ndarray, units: np.ndarray) -> float:
@@ -87,22 +77,33 @@ def karcher_coefficients(units: np.ndarray, max_iter: int, tol: float) -> np.nda
     return mu
 
 
-def karcher(base: Tensor, others: list[Tensor], *, max_iter: int = 10,
-            tol: float = 1e-5) -> Tensor:
-    """The Karcher mean of `others` on the unit sphere times their mean norm; `base` is not
-    used (§19.6). Paper box: reference.karcher."""
-    if len(others) == 1:
-        return others[0].clone()
-    xs = [o.reshape(-1) for o in others]
-    products = gram(xs)
+def coefficients(source: RowSource, *, max_iter: int = 10, tol: float = 1e-5,
+                 **_) -> Combination:
+    """The Karcher mean as Σ ki·xi over the source's inputs (its base is not used), from their
+    Gram matrix; None for one input (returned as it is)."""
+    if source.n_models == 1:
+        return None
+    products = gram(source, task_vectors=False)
     norms = np.sqrt(np.maximum(np.diag(products), 0.0))
     valid = [i for i, n in enumerate(norms) if n > tol]
-    out = torch.zeros_like(xs[0])
-    if not valid:
-        return out.view_as(base)
-    scaled = products[np.ix_(valid, valid)] / np.outer(norms[valid], norms[valid])
-    mu = karcher_coefficients(scaled, max_iter, tol)
-    scale = float(norms.sum()) / len(norms)
-    for coef, i in zip(mu, valid):
-        out.add_(xs[i], alpha=scale * float(coef) / float(norms[i]))
-    return out.view_as(base)
+    ks = [0.0] * len(norms)
+    if valid:
+        scaled = products[np.ix_(valid, valid)] / np.outer(norms[valid], norms[valid])
+        mu = karcher_coefficients(scaled, max_iter, tol)
+        scale = float(norms.sum()) / len(norms)
+        for coef, i in zip(mu, valid):
+            ks[i] = scale * float(coef) / float(norms[i])
+    return ks, False
+
+
+def karcher(base: Tensor, others: list[Tensor], *, max_iter: int = 10, tol: float = 1e-5,
+            out: Tensor | None = None) -> Tensor:
+    """The Karcher mean of `others` on the unit sphere times their mean norm; `base` is not
+    used (§19.6). Inputs may be stored bf16/fp16 (read in float32 blocks); `out` is an optional
+    float32 result buffer. Paper box: reference.karcher."""
+    combination = coefficients(in_memory_source(base, others), max_iter=max_iter, tol=tol)
+    return combine(combination, base, others, out)
+
+
+# the Gram matrix from the chunks, then the combination chunk by chunk
+KARCHER_TWO_PASS = TwoPass(coefficients, apply_combination)

@@ -50,10 +50,10 @@ from merging_methods.breadcrumbs import band_plan, breadcrumbs, breadcrumbs_ties
 from merging_methods.della import check_window, della, della_linear, magprune_plan
 from merging_methods.fr_merging import fr_merging
 from merging_methods.free_merging import free_merging
-from merging_methods.karcher import karcher
+from merging_methods.karcher import KARCHER_TWO_PASS, karcher
 from merging_methods.model_stock import MODEL_STOCK_TWO_PASS, model_stock
-from merging_methods.multislerp import multislerp
-from merging_methods.nuslerp import nuslerp
+from merging_methods.multislerp import MULTISLERP_TWO_PASS, multislerp
+from merging_methods.nuslerp import NUSLERP_TWO_PASS, nuslerp
 from merging_methods.nearswap import nearswap
 from merging_methods.passthrough import passthrough
 from merging_methods.params import (
@@ -238,13 +238,16 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
            others=(1, 1), two_pass=SLERP_TWO_PASS),
     method("nuslerp", nuslerp, "spherical interpolation between two models (or their task "
            "vectors) by weight, per tensor, row or column", WEIGHTS, NUSLERP_ROW_WISE,
-           NUSLERP_FLATTEN, TASK_VECTORS, others=(2, 2)),
+           NUSLERP_FLATTEN, TASK_VECTORS, others=(2, 2), two_pass=NUSLERP_TWO_PASS,
+           fast=FastPath(nuslerp, stored_dtype_inputs=True)),
     method("multislerp", multislerp, "weighted spherical mean of the models (or their task "
            "vectors), scaled by their weighted mean norm", WEIGHTS, NORMALIZE_WEIGHTS, EPS,
            TASK_VECTORS, context=frozenset({"tensor_name"}),
-           check=_weights_sum_to_nonzero(NORMALIZE_WEIGHTS)),
+           check=_weights_sum_to_nonzero(NORMALIZE_WEIGHTS), two_pass=MULTISLERP_TWO_PASS,
+           fast=FastPath(multislerp, stored_dtype_inputs=True)),
     method("karcher", karcher, "Riemannian (Karcher) mean of the models' directions times their "
-           "mean norm (the base is not averaged in)", MAX_ITER, TOL),
+           "mean norm (the base is not averaged in)", MAX_ITER, TOL, two_pass=KARCHER_TWO_PASS,
+           fast=FastPath(karcher, stored_dtype_inputs=True)),
     method("model_stock", model_stock, "base-to-average interpolation set by the task vectors' "
            "angles", FILTER_WISE, others=(2, None), two_pass=MODEL_STOCK_TWO_PASS,
            fast=FastPath(model_stock, stored_dtype_inputs=True)),

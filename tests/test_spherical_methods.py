@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from checkpoints import rows
 from checkpoints.errors import UserError
 from merging_methods import reference
 from merging_methods.karcher import karcher
@@ -207,6 +208,21 @@ def test_results_do_not_depend_on_memory_alignment(method, params):
              for i in range(len(params.get("weights", [0] * 3)))]
     copies = [v.clone() for v in views]
     assert torch.equal(method(base, views, **params), method(base, copies, **params))
+
+
+@pytest.mark.parametrize("method, params", [
+    (nuslerp, {"weights": [0.3, 0.9]}),
+    (nuslerp, {"weights": [0.3, 0.9], "nuslerp_flatten": False, "nuslerp_row_wise": True}),
+    (multislerp, {"weights": [0.5, 1.0, 0.7]}), (karcher, {"max_iter": 5})],
+    ids=["nuslerp", "nuslerp-columns", "multislerp", "karcher"])
+def test_sums_over_row_chunks_match_reference(monkeypatch, method, params):
+    """Chunks of 3 rows (the last one shorter): the whole-tensor sums gathered chunk by chunk,
+    as the two-pass form streams them, still give the float64 paper box."""
+    monkeypatch.setattr(rows, "CHUNK_ELEMENTS", 3 * 10)
+    base, others = family(shape=(13, 10), n=len(params.get("weights", [0] * 3)), seed=15)
+    others = [o * (1 + i) for i, o in enumerate(others)]   # different norms
+    close(method(base, others, **params), getattr(reference, method.__name__)(base, others,
+                                                                              **params))
 
 
 @pytest.mark.gpu

@@ -32,7 +32,15 @@ SETTINGS = [("ties", GTA), ("ties", {**GTA, "rescale": True}),
             ("della", {**GTA, "epsilon": [0.1, 0.2, 0.05]}),
             ("della_linear", {**GTA, "epsilon": [0.1, 0.2, 0.05], "rescale_mode": "inverse_prob"}),
             ("della_linear", {**GTA, "density": [0.3, 1.0, 0.5], "epsilon": [0.1, 0.2, 0.05]}),
-            ("slerp", {"t": 0.3}), ("model_stock", {}), ("model_stock", {"filter_wise": True})]
+            ("slerp", {"t": 0.3}), ("model_stock", {}), ("model_stock", {"filter_wise": True}),
+            ("nuslerp", {"weights": [0.3, 0.9]}),
+            ("nuslerp", {"weights": [0.3, 0.9], "nuslerp_flatten": False}),
+            ("nuslerp", {"weights": [0.3, 0.9], "nuslerp_flatten": False,
+                         "nuslerp_row_wise": True, "task_vectors": False}),
+            ("multislerp", {"weights": [0.5, 1.0, 0.7]}),
+            ("multislerp", {"weights": [0.5, 1.0, 0.7], "normalize_weights": False,
+                            "task_vectors": False}),
+            ("karcher", {}), ("karcher", {"max_iter": 3, "tol": 1e-3})]
 
 
 def tied_inputs(dtype: torch.dtype, n_models: int = 3) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -153,7 +161,10 @@ def recorded_reads(monkeypatch) -> list[int]:
     ("ties", ["--density", "0.3"]),
     ("dare_ties", ["--density", "0.5", "--rescale_mode", "l1"]),
     ("della", ["--density", "0.5", "--epsilon", "0.1"]),
-    ("slerp", ["--t", "0.3"]), ("model_stock", ["--filter_wise"]), ("widen", [])])
+    ("slerp", ["--t", "0.3"]), ("model_stock", ["--filter_wise"]), ("widen", []),
+    ("nuslerp", ["--weights", "0.3,0.9"]),
+    ("nuslerp", ["--weights", "0.3,0.9", "--no-nuslerp_flatten", "--nuslerp_row_wise"]),
+    ("multislerp", ["--weights", "0.5,1.0,0.7"]), ("karcher", [])])
 def test_runner_holds_no_more_than_a_chunk(family, monkeypatch, tmp_path, method,  # noqa: F811
                                            extra):
     """Every tensor above a 64-element budget goes in two passes: no read and no result buffer
