@@ -142,8 +142,9 @@ class TensorMerge:
     so the chunks' masks are those of the whole tensor."""
 
     def __init__(self, spec: MethodSpec, params: dict, seed: int, item: TensorPlan,
-                 inputs: OpenedInputs, device: torch.device):
+                 inputs: OpenedInputs, device: torch.device, scratch: Path | None = None):
         self.spec, self.params, self.item, self.inputs = spec, params, item, inputs
+        self.scratch = scratch   # the folder for a two-pass form's scratch files (staging)
         fill = "mean" if inputs.union else "base"
 
         def aligned(reader: CheckpointReader, source: str) -> AlignedRows:
@@ -218,7 +219,7 @@ class TensorMerge:
             source = RowSource(shape, tuple(row_ranges(shape, True)),
                                partial(self._read_model, device=device),
                                partial(self._read_models, device=device), device,
-                               len(self.models))
+                               len(self.models), self.scratch)
             self._facts = self.two_pass.stats(source, **self.params, **self.context)
         merged = self.two_pass.apply(self._facts, rows[0] * math.prod(shape[1:]), base, others,
                                      **self.params, **self.context, out=out)
@@ -255,7 +256,7 @@ class WorkUnit:
 
 
 def _work_units(spec: MethodSpec, recipe: MergeRecipe, inputs: OpenedInputs,
-                device: torch.device) -> list[WorkUnit]:
+                device: torch.device, scratch: Path | None = None) -> list[WorkUnit]:
     units = []
     arguments = tensor_arguments(recipe, {r.label: num_layers(r.config) or 0
                                           for r in inputs.sources})
@@ -263,7 +264,7 @@ def _work_units(spec: MethodSpec, recipe: MergeRecipe, inputs: OpenedInputs,
         if not item.merge:
             units.append(WorkUnit(item.name, None, item.out.shape, None, item.out.nbytes))
             continue
-        job = TensorMerge(spec, arguments(item.name), recipe.seed, item, inputs, device)
+        job = TensorMerge(spec, arguments(item.name), recipe.seed, item, inputs, device, scratch)
         readers = [(inputs.base, item.name), *zip(inputs.models, item.sources)]
         itemsizes = sum(reader.info[name].dtype.itemsize for reader, name in readers)
         units += [WorkUnit(item.name, rows, shape, job, math.prod(shape) * itemsizes)
@@ -324,7 +325,7 @@ def run_merge(recipe: MergeRecipe, *, make_post: HookFactory | None = None) -> P
         total = sum(t.out.nbytes for t in inputs.plan.tensors)
         with torch.inference_mode(), IOThread() as io, tqdm(
                 total=total, unit="B", unit_scale=True, desc=f"merge {recipe.method}") as bar:
-            units = _work_units(spec, recipe, inputs, device)
+            units = _work_units(spec, recipe, inputs, device, tmp)
             loads = ((partial(_read_unit, inputs.base, unit), unit.nbytes) for unit in units)
             for unit, raw in zip(units, io.prefetch(loads)):
                 out = raw if unit.job is None else _merge_unit(unit, raw, device, results, post)

@@ -9,12 +9,12 @@ yields the very float32 blocks `primitives.Deltas` yields over the whole tensor,
 tie positions and L1 sums get the same bits as the one-pass path; sums the dense functions take
 over row chunks use the same chunks (rows.row_ranges). Peak memory is a few chunks whatever the
 tensor's size. Each pass reads the chunks again (from the page cache when memory allows).
-Methods without a two-pass form: fr_merging and free_merging (a 2-D FFT of the whole delta).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -33,7 +33,8 @@ SAMPLE_BANDS, SAMPLE_BAND_ROWS = 32, 8
 class RowSource:
     """One tensor as the runner streams it: its shape, its row chunks in order,
     `read(rows, i)` -> (base rows, model i's rows) and `read_all(rows)` -> (base rows, every
-    model's rows; the base read once), stored dtype, on the merge device."""
+    model's rows; the base read once), stored dtype, on the merge device; `scratch`: the folder
+    for scratch files (the merge's staging folder; None: the system's temporary folder)."""
 
     shape: tuple[int, ...]
     chunks: tuple[RowRange, ...]
@@ -41,6 +42,7 @@ class RowSource:
     read_all: Callable[[RowRange], tuple[Tensor, list[Tensor]]]
     device: torch.device
     n_models: int
+    scratch: Path | None = None
 
     @property
     def n(self) -> int:

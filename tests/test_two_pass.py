@@ -3,6 +3,9 @@ row chunks, then the merge chunk by chunk; the same bits as the whole-tensor pat
 bounded by the chunk size."""
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -30,7 +33,11 @@ SETTINGS = [("ties", GTA), ("ties", {**GTA, "rescale": True}),
             ("della", {**GTA, "epsilon": [0.1, 0.2, 0.05]}),
             ("della_linear", {**GTA, "epsilon": [0.1, 0.2, 0.05], "rescale_mode": "inverse_prob"}),
             ("della_linear", {**GTA, "density": [0.3, 1.0, 0.5], "epsilon": [0.1, 0.2, 0.05]}),
-            ("slerp", {"t": 0.3}), ("model_stock", {}), ("model_stock", {"filter_wise": True})]
+            ("slerp", {"t": 0.3}), ("model_stock", {}), ("model_stock", {"filter_wise": True}),
+            ("fr_merging", {"weights": GTA["weights"], "fr_ratio": 0.5}),
+            ("fr_merging", {"weights": GTA["weights"], "fr_faithful": True, "normalize": True}),
+            ("free_merging", {"weights": GTA["weights"], "task_model": 1, "expert_density": 0.3,
+                              "fr_ratio": 0.5})]
 
 
 def tied_inputs(dtype: torch.dtype, n_models: int = 3) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -74,7 +81,10 @@ def assert_two_pass_is_whole(monkeypatch, method: str, settings: dict, dtype: to
     spec = METHODS[method]
     base, others = tied_inputs(dtype, spec.others[1] or 3)
     base, others = base.to(device), [o.to(device) for o in others]
-    params = spec.resolve(settings, len(others))
+    # a parameter naming a model arrives as its index (the runner maps the name): kept as is
+    named = {k: v for k, v in settings.items() if spec.params[k].names_model}
+    params = {**spec.resolve({**settings, **{k: str(v) for k, v in named.items()}}, len(others)),
+              **named}
     for step in (1, 5):
         monkeypatch.setattr(rows, "CHUNK_ELEMENTS", step * SHAPE[1])
         want = spec.fn(base.float(), [o.float() for o in others], **params,
@@ -151,7 +161,8 @@ def recorded_reads(monkeypatch) -> list[int]:
     ("ties", ["--density", "0.3"]),
     ("dare_ties", ["--density", "0.5", "--rescale_mode", "l1"]),
     ("della", ["--density", "0.5", "--epsilon", "0.1"]),
-    ("slerp", ["--t", "0.3"]), ("model_stock", ["--filter_wise"]), ("widen", [])])
+    ("slerp", ["--t", "0.3"]), ("model_stock", ["--filter_wise"]), ("widen", []),
+    ("fr_merging", ["--fr_ratio", "0.5"])])
 def test_runner_holds_no_more_than_a_chunk(family, monkeypatch, tmp_path, method,  # noqa: F811
                                            extra):
     """Every tensor above a 64-element budget goes in two passes: no read and no result buffer
@@ -167,6 +178,30 @@ def test_runner_holds_no_more_than_a_chunk(family, monkeypatch, tmp_path, method
     monkeypatch.setattr(primitives, "CPU_BLOCK", 64)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert_chunked_is_whole(monkeypatch, tmp_path, args, "TWO_PASS_ELEMENTS")
+
+
+def test_free_merging_streams_its_scratch_in_the_staging_folder(family, monkeypatch,  # noqa: F811
+                                                               tmp_path):
+    """free_merging (fr_merging's filtered spectra in scratch files, the expert's top-k) within
+    the 64-element budget, bit for bit; every scratch file is made in the merge's staging
+    folder, and nothing is left beside the outputs."""
+    base, fts = family
+    args = ["--method", "free_merging", "--base_model", str(base), "--models_to_merge",
+            ",".join(map(str, fts)), "--free_task_model", str(fts[1]),
+            "--free_expert_density", "0.1"]
+    monkeypatch.setattr(rows, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(primitives, "CPU_BLOCK", 64)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    folders, make = [], tempfile.TemporaryFile
+
+    def scratch_file(dir=None):  # noqa: A002 - tempfile's keyword
+        folders.append(Path(dir))
+        return make(dir=dir)
+    monkeypatch.setattr(tempfile, "TemporaryFile", scratch_file)
+    assert_chunked_is_whole(monkeypatch, tmp_path, args, "TWO_PASS_ELEMENTS")
+    assert folders and {f.parent for f in folders} == {tmp_path}
+    assert all(f.name.startswith(".chunked.partial-") for f in folders)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chunked", "whole"]
 
 
 def assert_chunked_is_whole(monkeypatch, tmp_path, args: list[str], budget: str) -> None:

@@ -1,0 +1,149 @@
+"""The FR filter (ALGORITHMS.md §10.2) as a separable real 2-D FFT over row chunks and column
+strips, held in memory or in a scratch file, so a matrix of any size is filtered in memory
+bounded by the chunk size (issue 14 §2).
+
+For a real δ [H, W] the filtered Re(IFFT2(FFT2(δ) ⊙ K)) equals IFFT2(FFT2(δ) ⊙ K_sym) with
+K_sym(u, v) = (K(u, v) + K(−u mod H, −v mod W)) / 2, whose spectrum is Hermitian, so only its
+W//2 + 1 first columns are needed (the real FFT; exact in math, and K_sym = K when H and W are
+even). The 2-D DFT is a 1-D DFT along the rows, then along the columns:
+
+    1. per row chunk: X = rfft(δ rows, along the row)                 [rows, W//2 + 1]
+    2. per column strip of X: Y = ifft(fft(X strip, along H) ⊙ K_sym, along H)
+    3. per row chunk: δ' rows = irfft(Y rows, n=W, along the row)
+
+The whole-tensor path and the two-pass form run these very steps on the very chunks and strips
+(rows.row_ranges, column_strips), so both give the same bits whatever the FFT library does with
+batch sizes. The spectrum is stored strip after strip (each strip's rows contiguous): a strip
+is one read, a row chunk one read per strip. The file is unnamed (tempfile.TemporaryFile) in
+the merge's staging folder: nothing is left behind if the run is killed, and it is read and
+written with pread/pwrite, not mapped (mapped pages would count as the process's memory).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from checkpoints import rows as row_chunks
+from checkpoints.errors import writing
+from checkpoints.rows import RowRange, row_ranges
+
+Strip = tuple[int, int]   # columns [start, stop) of the half spectrum
+COMPLEX_BYTES = 8          # complex64
+
+
+def column_strips(height: int, columns: int) -> list[Strip]:
+    """Strips of whole columns of at most CHUNK_ELEMENTS entries (at least one column)."""
+    step = max(1, row_chunks.CHUNK_ELEMENTS // max(height, 1))
+    return [(c, min(c + step, columns)) for c in range(0, columns, step)]
+
+
+def chunk_delta(base: Tensor, other: Tensor) -> Tensor:
+    """A fresh float32 δ = other − base: one subtraction of exact upcasts, the bits of
+    primitives.Deltas."""
+    return torch.sub(other.float(), base.float())
+
+
+class MemoryStore:
+    """Complex64 entries held in one flat tensor (the whole-tensor path)."""
+
+    def __init__(self, count: int, device: torch.device):
+        self._flat = torch.empty(count, dtype=torch.complex64, device=device)
+
+    def read(self, offset: int, count: int) -> Tensor:
+        # a fresh tensor, as the file gives: the FFT then sees the same memory layout
+        return self._flat[offset:offset + count].clone()
+
+    def write(self, offset: int, values: Tensor) -> None:
+        self._flat[offset:offset + values.numel()].copy_(values.reshape(-1))
+
+    def close(self) -> None:
+        self._flat = None
+
+
+class FileStore:
+    """Complex64 entries in an unnamed scratch file in `folder` (None: the system's temporary
+    folder), read and written with pread/pwrite; tensors come back on `device`."""
+
+    def __init__(self, folder: Path | None, device: torch.device):
+        self.folder, self.device = folder, device
+        with writing(folder or tempfile.gettempdir()):
+            self._file = tempfile.TemporaryFile(dir=folder)
+
+    def read(self, offset: int, count: int) -> Tensor:
+        values = torch.empty(count, dtype=torch.complex64)
+        view = memoryview(values.view(torch.uint8).numpy())
+        done, start = 0, offset * COMPLEX_BYTES
+        while done < len(view):
+            got = os.preadv(self._file.fileno(), [view[done:]], start + done)
+            if got == 0:
+                raise OSError(f"scratch file in {self.folder} ended early")
+            done += got
+        return values.to(self.device)
+
+    def write(self, offset: int, values: Tensor) -> None:
+        data = memoryview(values.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+        done, start = 0, offset * COMPLEX_BYTES
+        with writing(self.folder or tempfile.gettempdir()):
+            while done < len(data):
+                done += os.pwrite(self._file.fileno(), data[done:], start + done)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+Store = MemoryStore | FileStore
+KeepStrip = Callable[[Strip], Tensor]   # columns -> K_sym on them, float32 [H, columns]
+
+
+class HalfSpectrum:
+    """The half spectrum [H, W//2 + 1] of a real matrix [H, W], strip after strip in `store`."""
+
+    def __init__(self, shape: tuple[int, int], store: Store):
+        self.height, self.width = shape
+        self.strips = column_strips(self.height, self.width // 2 + 1)
+        self.store = store
+
+    def _span(self, strip: Strip, rows: RowRange) -> tuple[int, int]:
+        """(offset, count) of rows `rows` of strip `strip` in the store."""
+        (c0, c1), (r0, r1) = strip, rows
+        return self.height * c0 + r0 * (c1 - c0), (r1 - r0) * (c1 - c0)
+
+    def put_rows(self, rows: RowRange, delta: Tensor) -> None:
+        """Step 1 for the rows `rows` of δ (float32)."""
+        spectrum = torch.fft.rfft(delta, dim=-1)
+        for strip in self.strips:
+            self.store.write(self._span(strip, rows)[0], spectrum[:, strip[0]:strip[1]])
+
+    def filter_(self, keep: KeepStrip) -> None:
+        """Step 2, strip by strip, in place."""
+        for strip in self.strips:
+            offset, count = self._span(strip, (0, self.height))
+            spectrum = self.store.read(offset, count).view(self.height, strip[1] - strip[0])
+            spectrum = torch.fft.fft(spectrum, dim=0).mul_(keep(strip))
+            self.store.write(offset, torch.fft.ifft(spectrum, dim=0))
+
+    def rows(self, rows: RowRange) -> Tensor:
+        """Step 3: the rows `rows` of the filtered δ' (float32)."""
+        height = rows[1] - rows[0]
+        spectrum = torch.cat([self.store.read(*self._span(strip, rows)).view(height, -1)
+                              for strip in self.strips], dim=1)
+        return torch.fft.irfft(spectrum, n=self.width, dim=-1)
+
+    def close(self) -> None:
+        """Free the store (the scratch file is removed)."""
+        self.store.close()
+
+
+def filtered_spectrum(shape: tuple[int, int], delta_rows: Callable[[RowRange], Tensor],
+                      store: Store, keep: KeepStrip) -> HalfSpectrum:
+    """Steps 1 and 2 for the δ whose rows `delta_rows(rows)` gives, chunk by chunk."""
+    spectrum = HalfSpectrum(shape, store)
+    for rows in row_ranges(shape, True):
+        spectrum.put_rows(rows, delta_rows(rows))
+    spectrum.filter_(keep)
+    return spectrum
