@@ -35,12 +35,12 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from checkpoints.rows import row_ranges
 from merging_methods.gta_blocked import Plan, Sparsifier, blocked_gta
 from merging_methods.half_spectrum import (
-    FileStore, HalfSpectrum, MemoryStore, Strip, chunk_delta, filtered_spectrum,
+    FileStore, FilteredRows, HalfSpectrum, MemoryStore, Strip, chunk_delta, chunk_groups,
+    filtered_spectrum, row_groups,
 )
-from merging_methods.primitives import Deltas, PresetDelta, dense_delta
+from merging_methods.primitives import Deltas
 from merging_methods.streamed import RowSource, TwoPass
 
 FR_RATIO = 0.9  # the reference's hard-coded ratio for LLMs (0.7 in its ViT config)
@@ -93,14 +93,20 @@ def _spectrum(shape: tuple[int, int], delta_rows, store, ratio: float, faithful:
     return filtered_spectrum(shape, delta_rows, store, keep)
 
 
+def fr_spectrum(base: Tensor, other: Tensor, ratio: float = FR_RATIO,
+                faithful: bool = False) -> HalfSpectrum:
+    """The filtered half spectrum, in memory, of the 2-D δ = other − base, by the real
+    separable FFT over the row chunks and column strips the two-pass form uses (same bits)."""
+    shape = tuple(base.shape)
+    store = MemoryStore(shape[0] * (shape[1] // 2 + 1), base.device)
+    return _spectrum(shape, lambda rows: chunk_delta(base[rows[0]:rows[1]], other[rows[0]:rows[1]]),
+                     store, ratio, faithful, base.device)
+
+
 def fr_filter(delta: Tensor, ratio: float = FR_RATIO, faithful: bool = False) -> Tensor:
-    """δ' = Re(IFFT2(FFT2(δ) ⊙ K)) for a 2-D float32 δ (§10.2), by the real separable FFT over
-    the row chunks and column strips the two-pass form uses (same bits)."""
-    shape = tuple(delta.shape)
-    store = MemoryStore(shape[0] * (shape[1] // 2 + 1), delta.device)
-    spectrum = _spectrum(shape, lambda rows: delta[rows[0]:rows[1]].clone(), store, ratio,
-                         faithful, delta.device)
-    return torch.cat([spectrum.rows(rows) for rows in row_ranges(shape, True)])
+    """δ' = Re(IFFT2(FFT2(δ) ⊙ K)) for a 2-D float32 δ (§10.2)."""
+    spectrum = fr_spectrum(torch.zeros_like(delta), delta, ratio, faithful)
+    return torch.cat([spectrum.rows(group) for group in chunk_groups(tuple(delta.shape))])
 
 
 def _filter_plan(shape: torch.Size, ratio: float, faithful: bool) -> Plan:
@@ -108,16 +114,18 @@ def _filter_plan(shape: torch.Size, ratio: float, faithful: bool) -> Plan:
     def plan(i: int, deltas: Deltas) -> tuple[Sparsifier, float]:  # noqa: ARG001
         if len(shape) != 2:
             return None, 1.0
-        return PresetDelta(fr_filter(dense_delta(deltas).view(shape), ratio, faithful)), 1.0
+        spectrum = fr_spectrum(deltas.base.view(shape), deltas.other.view(shape), ratio, faithful)
+        return FilteredRows(spectrum, chunk_groups(tuple(shape))), 1.0
     return plan
 
 
 def fr_merging(base: Tensor, others: list[Tensor], *, weights: Sequence[float],
                scaling: float = 1.0, normalize: bool = False, fr_ratio: float = FR_RATIO,
-               fr_faithful: bool = False) -> Tensor:
-    """FR-Merging (§10.3): filter each 2-D δi, then θ0 + λ·Σ agreeing wi·δi'."""
+               fr_faithful: bool = False, out: Tensor | None = None) -> Tensor:
+    """FR-Merging (§10.3): filter each 2-D δi, then θ0 + λ·Σ agreeing wi·δi'. Inputs may be
+    stored bf16/fp16; `out`: an optional float32 result buffer (registry.FastPath)."""
     return blocked_gta(base, others, weights, _filter_plan(base.shape, fr_ratio, fr_faithful),
-                consensus=True, normalize=normalize, scaling=scaling, out=None)
+                consensus=True, normalize=normalize, scaling=scaling, out=out)
 
 
 Spectra = dict[int, HalfSpectrum]   # active model -> its filtered half spectrum (2-D only)
@@ -146,7 +154,9 @@ def _apply(spectra: Spectra, offset: int, base: Tensor, others: list[Tensor], *,
     rows = (first, first + base.shape[0])
 
     def plan(i: int, _deltas: Deltas) -> tuple[Sparsifier, float]:
-        return (PresetDelta(spectra[i].rows(rows)) if spectra else None), 1.0
+        if not spectra:
+            return None, 1.0
+        return FilteredRows(spectra[i], row_groups(rows, spectra[i].width)), 1.0
     merged = blocked_gta(base, others, weights, plan, consensus=True, normalize=normalize,
                          scaling=scaling, out=out)
     for spectrum in spectra.values():

@@ -73,11 +73,12 @@ def check_task_model(task_model: int, n_models: int) -> None:
 def free_merging(base: Tensor, others: list[Tensor], *, weights: Sequence[float],
                  task_model: int, expert_density: float = EXPERT_DENSITY,
                  scaling: float = 1.0, normalize: bool = False, fr_ratio: float = FR_RATIO,
-                 fr_faithful: bool = False) -> Tensor:
-    """FREE-Merging (§11): the FR-merged tensor plus the expert of `others[task_model]`."""
+                 fr_faithful: bool = False, out: Tensor | None = None) -> Tensor:
+    """FREE-Merging (§11): the FR-merged tensor plus the expert of `others[task_model]`
+    (inputs and `out` as for fr_merging)."""
     check_task_model(task_model, len(others))
     merged = fr_merging(base, others, weights=weights, scaling=scaling, normalize=normalize,
-                        fr_ratio=fr_ratio, fr_faithful=fr_faithful)
+                        fr_ratio=fr_ratio, fr_faithful=fr_faithful, out=out)
     task = others[task_model]
     expert = expert_plan(Deltas(base, task, block_size(base.device)), expert_density)
     return add_expert_(merged, base, task, expert)

@@ -16,12 +16,12 @@ import torch
 from torch import Tensor
 
 from merging_methods.gta import SUM_EPS, check_lengths
+from merging_methods.half_spectrum import FilteredRows
 from merging_methods.primitives import (
-    Deltas, PresetDelta, PresetDrop, RandomDrop, TopK, block_size, blocks, l1_factor, topk_count,
-    used_density,
+    Deltas, PresetDrop, RandomDrop, TopK, block_size, blocks, l1_factor, topk_count, used_density,
 )
 
-Sparsifier = TopK | RandomDrop | PresetDrop | PresetDelta | None
+Sparsifier = TopK | RandomDrop | PresetDrop | FilteredRows | None
 Plan = Callable[[int, Deltas], tuple[Sparsifier, float]]  # model index -> (sparsifier, ci)
 
 

@@ -34,24 +34,35 @@ from checkpoints.rows import RowRange, row_ranges
 
 Strip = tuple[int, int]   # columns [start, stop) of the half spectrum
 COMPLEX_BYTES = 8          # complex64
+# a row group and a column strip hold CHUNK_ELEMENTS / PARTS entries: the FFTs' temporaries
+# stay a few MiB, beside the chunks the runner holds
+PARTS = 16
 
 
 def column_strips(height: int, columns: int) -> list[Strip]:
-    """Strips of whole columns of at most CHUNK_ELEMENTS entries (at least one column)."""
-    step = max(1, row_chunks.CHUNK_ELEMENTS // max(height, 1))
+    """Strips of whole columns of at most CHUNK_ELEMENTS / PARTS entries (at least one)."""
+    step = max(1, row_chunks.CHUNK_ELEMENTS // PARTS // max(height, 1))
     return [(c, min(c + step, columns)) for c in range(0, columns, step)]
+
+
+def row_groups(rows: RowRange, width: int) -> list[RowRange]:
+    """The chunk `rows` in groups of whole rows of at most CHUNK_ELEMENTS / PARTS entries (at
+    least one row), from its first row: both forms cut a chunk alike."""
+    step = max(1, row_chunks.CHUNK_ELEMENTS // PARTS // max(width, 1))
+    return [(r, min(r + step, rows[1])) for r in range(rows[0], rows[1], step)]
 
 
 def chunk_delta(base: Tensor, other: Tensor) -> Tensor:
     """A fresh float32 δ = other − base: one subtraction of exact upcasts, the bits of
     primitives.Deltas."""
-    return torch.sub(other.float(), base.float())
+    return other.to(torch.float32, copy=True).sub_(base)
 
 
 class MemoryStore:
     """Complex64 entries held in one flat tensor (the whole-tensor path)."""
 
     def __init__(self, count: int, device: torch.device):
+        self.device = device
         self._flat = torch.empty(count, dtype=torch.complex64, device=device)
 
     def read(self, offset: int, count: int) -> Tensor:
@@ -114,24 +125,30 @@ class HalfSpectrum:
         return self.height * c0 + r0 * (c1 - c0), (r1 - r0) * (c1 - c0)
 
     def put_rows(self, rows: RowRange, delta: Tensor) -> None:
-        """Step 1 for the rows `rows` of δ (float32)."""
-        spectrum = torch.fft.rfft(delta, dim=-1)
-        for strip in self.strips:
-            self.store.write(self._span(strip, rows)[0], spectrum[:, strip[0]:strip[1]])
+        """Step 1 for the chunk `rows` of δ (float32), a row group at a time."""
+        for group in row_groups(rows, self.width):
+            part = delta[group[0] - rows[0]:group[1] - rows[0]]
+            spectrum = torch.fft.rfft(part, dim=-1)
+            for strip in self.strips:
+                self.store.write(self._span(strip, group)[0], spectrum[:, strip[0]:strip[1]])
 
     def filter_(self, keep: KeepStrip) -> None:
         """Step 2, strip by strip, in place."""
         for strip in self.strips:
             offset, count = self._span(strip, (0, self.height))
             spectrum = self.store.read(offset, count).view(self.height, strip[1] - strip[0])
-            spectrum = torch.fft.fft(spectrum, dim=0).mul_(keep(strip))
-            self.store.write(offset, torch.fft.ifft(spectrum, dim=0))
+            spectrum = torch.fft.fft(spectrum, dim=0)   # (the read strip is freed here)
+            spectrum = torch.fft.ifft(spectrum.mul_(keep(strip)), dim=0)
+            self.store.write(offset, spectrum)
 
     def rows(self, rows: RowRange) -> Tensor:
-        """Step 3: the rows `rows` of the filtered δ' (float32)."""
+        """Step 3: the rows `rows` (a row group) of the filtered δ' (float32)."""
         height = rows[1] - rows[0]
-        spectrum = torch.cat([self.store.read(*self._span(strip, rows)).view(height, -1)
-                              for strip in self.strips], dim=1)
+        spectrum = torch.empty(height, self.strips[-1][1], dtype=torch.complex64,
+                               device=self.store.device)
+        for strip in self.strips:   # (one strip's piece at a time beside it)
+            piece = self.store.read(*self._span(strip, rows))
+            spectrum[:, strip[0]:strip[1]] = piece.view(height, -1)
         return torch.fft.irfft(spectrum, n=self.width, dim=-1)
 
     def close(self) -> None:
@@ -147,3 +164,33 @@ def filtered_spectrum(shape: tuple[int, int], delta_rows: Callable[[RowRange], T
         spectrum.put_rows(rows, delta_rows(rows))
     spectrum.filter_(keep)
     return spectrum
+
+
+class FilteredRows:
+    """blocked_gta's 'sparsifier' for a filtered δ: each block of δ (flat offset from the first
+    row of `groups`) is replaced by the same entries of δ', inverted a row group at a time as
+    the blocks pass in flat order, so one group of δ' is held, not the whole δ'."""
+
+    def __init__(self, spectrum: HalfSpectrum, groups: list[RowRange]):
+        self.spectrum, self.groups = spectrum, groups
+        self._next, self._start = 0, 0           # the group after the held one; its offset
+        self._rows = torch.empty(0, device=spectrum.store.device)   # the held group, flat
+
+    def apply_(self, delta: Tensor, start: int) -> Tensor:
+        done = 0
+        while done < delta.numel():
+            at = start + done - self._start
+            if at >= self._rows.numel():
+                self._start += self._rows.numel()
+                self._rows = self.spectrum.rows(self.groups[self._next]).view(-1)
+                self._next += 1
+                continue
+            take = min(delta.numel() - done, self._rows.numel() - at)
+            delta[done:done + take] = self._rows[at:at + take]
+            done += take
+        return delta
+
+
+def chunk_groups(shape: tuple[int, int]) -> list[RowRange]:
+    """The row groups of a whole matrix, chunk after chunk (rows.row_ranges)."""
+    return [group for rows in row_ranges(shape, True) for group in row_groups(rows, shape[1])]

@@ -263,12 +263,13 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
            context=frozenset({"generators"}), check=_della_windows,
            warn=_negative_weights(False), two_pass=two_pass_gta(magprune_plan, consensus=False)),
     method("fr_merging", fr_merging, "Fourier high-pass filter of each 2-D task vector, TIES "
-           "sign consensus", *_FR, warn=_negative_weights(True), two_pass=FR_TWO_PASS),
+           "sign consensus", *_FR, warn=_negative_weights(True),
+           fast=FastPath(fr_merging, stored_dtype_inputs=True), two_pass=FR_TWO_PASS),
     method("passthrough", passthrough, "layer ranges of the models stacked into one model "
            "(--layer_ranges, one per model)", SCALE, stacks_layers=True),
     method("free_merging", free_merging, "fr_merging + the top-|delta| expert of one task model",
            *_FR, TASK_MODEL, EXPERT_DENSITY, warn=_negative_weights(True),
-           two_pass=FREE_TWO_PASS),
+           fast=FastPath(free_merging, stored_dtype_inputs=True), two_pass=FREE_TWO_PASS),
     method("sce", sce, "keep the entries of largest variance across the models, weight each "
            "model by its mean squared delta, average the sign-agreeing deltas", SELECT_TOPK),
     method("nearswap", nearswap, "move each base entry toward the other model by at most t",

@@ -18,7 +18,7 @@ from merging_methods.primitives import Deltas, TopK
 from merging_methods.registry import METHODS
 from merging_methods.streamed import RowSource, StreamedDeltas
 from tests.test_merge_cli import assert_user_error, family, load_weights  # noqa: F401 - fixture
-from tests.test_methods import context
+from tests.test_methods import context, resolved
 from tests.tiny_models import build_finetune
 
 SHAPE = (13, 7)
@@ -81,10 +81,7 @@ def assert_two_pass_is_whole(monkeypatch, method: str, settings: dict, dtype: to
     spec = METHODS[method]
     base, others = tied_inputs(dtype, spec.others[1] or 3)
     base, others = base.to(device), [o.to(device) for o in others]
-    # a parameter naming a model arrives as its index (the runner maps the name): kept as is
-    named = {k: v for k, v in settings.items() if spec.params[k].names_model}
-    params = {**spec.resolve({**settings, **{k: str(v) for k, v in named.items()}}, len(others)),
-              **named}
+    params = resolved(method, len(others), **settings)
     for step in (1, 5):
         monkeypatch.setattr(rows, "CHUNK_ELEMENTS", step * SHAPE[1])
         want = spec.fn(base.float(), [o.float() for o in others], **params,
