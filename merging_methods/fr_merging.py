@@ -37,7 +37,7 @@ from torch import Tensor
 
 from merging_methods.gta_blocked import Plan, Sparsifier, blocked_gta
 from merging_methods.half_spectrum import (
-    FileStore, FilteredRows, HalfSpectrum, MemoryStore, Strip, chunk_delta, chunk_groups,
+    FileStore, FilteredRows, HalfSpectrum, MemoryStore, Rows, Store, Strip, chunk_groups,
     filtered_spectrum, row_groups,
 )
 from merging_methods.primitives import Deltas
@@ -85,12 +85,12 @@ def half_keep_mask(height: int, width: int, strip: Strip, ratio: float = FR_RATI
     return direct.add_(mirror).mul_(0.5)
 
 
-def _spectrum(shape: tuple[int, int], delta_rows, store, ratio: float, faithful: bool,
+def _spectrum(shape: tuple[int, int], read: Rows, store: Store, ratio: float, faithful: bool,
               device: torch.device) -> HalfSpectrum:
-    """The filtered half spectrum of the δ whose rows `delta_rows(rows)` gives."""
+    """The filtered half spectrum of the δ whose rows `read(rows)` gives (base, model)."""
     def keep(strip: Strip) -> Tensor:
         return half_keep_mask(*shape, strip, ratio, faithful, device)
-    return filtered_spectrum(shape, delta_rows, store, keep)
+    return filtered_spectrum(shape, read, store, keep)
 
 
 def fr_spectrum(base: Tensor, other: Tensor, ratio: float = FR_RATIO,
@@ -99,8 +99,8 @@ def fr_spectrum(base: Tensor, other: Tensor, ratio: float = FR_RATIO,
     separable FFT over the row chunks and column strips the two-pass form uses (same bits)."""
     shape = tuple(base.shape)
     store = MemoryStore(shape[0] * (shape[1] // 2 + 1), base.device)
-    return _spectrum(shape, lambda rows: chunk_delta(base[rows[0]:rows[1]], other[rows[0]:rows[1]]),
-                     store, ratio, faithful, base.device)
+    return _spectrum(shape, lambda rows: (base[rows[0]:rows[1]], other[rows[0]:rows[1]]), store,
+                     ratio, faithful, base.device)
 
 
 def fr_filter(delta: Tensor, ratio: float = FR_RATIO, faithful: bool = False) -> Tensor:
@@ -139,7 +139,7 @@ def _stats(source: RowSource, *, weights: Sequence[float], fr_ratio: float = FR_
         return {}
 
     def spectrum(i: int) -> HalfSpectrum:
-        return _spectrum(source.shape, lambda rows: chunk_delta(*source.read(rows, i)),
+        return _spectrum(source.shape, lambda rows: source.read(rows, i),
                          FileStore(source.scratch, source.device), fr_ratio, fr_faithful,
                          source.device)
     return {i: spectrum(i) for i, w in enumerate(weights) if w != 0}

@@ -57,9 +57,9 @@ def add_expert_(merged: Tensor, base: Tensor, task: Tensor, expert: Expert,
     trim, factor = expert
     if factor == 0:
         return merged
-    flat, delta = merged.view(-1), chunk_delta(base, task).view(-1)
-    for start, stop in blocks(delta.numel(), block_size(delta.device)):
-        piece = delta[start:stop]
+    flat, base, task = merged.view(-1), base.reshape(-1), task.reshape(-1)
+    for start, stop in blocks(flat.numel(), block_size(flat.device)):
+        piece = chunk_delta(base[start:stop], task[start:stop])
         flat[start:stop].add_(piece if trim is None else trim.apply_(piece, offset + start))
     return merged
 

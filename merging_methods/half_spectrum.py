@@ -124,11 +124,12 @@ class HalfSpectrum:
         (c0, c1), (r0, r1) = strip, rows
         return self.height * c0 + r0 * (c1 - c0), (r1 - r0) * (c1 - c0)
 
-    def put_rows(self, rows: RowRange, delta: Tensor) -> None:
-        """Step 1 for the chunk `rows` of δ (float32), a row group at a time."""
+    def put_rows(self, rows: RowRange, base: Tensor, other: Tensor) -> None:
+        """Step 1 for the chunk `rows` of δ = other − base (stored dtypes), a row group at a
+        time."""
         for group in row_groups(rows, self.width):
-            part = delta[group[0] - rows[0]:group[1] - rows[0]]
-            spectrum = torch.fft.rfft(part, dim=-1)
+            part = slice(group[0] - rows[0], group[1] - rows[0])
+            spectrum = torch.fft.rfft(chunk_delta(base[part], other[part]), dim=-1)
             for strip in self.strips:
                 self.store.write(self._span(strip, group)[0], spectrum[:, strip[0]:strip[1]])
 
@@ -156,12 +157,15 @@ class HalfSpectrum:
         self.store.close()
 
 
-def filtered_spectrum(shape: tuple[int, int], delta_rows: Callable[[RowRange], Tensor],
-                      store: Store, keep: KeepStrip) -> HalfSpectrum:
-    """Steps 1 and 2 for the δ whose rows `delta_rows(rows)` gives, chunk by chunk."""
+Rows = Callable[[RowRange], tuple[Tensor, Tensor]]   # rows -> (base rows, model rows)
+
+
+def filtered_spectrum(shape: tuple[int, int], read: Rows, store: Store,
+                      keep: KeepStrip) -> HalfSpectrum:
+    """Steps 1 and 2 for δ = other − base, whose rows `read(rows)` gives, chunk by chunk."""
     spectrum = HalfSpectrum(shape, store)
     for rows in row_ranges(shape, True):
-        spectrum.put_rows(rows, delta_rows(rows))
+        spectrum.put_rows(rows, *read(rows))
     spectrum.filter_(keep)
     return spectrum
 
