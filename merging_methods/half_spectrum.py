@@ -1,4 +1,4 @@
-"""The FR filter (ALGORITHMS.md §10.2) as a separable real 2-D FFT over row chunks and column
+"""The FR filter (ALGORITHMS.md §10.2) as a separable real 2-D FFT over row groups and column
 strips, held in memory or in a scratch file, so a matrix of any size is filtered in memory
 bounded by the chunk size (issue 14 §2).
 
@@ -7,16 +7,17 @@ K_sym(u, v) = (K(u, v) + K(−u mod H, −v mod W)) / 2, whose spectrum is Hermi
 W//2 + 1 first columns are needed (the real FFT; exact in math, and K_sym = K when H and W are
 even). The 2-D DFT is a 1-D DFT along the rows, then along the columns:
 
-    1. per row chunk: X = rfft(δ rows, along the row)                 [rows, W//2 + 1]
+    1. per row group: X = rfft(δ rows, along the row)                 [rows, W//2 + 1]
     2. per column strip of X: Y = ifft(fft(X strip, along H) ⊙ K_sym, along H)
-    3. per row chunk: δ' rows = irfft(Y rows, n=W, along the row)
+    3. per row group: δ' rows = irfft(Y rows, n=W, along the row)
 
-The whole-tensor path and the two-pass form run these very steps on the very chunks and strips
-(rows.row_ranges, column_strips), so both give the same bits whatever the FFT library does with
-batch sizes. The spectrum is stored strip after strip (each strip's rows contiguous): a strip
-is one read, a row chunk one read per strip. The file is unnamed (tempfile.TemporaryFile) in
-the merge's staging folder: nothing is left behind if the run is killed, and it is read and
-written with pread/pwrite, not mapped (mapped pages would count as the process's memory).
+Row groups cut each row chunk (rows.row_ranges) from its first row, so the whole-tensor path
+and the two-pass form run these very steps on the very groups and strips and get the same bits
+whatever the FFT library does with batch sizes. The spectrum is stored strip after strip (each
+strip's rows contiguous): a strip is one read, a row group one read per strip. The scratch file
+is unnamed (tempfile.TemporaryFile) in the merge's staging folder: nothing is left behind if the
+run is killed, and it is read and written with pread/pwrite, not mapped (mapped pages would
+count as the process's memory).
 """
 from __future__ import annotations
 
