@@ -129,7 +129,8 @@ def test_widen_two_pass_equals_the_whole_tensor(monkeypatch, is_input_embedding,
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("method,settings",
-                         [s for s in SETTINGS if s[0] in ("ties", "della", "model_stock")])
+                         [s for s in SETTINGS if s[0] in ("ties", "della", "model_stock",
+                                                          "free_merging")])
 def test_two_pass_on_cuda_equals_the_whole_tensor(monkeypatch, method, settings):
     assert_two_pass_is_whole(monkeypatch, method, settings, torch.bfloat16, "cuda")
 
