@@ -95,6 +95,7 @@ def _stats(source: RowSource, *, task_model: int, expert_density: float = EXPERT
 def _apply(facts: tuple[fr.Spectra, Expert], offset: int, base: Tensor, others: list[Tensor], *,
            task_model: int, expert_density: float = EXPERT_DENSITY,  # noqa: ARG001
            **params) -> Tensor:
+    """The chunk at flat offset `offset`: fr_merging's chunk plus the expert's entries."""
     spectra, expert = facts
     merged = fr.FR_TWO_PASS.apply(spectra, offset, base, others, **params)
     return add_expert_(merged, base, others[task_model], expert, offset)
