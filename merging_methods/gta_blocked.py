@@ -16,12 +16,13 @@ import torch
 from torch import Tensor
 
 from merging_methods.gta import SUM_EPS, check_lengths
+from merging_methods.half_spectrum import FilteredRows
 from merging_methods.primitives import (
-    MATCH_L1, Deltas, MatchL1, PresetDelta, PresetDrop, RandomDrop, TopK, block_size, blocks,
-    l1_factors, topk_count, used_density,
+    MATCH_L1, Deltas, MatchL1, PresetDrop, RandomDrop, TopK, block_size, blocks, l1_factors,
+    topk_count, used_density,
 )
 
-Sparsifier = TopK | RandomDrop | PresetDrop | PresetDelta | None
+Sparsifier = TopK | RandomDrop | PresetDrop | FilteredRows | None
 # model index, its deltas -> (sparsifier, ci), ci given as MATCH_L1 when it is the L1 ratio
 Plan = Callable[[int, Deltas], tuple[Sparsifier, float | MatchL1]]
 

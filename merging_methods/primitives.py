@@ -526,15 +526,3 @@ def abs_rank_band(x: Tensor, start: int, stop: int) -> Tensor:
     """Boolean mask of the entries at positions start..stop-1 of the stable ascending order
     of |x| (flat, lower index first among ties)."""
     return abs_rank_prefix(x, stop) & ~abs_rank_prefix(x, start)
-
-
-class PresetDelta:
-    """A 'sparsifier' that replaces each block by the same block of a precomputed delta.
-
-    Feeds a dense whole-tensor transform of δ (the FR filter) to the blocked GTA pipeline."""
-
-    def __init__(self, delta: Tensor):
-        self.delta = delta.reshape(-1)
-
-    def apply_(self, delta: Tensor, start: int) -> Tensor:
-        return delta.copy_(self.delta[start:start + delta.numel()])

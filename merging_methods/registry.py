@@ -48,8 +48,8 @@ from merging_methods.arcee_fusion import arcee_fusion
 from merging_methods.blockwise import per_element
 from merging_methods.breadcrumbs import band_plan, breadcrumbs, breadcrumbs_ties
 from merging_methods.della import check_window, della, della_linear, magprune_plan
-from merging_methods.fr_merging import fr_merging
-from merging_methods.free_merging import free_merging
+from merging_methods.fr_merging import FR_TWO_PASS, fr_merging
+from merging_methods.free_merging import FREE_TWO_PASS, free_merging
 from merging_methods.karcher import KARCHER_TWO_PASS, karcher
 from merging_methods.model_stock import MODEL_STOCK_TWO_PASS, model_stock
 from merging_methods.multislerp import MULTISLERP_TWO_PASS, multislerp
@@ -266,11 +266,13 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
            context=frozenset({"generators"}), check=_della_windows,
            warn=_negative_weights(False), two_pass=two_pass_gta(magprune_plan, consensus=False)),
     method("fr_merging", fr_merging, "Fourier high-pass filter of each 2-D task vector, TIES "
-           "sign consensus", *_FR, warn=_negative_weights(True)),
+           "sign consensus", *_FR, warn=_negative_weights(True),
+           fast=FastPath(fr_merging, stored_dtype_inputs=True), two_pass=FR_TWO_PASS),
     method("passthrough", passthrough, "layer ranges of the models stacked into one model "
            "(--layer_ranges, one per model)", SCALE, stacks_layers=True),
     method("free_merging", free_merging, "fr_merging + the top-|delta| expert of one task model",
-           *_FR, TASK_MODEL, EXPERT_DENSITY, warn=_negative_weights(True)),
+           *_FR, TASK_MODEL, EXPERT_DENSITY, warn=_negative_weights(True),
+           fast=FastPath(free_merging, stored_dtype_inputs=True), two_pass=FREE_TWO_PASS),
     method("sce", sce, "keep the entries of largest variance across the models, weight each "
            "model by its mean squared delta, average the sign-agreeing deltas", SELECT_TOPK),
     method("nearswap", nearswap, "move each base entry toward the other model by at most t",

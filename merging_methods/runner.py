@@ -159,8 +159,9 @@ class TensorMerge:
     so the chunks' masks are those of the whole tensor."""
 
     def __init__(self, spec: MethodSpec, params: dict, seed: int, item: TensorPlan,
-                 inputs: OpenedInputs, device: torch.device):
+                 inputs: OpenedInputs, device: torch.device, scratch: Path | None = None):
         self.spec, self.params, self.item, self.inputs = spec, params, item, inputs
+        self.scratch = scratch   # the folder for a two-pass form's scratch files (staging)
         fill = "mean" if inputs.union else "base"
 
         def aligned(reader: CheckpointReader, source: str) -> AlignedRows:
@@ -238,7 +239,7 @@ class TensorMerge:
         source = RowSource(shape, tuple(row_ranges(shape, True)),
                            partial(self._read_model, device=device, base=base),
                            partial(self._read_models, device=device, base=base), device,
-                           len(self.models))
+                           len(self.models), self.scratch)
         return self.two_pass.stats(source, **self.params, **self.context)
 
     def _merge_two_pass(self, base: torch.Tensor, others: list[torch.Tensor], rows: RowRange,
@@ -290,7 +291,7 @@ class WorkUnit:
 
 
 def _work_units(spec: MethodSpec, recipe: MergeRecipe, inputs: OpenedInputs,
-                device: torch.device) -> list[WorkUnit]:
+                device: torch.device, scratch: Path | None = None) -> list[WorkUnit]:
     units = []
     arguments = tensor_arguments(recipe, {r.label: num_layers(r.config) or 0
                                           for r in inputs.sources})
@@ -298,7 +299,7 @@ def _work_units(spec: MethodSpec, recipe: MergeRecipe, inputs: OpenedInputs,
         if not item.merge:
             units.append(WorkUnit(item.name, None, item.out.shape, None, item.out.nbytes))
             continue
-        job = TensorMerge(spec, arguments(item.name), recipe.seed, item, inputs, device)
+        job = TensorMerge(spec, arguments(item.name), recipe.seed, item, inputs, device, scratch)
         readers = [(inputs.base, item.name), *zip(inputs.models, item.sources)]
         itemsizes = sum(reader.info[name].dtype.itemsize for reader, name in readers)
         units += [WorkUnit(item.name, rows, shape, job, math.prod(shape) * itemsizes)
@@ -381,7 +382,7 @@ def run_merge(recipe: MergeRecipe, *, make_post: HookFactory | None = None) -> P
         total = sum(t.out.nbytes for t in inputs.plan.tensors)
         with torch.inference_mode(), IOThread() as io, tqdm(
                 total=total, unit="B", unit_scale=True, desc=f"merge {recipe.method}") as bar:
-            units = _work_units(spec, recipe, inputs, device)
+            units = _work_units(spec, recipe, inputs, device, tmp)
             loads = ((partial(_read_unit, inputs.base, unit), unit.nbytes) for unit in units)
             facts_ahead = _FactsAhead(units, io.ahead)
             for unit, raw in zip(units, io.prefetch(loads)):

@@ -11,12 +11,12 @@ over row chunks use the same chunks (rows.row_ranges). Peak memory is a few chun
 tensor's size. Each pass reads the chunks again (from the page cache when memory allows); the
 statistics passes run on a thread of their own, one tensor ahead of the merge (the runner's
 _FactsAhead), so on two or more cores they cost little wall time.
-Methods without a two-pass form: fr_merging and free_merging (a 2-D FFT of the whole delta).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -35,7 +35,8 @@ SAMPLE_BANDS, SAMPLE_BAND_ROWS = 32, 8
 class RowSource:
     """One tensor as the runner streams it: its shape, its row chunks in order,
     `read(rows, i)` -> (base rows, model i's rows) and `read_all(rows)` -> (base rows, every
-    model's rows; the base read once), stored dtype, on the merge device."""
+    model's rows; the base read once), stored dtype, on the merge device; `scratch`: the folder
+    for scratch files (the merge's staging folder; None: the system's temporary folder)."""
 
     shape: tuple[int, ...]
     chunks: tuple[RowRange, ...]
@@ -43,6 +44,7 @@ class RowSource:
     read_all: Callable[[RowRange], tuple[Tensor, list[Tensor]]]
     device: torch.device
     n_models: int
+    scratch: Path | None = None
 
     @property
     def n(self) -> int:

@@ -3,7 +3,9 @@ row chunks, then the merge chunk by chunk; the same bits as the whole-tensor pat
 bounded by the chunk size."""
 from __future__ import annotations
 
+import tempfile
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +19,7 @@ from merging_methods.primitives import Deltas, TopK
 from merging_methods.registry import METHODS
 from merging_methods.streamed import RowSource, StreamedDeltas
 from tests.test_merge_cli import assert_user_error, family, load_weights  # noqa: F401 - fixture
-from tests.test_methods import context
+from tests.test_methods import context, resolved
 from tests.tiny_models import build_finetune
 
 SHAPE = (13, 7)
@@ -40,7 +42,11 @@ SETTINGS = [("ties", GTA), ("ties", {**GTA, "rescale": True}),
             ("multislerp", {"weights": [0.5, 1.0, 0.7]}),
             ("multislerp", {"weights": [0.5, 1.0, 0.7], "normalize_weights": False,
                             "task_vectors": False}),
-            ("karcher", {}), ("karcher", {"max_iter": 3, "tol": 1e-3})]
+            ("karcher", {}), ("karcher", {"max_iter": 3, "tol": 1e-3}),
+            ("fr_merging", {"weights": GTA["weights"], "fr_ratio": 0.5}),
+            ("fr_merging", {"weights": GTA["weights"], "fr_faithful": True, "normalize": True}),
+            ("free_merging", {"weights": GTA["weights"], "task_model": 1, "expert_density": 0.3,
+                              "fr_ratio": 0.5})]
 
 
 def tied_inputs(dtype: torch.dtype, n_models: int = 3) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -84,7 +90,7 @@ def assert_two_pass_is_whole(monkeypatch, method: str, settings: dict, dtype: to
     spec = METHODS[method]
     base, others = tied_inputs(dtype, spec.others[1] or 3)
     base, others = base.to(device), [o.to(device) for o in others]
-    params = spec.resolve(settings, len(others))
+    params = resolved(method, len(others), **settings)
     for step in (1, 5):
         monkeypatch.setattr(rows, "CHUNK_ELEMENTS", step * SHAPE[1])
         want = spec.fn(base.float(), [o.float() for o in others], **params,
@@ -132,7 +138,8 @@ def test_widen_two_pass_equals_the_whole_tensor(monkeypatch, is_input_embedding,
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("method,settings",
-                         [s for s in SETTINGS if s[0] in ("ties", "della", "model_stock")])
+                         [s for s in SETTINGS if s[0] in ("ties", "della", "model_stock",
+                                                          "free_merging")])
 def test_two_pass_on_cuda_equals_the_whole_tensor(monkeypatch, method, settings):
     assert_two_pass_is_whole(monkeypatch, method, settings, torch.bfloat16, "cuda")
 
@@ -164,7 +171,8 @@ def recorded_reads(monkeypatch) -> list[int]:
     ("slerp", ["--t", "0.3"]), ("model_stock", ["--filter_wise"]), ("widen", []),
     ("nuslerp", ["--weights", "0.3,0.9"]),
     ("nuslerp", ["--weights", "0.3,0.9", "--no-nuslerp_flatten", "--nuslerp_row_wise"]),
-    ("multislerp", ["--weights", "0.5,1.0,0.7"]), ("karcher", [])])
+    ("multislerp", ["--weights", "0.5,1.0,0.7"]), ("karcher", []),
+    ("fr_merging", ["--fr_ratio", "0.5"])])
 def test_runner_holds_no_more_than_a_chunk(family, monkeypatch, tmp_path, method,  # noqa: F811
                                            extra):
     """Every tensor above a 64-element budget goes in two passes: no read and no result buffer
@@ -180,6 +188,30 @@ def test_runner_holds_no_more_than_a_chunk(family, monkeypatch, tmp_path, method
     monkeypatch.setattr(primitives, "CPU_BLOCK", 64)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert_chunked_is_whole(monkeypatch, tmp_path, args, "TWO_PASS_ELEMENTS")
+
+
+def test_free_merging_streams_its_scratch_in_the_staging_folder(family, monkeypatch,  # noqa: F811
+                                                               tmp_path):
+    """free_merging (fr_merging's filtered spectra in scratch files, the expert's top-k) within
+    the 64-element budget, bit for bit; every scratch file is made in the merge's staging
+    folder, and nothing is left beside the outputs."""
+    base, fts = family
+    args = ["--method", "free_merging", "--base_model", str(base), "--models_to_merge",
+            ",".join(map(str, fts)), "--free_task_model", str(fts[1]),
+            "--free_expert_density", "0.1"]
+    monkeypatch.setattr(rows, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(primitives, "CPU_BLOCK", 64)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    folders, make = [], tempfile.TemporaryFile
+
+    def scratch_file(dir=None):  # noqa: A002 - tempfile's keyword
+        folders.append(Path(dir))
+        return make(dir=dir)
+    monkeypatch.setattr(tempfile, "TemporaryFile", scratch_file)
+    assert_chunked_is_whole(monkeypatch, tmp_path, args, "TWO_PASS_ELEMENTS")
+    assert folders and {f.parent for f in folders} == {tmp_path}
+    assert all(f.name.startswith(".chunked.partial-") for f in folders)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chunked", "whole"]
 
 
 def assert_chunked_is_whole(monkeypatch, tmp_path, args: list[str], budget: str) -> None:
