@@ -66,7 +66,7 @@ from merging_methods.params import (
     EPS, MAX_ITER, NORMALIZE_WEIGHTS, NUSLERP_FLATTEN, NUSLERP_ROW_WISE, TASK_VECTORS, TOL,
 )
 from merging_methods.primitives import keep_threshold
-from merging_methods.ram import ram, ramplus_tl
+from merging_methods.ram import RAMPLUS_TWO_PASS, ram, ramplus_tl
 from merging_methods.sce import sce
 from merging_methods.slerp import SLERP_TWO_PASS, slerp
 from merging_methods.streamed import TwoPass, two_pass_gta
@@ -280,7 +280,8 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
            "active there", RAM_EPSILON,
            fast=FastPath(per_element(ram), stored_dtype_inputs=True, row_separable=True)),
     method("ramplus_tl", ramplus_tl, "ram with each model's unique entries boosted by its "
-           "shared/unique ratio", RAM_EPSILON, RAMPLUS_R, RAMPLUS_ALPHA),
+           "shared/unique ratio", RAM_EPSILON, RAMPLUS_R, RAMPLUS_ALPHA,
+           two_pass=RAMPLUS_TWO_PASS),
 )}
 ALIASES = {"fourier": "fr_merging", "free": "free_merging"}
 

@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
+from checkpoints.rows import row_ranges
 from merging_methods.gta_blocked import Plan, Sparsifier, blocked_gta
 from merging_methods.primitives import SAMPLE, block_size
 
@@ -56,6 +57,31 @@ class TwoPass:
 
     stats: Callable[..., object]
     apply: Callable[..., Tensor]
+
+
+def held_source(base: Tensor, others: list[Tensor]) -> RowSource:
+    """Tensors held whole, as a RowSource in the runner's chunks (rows.row_ranges; a 1-D or 0-d
+    tensor is one chunk, one row for row-wise statistics)."""
+    shape = tuple(base.shape) if base.dim() else (1,)
+    b, os = base.reshape(shape), [other.reshape(shape) for other in others]
+    return RowSource(shape, tuple(row_ranges(shape, base.dim() >= 2)),
+                     lambda r, i: (b[r[0]:r[1]], os[i][r[0]:r[1]]),
+                     lambda r: (b[r[0]:r[1]], [o[r[0]:r[1]] for o in os]), base.device,
+                     len(others))
+
+
+def merge_held(form: TwoPass, base: Tensor, others: list[Tensor], **kwargs) -> Tensor:
+    """A method's whole-tensor function as its two-pass form over the held tensors: the same
+    chunks, so the same bits as the runner's streamed merge of a large tensor. Float32 result."""
+    source = held_source(base, others)
+    stats = form.stats(source, **kwargs)
+    out = torch.empty(source.shape, dtype=torch.float32, device=base.device)
+    width = math.prod(source.shape[1:])
+    for rows in source.chunks:
+        chunk_base, chunk_others = source.read_all(rows)
+        form.apply(stats, rows[0] * width, chunk_base, chunk_others, **kwargs,
+                   out=out[rows[0]:rows[1]])
+    return out.view(base.shape)
 
 
 class StreamedDeltas:

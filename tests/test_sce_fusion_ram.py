@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import merge
+from checkpoints import rows
 from checkpoints.errors import UserError
 from merging_methods import arcee_fusion as arcee_module
 from merging_methods import ram as ram_module
@@ -83,15 +84,17 @@ BLOCKED = [("sce", 3, {"select_topk": 0.3}), ("arcee_fusion", 1, {}),
 
 @pytest.mark.parametrize("method, n, params", BLOCKED, ids=[m for m, _, _ in BLOCKED])
 def test_many_small_blocks_give_the_one_block_result(method, n, params, monkeypatch):
-    """Blocks of 7 entries (sce, ramplus_tl) and chunks of one row (arcee_fusion) split the
-    tensor where the tests' tensors are otherwise one block: the same bits (sce: ω is summed
-    per block, so to float32 rounding), and still the float64 paper box."""
+    """Blocks of 7 entries (sce, ramplus_tl), pieces of one row (arcee_fusion) and streamed
+    chunks of two rows split the tensor where the tests' tensors are otherwise one block: the
+    same bits (sce: ω is summed per block, so to float32 rounding), and still the float64
+    paper box."""
     base, others = inputs(n)
     values = METHODS[method].resolve(params, n)
     whole = METHODS[method].fn(base, others, **values)
     monkeypatch.setattr(sce_module, "block_size", lambda device: 7)
     monkeypatch.setattr(ram_module, "block_size", lambda device: 7)
     monkeypatch.setattr(arcee_module, "ROW_CHUNK", 20)
+    monkeypatch.setattr(rows, "CHUNK_ELEMENTS", 24)
     blocked = METHODS[method].fn(base, others, **values)
     if method == "sce":
         torch.testing.assert_close(blocked, whole, rtol=1e-6, atol=1e-7)

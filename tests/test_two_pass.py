@@ -30,7 +30,8 @@ SETTINGS = [("ties", GTA), ("ties", {**GTA, "rescale": True}),
             ("della", {**GTA, "epsilon": [0.1, 0.2, 0.05]}),
             ("della_linear", {**GTA, "epsilon": [0.1, 0.2, 0.05], "rescale_mode": "inverse_prob"}),
             ("della_linear", {**GTA, "density": [0.3, 1.0, 0.5], "epsilon": [0.1, 0.2, 0.05]}),
-            ("slerp", {"t": 0.3}), ("model_stock", {}), ("model_stock", {"filter_wise": True})]
+            ("slerp", {"t": 0.3}), ("model_stock", {}), ("model_stock", {"filter_wise": True}),
+            ("ramplus_tl", {"ram_epsilon": 1.5, "ramplus_r": 0.5, "ramplus_alpha": 3.0})]
 
 
 def tied_inputs(dtype: torch.dtype, n_models: int = 3) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -151,7 +152,8 @@ def recorded_reads(monkeypatch) -> list[int]:
     ("ties", ["--density", "0.3"]),
     ("dare_ties", ["--density", "0.5", "--rescale_mode", "l1"]),
     ("della", ["--density", "0.5", "--epsilon", "0.1"]),
-    ("slerp", ["--t", "0.3"]), ("model_stock", ["--filter_wise"]), ("widen", [])])
+    ("slerp", ["--t", "0.3"]), ("model_stock", ["--filter_wise"]), ("widen", []),
+    ("ramplus_tl", [])])
 def test_runner_holds_no_more_than_a_chunk(family, monkeypatch, tmp_path, method,  # noqa: F811
                                            extra):
     """Every tensor above a 64-element budget goes in two passes: no read and no result buffer
