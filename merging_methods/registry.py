@@ -67,7 +67,7 @@ from merging_methods.params import (
 )
 from merging_methods.primitives import keep_threshold
 from merging_methods.ram import RAMPLUS_TWO_PASS, ram, ramplus_tl
-from merging_methods.sce import sce
+from merging_methods.sce import SCE_TWO_PASS, sce
 from merging_methods.slerp import SLERP_TWO_PASS, slerp
 from merging_methods.streamed import TwoPass, two_pass_gta
 from merging_methods.widen import WIDEN_TWO_PASS, widen
@@ -269,7 +269,8 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     method("free_merging", free_merging, "fr_merging + the top-|delta| expert of one task model",
            *_FR, TASK_MODEL, EXPERT_DENSITY, warn=_negative_weights(True)),
     method("sce", sce, "keep the entries of largest variance across the models, weight each "
-           "model by its mean squared delta, average the sign-agreeing deltas", SELECT_TOPK),
+           "model by its mean squared delta, average the sign-agreeing deltas", SELECT_TOPK,
+           two_pass=SCE_TWO_PASS),
     method("nearswap", nearswap, "move each base entry toward the other model by at most t",
            NEARSWAP_T, others=(1, 1),
            fast=FastPath(per_element(nearswap), stored_dtype_inputs=True, row_separable=True)),

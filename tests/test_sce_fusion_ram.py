@@ -164,6 +164,25 @@ def test_sce_variance_ties_keep_the_lower_index():
     assert torch.equal(out, torch.tensor([1.0, 0.0, 0.0, 5.0]))
 
 
+def test_sce_ties_across_chunks_keep_the_lower_index(monkeypatch):
+    """4 models of integer deltas (σ² exact in float32, long runs of equal σ², the cut inside
+    one), chunks of one row and blocks of 5 entries: the kept entries are the float64 paper
+    box's stable top-K, though the run of kept ties ends in a later chunk than it starts."""
+    monkeypatch.setattr(rows, "CHUNK_ELEMENTS", 7)
+    monkeypatch.setattr(sce_module, "block_size", lambda device: 5)
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randint(-3, 4, (13, 7), generator=gen).float()
+    others = [base + torch.randint(-2, 3, (13, 7), generator=gen) for _ in range(4)]
+    variance = torch.stack(others).var(0, unbiased=False).flatten().double()
+    k = math.floor(0.4 * int(variance.count_nonzero()))
+    ranked = variance.sort(descending=True).values
+    tied = (variance == ranked[k - 1]).nonzero().flatten()
+    assert ranked[k] == ranked[k - 1] and tied[-1] // 7 > tied[0] // 7
+    want = reference.sce(base, others, select_topk=0.4)
+    torch.testing.assert_close(sce(base, others, select_topk=0.4).double(), want, rtol=1e-6,
+                               atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- nearswap (§19.8)
 def test_nearswap_worked_example_dense_and_fast():
     base, other = torch.zeros(3), torch.tensor([0.05, 0.2, -1.0])

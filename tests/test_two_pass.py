@@ -31,6 +31,7 @@ SETTINGS = [("ties", GTA), ("ties", {**GTA, "rescale": True}),
             ("della_linear", {**GTA, "epsilon": [0.1, 0.2, 0.05], "rescale_mode": "inverse_prob"}),
             ("della_linear", {**GTA, "density": [0.3, 1.0, 0.5], "epsilon": [0.1, 0.2, 0.05]}),
             ("slerp", {"t": 0.3}), ("model_stock", {}), ("model_stock", {"filter_wise": True}),
+            ("sce", {"select_topk": 0.3}), ("sce", {}),
             ("ramplus_tl", {"ram_epsilon": 1.5, "ramplus_r": 0.5, "ramplus_alpha": 3.0})]
 
 
@@ -86,6 +87,8 @@ def assert_two_pass_is_whole(monkeypatch, method: str, settings: dict, dtype: to
         if method == "ties":   # the threshold splits a run of ties: where it ends matters
             assert all(0 < f.cut.keep_equal < f.cut.equal for f, _ in stats.values()
                        if isinstance(f, TopK))
+        if method == "sce" and settings.get("select_topk", 1) < 1:   # so does sce's σ² cut
+            assert 0 < stats[1].cut.keep_equal < stats[1].cut.equal
         got = torch.cat([spec.two_pass.apply(stats, a * SHAPE[1], base[a:b],
                                              [o[a:b] for o in others], **params, **ctx).clone()
                          for a, b in source.chunks])
@@ -153,7 +156,7 @@ def recorded_reads(monkeypatch) -> list[int]:
     ("dare_ties", ["--density", "0.5", "--rescale_mode", "l1"]),
     ("della", ["--density", "0.5", "--epsilon", "0.1"]),
     ("slerp", ["--t", "0.3"]), ("model_stock", ["--filter_wise"]), ("widen", []),
-    ("ramplus_tl", [])])
+    ("sce", ["--select_topk", "0.5"]), ("ramplus_tl", [])])
 def test_runner_holds_no_more_than_a_chunk(family, monkeypatch, tmp_path, method,  # noqa: F811
                                            extra):
     """Every tensor above a 64-element budget goes in two passes: no read and no result buffer
@@ -163,8 +166,8 @@ def test_runner_holds_no_more_than_a_chunk(family, monkeypatch, tmp_path, method
     models = fts[:METHODS[method].others[1] or len(fts)]
     args = ["--method", method, "--base_model", str(base), "--models_to_merge",
             ",".join(map(str, models)), *extra]
-    # the same chunks and 64-element blocks for both runs: slerp and model_stock sum over the
-    # chunks, WIDEN's statistics and the l1 factors over the blocks
+    # the same chunks and 64-element blocks for both runs: slerp, model_stock and sce sum over
+    # the chunks, WIDEN's statistics and the l1 factors over the blocks
     monkeypatch.setattr(rows, "CHUNK_ELEMENTS", 64)
     monkeypatch.setattr(primitives, "CPU_BLOCK", 64)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
