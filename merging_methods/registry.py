@@ -44,7 +44,7 @@ from torch import Tensor
 
 from checkpoints.errors import UserError
 from merging_methods import gta, gta_blocked
-from merging_methods.arcee_fusion import arcee_fusion
+from merging_methods.arcee_fusion import ARCEE_FUSION_TWO_PASS, arcee_fusion
 from merging_methods.blockwise import per_element
 from merging_methods.breadcrumbs import band_plan, breadcrumbs, breadcrumbs_ties
 from merging_methods.della import check_window, della, della_linear, magprune_plan
@@ -276,7 +276,7 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
            fast=FastPath(per_element(nearswap), stored_dtype_inputs=True, row_separable=True)),
     method("arcee_fusion", arcee_fusion, "take the other model's changes whose KL-weighted "
            "importance exceeds median + 1.5 IQR", ARCEE_FUSION_SAMPLE, others=(1, 1),
-           context=frozenset({"generators"})),
+           context=frozenset({"generators"}), two_pass=ARCEE_FUSION_TWO_PASS),
     method("ram", ram, "average each entry's active deltas (|delta| > epsilon) over the models "
            "active there", RAM_EPSILON,
            fast=FastPath(per_element(ram), stored_dtype_inputs=True, row_separable=True)),

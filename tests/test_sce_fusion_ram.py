@@ -21,8 +21,8 @@ from merging_methods import arcee_fusion as arcee_module
 from merging_methods import ram as ram_module
 from merging_methods import reference
 from merging_methods import sce as sce_module
-from merging_methods.arcee_fusion import (SAMPLE_SIZE, arcee_fusion, fusion_threshold, row_kl,
-                                          sorted_entries)
+from merging_methods.arcee_fusion import (SAMPLE_SIZE, arcee_fusion, fusion_threshold,
+                                          ranked_values, row_kl)
 from merging_methods.mergekit_plan import POST, method_params, resolve
 from merging_methods.nearswap import nearswap
 from merging_methods.ram import ram, ramplus_tl
@@ -105,9 +105,16 @@ def test_many_small_blocks_give_the_one_block_result(method, n, params, monkeypa
 
 
 def test_arcee_fusion_selected_quantiles_are_the_sorted_entries():
-    flat = torch.randint(0, 9, (1001,), generator=torch.Generator().manual_seed(3)).float()
-    positions = [250, 500, 750]
-    assert torch.equal(torch.stack(sorted_entries(flat, positions)), flat.sort().values[positions])
+    """The radix select over blocks: tied integers, signed values with ±0 and a rank at each
+    end, equal to the sorted entries."""
+    gen = torch.Generator().manual_seed(3)
+    tied = torch.randint(0, 9, (1001,), generator=gen).float()
+    signed = torch.cat([torch.randn(500, generator=gen), torch.tensor([0.0, -0.0] * 3)])
+    for flat in (tied, signed):
+        n = flat.numel()
+        positions = [0, n // 4, n // 4 + 1, n // 2, 3 * n // 4, n - 1]
+        got = ranked_values(lambda: flat.split(97), positions)
+        assert torch.equal(torch.stack(got), flat.sort().values[positions])
 
 
 @pytest.mark.parametrize("fn", [sce, nearswap, arcee_fusion, ram, ramplus_tl],
@@ -257,10 +264,12 @@ def test_arcee_fusion_sampled_threshold_is_mergekits_rule_and_seeded():
     ordered = importance.flatten()[picks].double().sort().values
     q = [float(ordered[math.floor(phi * (SAMPLE_SIZE - 1))]) for phi in (0.25, 0.5, 0.75)]
     want = q[1] + 1.5 * (q[2] - q[0])
-    got = fusion_threshold(importance, "mergekit", generator(3))
+    n = importance.numel()
+    chunks = lambda: [(0, importance[:500].flatten()), (500 * 1000, importance[500:].flatten())]  # noqa: E731
+    got = fusion_threshold(chunks, n, "mergekit", generator(3))
     assert abs(float(got) - want) < 1e-6
-    assert torch.equal(got, fusion_threshold(importance, "mergekit", generator(3)))
-    others = {float(fusion_threshold(importance, mode, generator(seed)))
+    assert torch.equal(got, fusion_threshold(chunks, n, "mergekit", generator(3)))
+    others = {float(fusion_threshold(chunks, n, mode, generator(seed)))
               for mode, seed in (("mergekit", 4), ("exact", 3))}
     assert float(got) not in others
 

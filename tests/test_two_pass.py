@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 import merge
 from checkpoints import rows
 from checkpoints.checkpoint import CheckpointReader
-from merging_methods import della, model_stock, primitives, runner
+from merging_methods import arcee_fusion, della, model_stock, primitives, runner
 from merging_methods.primitives import Deltas, TopK
 from merging_methods.registry import METHODS
 from merging_methods.streamed import RowSource, StreamedDeltas
@@ -31,7 +31,7 @@ SETTINGS = [("ties", GTA), ("ties", {**GTA, "rescale": True}),
             ("della_linear", {**GTA, "epsilon": [0.1, 0.2, 0.05], "rescale_mode": "inverse_prob"}),
             ("della_linear", {**GTA, "density": [0.3, 1.0, 0.5], "epsilon": [0.1, 0.2, 0.05]}),
             ("slerp", {"t": 0.3}), ("model_stock", {}), ("model_stock", {"filter_wise": True}),
-            ("sce", {"select_topk": 0.3}), ("sce", {}),
+            ("sce", {"select_topk": 0.3}), ("sce", {}), ("arcee_fusion", {}),
             ("ramplus_tl", {"ram_epsilon": 1.5, "ramplus_r": 0.5, "ramplus_alpha": 3.0})]
 
 
@@ -115,6 +115,14 @@ def test_model_stock_in_pieces_inside_chunks(monkeypatch, settings):
     assert_two_pass_is_whole(monkeypatch, "model_stock", settings, torch.bfloat16)
 
 
+def test_arcee_fusion_sample_is_gathered_chunk_by_chunk(monkeypatch):
+    """A 40-entry sample of the 91 (mergekit's rule, scaled down): the draws gathered from the
+    chunks in position order give the whole tensor's threshold, bit for bit."""
+    monkeypatch.setattr(arcee_fusion, "SAMPLE_SIZE", 40)
+    assert_two_pass_is_whole(monkeypatch, "arcee_fusion", {"arcee_fusion_sample": "mergekit"},
+                             torch.bfloat16)
+
+
 @pytest.mark.parametrize("is_input_embedding", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_widen_two_pass_equals_the_whole_tensor(monkeypatch, is_input_embedding, dtype):
@@ -156,7 +164,7 @@ def recorded_reads(monkeypatch) -> list[int]:
     ("dare_ties", ["--density", "0.5", "--rescale_mode", "l1"]),
     ("della", ["--density", "0.5", "--epsilon", "0.1"]),
     ("slerp", ["--t", "0.3"]), ("model_stock", ["--filter_wise"]), ("widen", []),
-    ("sce", ["--select_topk", "0.5"]), ("ramplus_tl", [])])
+    ("sce", ["--select_topk", "0.5"]), ("arcee_fusion", []), ("ramplus_tl", [])])
 def test_runner_holds_no_more_than_a_chunk(family, monkeypatch, tmp_path, method,  # noqa: F811
                                            extra):
     """Every tensor above a 64-element budget goes in two passes: no read and no result buffer
