@@ -51,9 +51,14 @@ def delta_blocks(offset: int, base: Tensor, others: list[Tensor]) -> Iterator[tu
         yield offset + start, deltas
 
 
-def variance_(deltas: Tensor, out: Tensor) -> Tensor:
-    """σ² of each column of the (N, block) deltas (population variance), into `out`."""
-    return torch.var(deltas, dim=0, unbiased=False, out=out[: deltas.shape[1]])
+def variance_(deltas: Tensor, out: Tensor, mean: Tensor, deviations: Tensor) -> Tensor:
+    """σ² of each column of the (N, block) deltas, the population variance: the mean squared
+    deviation from the column's mean, in float32, into `out` (`mean`, `deviations`: scratch of
+    a block and of N blocks). torch.var over the short model axis runs ~30x slower on CPU."""
+    width = deltas.shape[1]
+    center = torch.mean(deltas, dim=0, out=mean[:width])
+    squares = torch.sub(deltas, center, out=deviations[:, :width]).square_()
+    return torch.mean(squares, dim=0, out=out[:width])
 
 
 class Selection:
@@ -62,10 +67,12 @@ class Selection:
     `apply_` zeroes the others in a block of deltas. Blocks must come in flat order (where the
     kept run of ties ends is found on the way, then remembered)."""
 
-    def __init__(self, chunks: Chunks, n: int, select_topk: float, device: torch.device):
+    def __init__(self, chunks: Chunks, n: int, n_models: int, select_topk: float,
+                 device: torch.device):
         size = min(block_size(device), max(n, 1))
         self._variance = torch.empty(size, dtype=torch.float32, device=device)
-        self._scratch = torch.empty_like(self._variance)
+        self._scratch, self._mean = (torch.empty_like(self._variance) for _ in range(2))
+        self._deviations = torch.empty((n_models, size), dtype=torch.float32, device=device)
         step, nonzero, sample = max(1, n // SAMPLE), 0, []
         for start, variance in self._variances(chunks):
             nonzero += int(torch.count_nonzero(variance))
@@ -79,13 +86,16 @@ class Selection:
     def _variances(self, chunks: Chunks) -> Iterator[tuple[int, Tensor]]:
         for offset, base, others in chunks():
             for start, deltas in delta_blocks(offset, base, others):
-                yield start, variance_(deltas, self._variance)
+                yield start, self._variance_(deltas)
+
+    def _variance_(self, deltas: Tensor) -> Tensor:
+        return variance_(deltas, self._variance, self._mean, self._deviations)
 
     def apply_(self, deltas: Tensor, start: int) -> Tensor:
         """Zero, in place, the entries of the block (flat offset `start`) that are not kept."""
         if self.cut is None:  # K = 0: nothing kept
             return deltas.zero_()
-        variance = variance_(deltas, self._variance)
+        variance = self._variance_(deltas)
         keep = variance > self.cut.value
         cut = self.ties.cut(variance, start, self._scratch)  # the kept ties end inside [:cut]
         keep[:cut] |= variance[:cut] == self.cut.value
@@ -125,8 +135,8 @@ def _stats(source: RowSource, *, select_topk: float) -> Stats:
     def chunks() -> Iterator[Chunk]:
         for rows in source.chunks:
             yield rows[0] * width, *source.read_all(rows)
-    selection = Selection(chunks, source.n, select_topk, source.device) if select_topk < 1 \
-        else None
+    selection = Selection(chunks, source.n, source.n_models, select_topk, source.device) \
+        if select_topk < 1 else None
     return sce_weights(chunks(), source.n, source.n_models, selection), selection
 
 

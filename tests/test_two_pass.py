@@ -31,7 +31,7 @@ SETTINGS = [("ties", GTA), ("ties", {**GTA, "rescale": True}),
             ("della_linear", {**GTA, "epsilon": [0.1, 0.2, 0.05], "rescale_mode": "inverse_prob"}),
             ("della_linear", {**GTA, "density": [0.3, 1.0, 0.5], "epsilon": [0.1, 0.2, 0.05]}),
             ("slerp", {"t": 0.3}), ("model_stock", {}), ("model_stock", {"filter_wise": True}),
-            ("sce", {"select_topk": 0.3}), ("sce", {}), ("arcee_fusion", {}),
+            ("sce", {"select_topk": 0.7}), ("sce", {}), ("arcee_fusion", {}),
             ("ramplus_tl", {"ram_epsilon": 1.5, "ramplus_r": 0.5, "ramplus_alpha": 3.0})]
 
 
@@ -134,7 +134,8 @@ def test_widen_two_pass_equals_the_whole_tensor(monkeypatch, is_input_embedding,
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("method,settings",
-                         [s for s in SETTINGS if s[0] in ("ties", "della", "model_stock")])
+                         [s for s in SETTINGS if s[0] in ("ties", "della", "model_stock", "sce",
+                                                          "arcee_fusion", "ramplus_tl")])
 def test_two_pass_on_cuda_equals_the_whole_tensor(monkeypatch, method, settings):
     assert_two_pass_is_whole(monkeypatch, method, settings, torch.bfloat16, "cuda")
 
