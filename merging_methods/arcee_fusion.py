@@ -36,7 +36,7 @@ from merging_methods.streamed import RowSource, TwoPass, merge_held
 PROB_EPS = 1e-8  # added to both softmaxes before the log ratio
 SAMPLE_SIZE = 1_000_000  # mergekit's quantile sample, drawn only from larger tensors
 IQR_FACTOR = 1.5
-ROW_CHUNK = 1 << 20  # entries per row chunk of the softmaxes and the output
+ROW_CHUNK = 1 << 18  # entries per piece of rows of the softmaxes, importance and output
 BUCKETS = 1 << 16  # radix-select buckets: the top 16 bits of an order key, then the low 16
 Importance = Callable[[], Iterable[tuple[int, Tensor]]]  # (flat offset, flat I there), in order
 
@@ -135,13 +135,15 @@ def row_pieces(base: Tensor, other: Tensor) -> Iterator[tuple[slice, Tensor, Ten
         yield rows, b[rows].float(), o[rows].float()
 
 
-def chunk_importance(kappa: Tensor, base: Tensor, other: Tensor) -> Tensor:
-    """I = |θ1 − θ0|·κ over a chunk, flat, given its rows' κ."""
-    out = torch.empty(base.numel(), dtype=torch.float32, device=base.device)
-    flat = out.view(-1, base.shape[-1])
+def importance_pieces(kappa: Tensor, offset: int, base: Tensor, other: Tensor
+                      ) -> Iterator[tuple[int, slice, Tensor, Tensor, Tensor]]:
+    """(flat offset, last-axis rows, base, other, I = |θ1 − θ0|·κ) of each piece (row_pieces)
+    of the chunk at flat offset `offset`; κ: the whole tensor's, per last-axis row."""
+    width = base.shape[-1]
+    first = offset // width
     for rows, b, o in row_pieces(base, other):
-        torch.mul(torch.sub(o, b).abs_(), kappa[rows], out=flat[rows])
-    return out
+        own = kappa[first + rows.start: first + rows.start + b.shape[0]]
+        yield offset + rows.start * width, rows, b, o, torch.mul(torch.sub(o, b).abs_(), own)
 
 
 Stats = tuple[Tensor, Tensor]  # (κ of every last-axis row (R, 1), the threshold τ)
@@ -150,14 +152,20 @@ Stats = tuple[Tensor, Tensor]  # (κ of every last-axis row (R, 1), the threshol
 def _stats(source: RowSource, *, arcee_fusion_sample: str,
            generators: list[torch.Generator] | None = None) -> Stats:
     """κ per row in one pass over the chunks, then τ from the importance recomputed per pass."""
-    kappa = torch.cat([row_kl(b, o) for rows in source.chunks
-                       for _, b, o in row_pieces(*source.read(rows, 0))])
-    width, rows_per_chunk = math.prod(source.shape[1:]), math.prod(source.shape[1:-1])
+    width = math.prod(source.shape[1:])
+    # filled in place (small tensors kept between the chunks' reads would fragment the heap)
+    kappa = torch.empty(source.n // source.shape[-1], 1, dtype=torch.float32,
+                        device=source.device)
+    for rows in source.chunks:
+        first = rows[0] * width // source.shape[-1]
+        for piece, b, o in row_pieces(*source.read(rows, 0)):
+            kappa[first + piece.start: first + piece.start + b.shape[0]] = row_kl(b, o)
 
     def importance() -> Iterator[tuple[int, Tensor]]:
-        for first, stop in source.chunks:
-            own = kappa[first * rows_per_chunk: stop * rows_per_chunk]
-            yield first * width, chunk_importance(own, *source.read((first, stop), 0))
+        for rows in source.chunks:
+            for start, _, _, _, piece in importance_pieces(kappa, rows[0] * width,
+                                                           *source.read(rows, 0)):
+                yield start, piece.view(-1)
     return kappa, fusion_threshold(importance, source.n, arcee_fusion_sample,
                                    generators[0] if generators else None)
 
@@ -166,13 +174,10 @@ def _apply(stats: Stats, offset: int, base: Tensor, others: list[Tensor], *,
            out: Tensor | None = None, **_) -> Tensor:
     """θ0 + the changes of the rows whose importance reaches the whole tensor's τ."""
     kappa, threshold = stats
-    first = offset // base.shape[-1]
-    own = kappa[first: first + base.numel() // base.shape[-1]]
     result = torch.empty(base.shape, dtype=torch.float32, device=base.device) if out is None \
         else out
     flat = result.view(-1, base.shape[-1])
-    for rows, b, o in row_pieces(base, others[0]):
-        importance = torch.mul(torch.sub(o, b).abs_(), own[rows])
+    for _, rows, b, o, importance in importance_pieces(kappa, offset, base, others[0]):
         torch.add(b, torch.sub(o, b).masked_fill_(importance < threshold, 0.0), out=flat[rows])
     return result
 

@@ -73,13 +73,18 @@ class Selection:
         self._variance = torch.empty(size, dtype=torch.float32, device=device)
         self._scratch, self._mean = (torch.empty_like(self._variance) for _ in range(2))
         self._deviations = torch.empty((n_models, size), dtype=torch.float32, device=device)
-        step, nonzero, sample = max(1, n // SAMPLE), 0, []
+        # every step-th flat entry's σ², for plan_topk's guess at a tied threshold; filled in
+        # place (small tensors kept between the chunks' reads would fragment the heap)
+        step, nonzero = max(1, n // SAMPLE), 0
+        sample = torch.empty(-(-n // step), dtype=torch.float32, device=device)
         for start, variance in self._variances(chunks):
             nonzero += int(torch.count_nonzero(variance))
-            sample.append(variance[(-start) % step::step].clone())  # every step-th flat entry
+            first = -(-start // step)  # the sample's first entry in this block
+            picked = variance[first * step - start::step]
+            sample[first: first + picked.numel()] = picked
         k = math.floor(select_topk * nonzero) if select_topk > 0 else 0
         self.cut = None if k == 0 else plan_topk(lambda: self._variances(chunks), n, k,
-                                                 self._scratch, torch.cat(sample))
+                                                 self._scratch, sample)
         self.ties = None if self.cut is None else TieRun(self.cut.value, self.cut.keep_equal,
                                                          self.cut.equal, n)
 
