@@ -96,15 +96,16 @@ def ranked_values(values: Callable[[], Iterable[Tensor]], ranks: list[int]) -> l
 
 
 def drawn_entries(importance: Importance, picks: Tensor) -> Tensor:
-    """The entries at the flat positions `picks` (with repeats), gathered chunk by chunk in
-    ascending position order (a reordering of importance[picks]: the same quantiles)."""
+    """The entries at the flat positions `picks` (with repeats, on CPU), gathered chunk by
+    chunk in ascending position order into one CPU tensor filled in place (a reordering of
+    importance[picks]: the same quantiles)."""
     ordered = picks.sort().values
-    parts = []
+    drawn = torch.empty(ordered.numel(), dtype=torch.float32)
     for offset, flat in importance():
         a, z = (int(torch.searchsorted(ordered, bound)) for bound in (offset,
                                                                          offset + flat.numel()))
-        parts.append(flat[(ordered[a:z] - offset).to(flat.device)])
-    return torch.cat(parts)
+        drawn[a:z] = flat[(ordered[a:z] - offset).to(flat.device)].cpu()
+    return drawn
 
 
 def fusion_threshold(importance: Importance, n: int, sample: str,

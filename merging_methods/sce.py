@@ -34,7 +34,7 @@ from merging_methods.streamed import RowSource, TwoPass, merge_held
 
 WEIGHT_SUM_EPS = 1e-6  # Σω below this: uniform weights
 DIVISOR_EPS = 1e-6  # floor of the agreeing weight sum
-Chunk = tuple[int, Tensor, list[Tensor]]  # (flat offset, base rows, every model's rows), stored dtype
+Chunk = tuple[int, Tensor, list[Tensor]]  # (flat offset, base rows, each model's rows): stored
 Chunks = Callable[[], Iterable[Chunk]]  # a tensor's chunks in flat order, read again per call
 
 

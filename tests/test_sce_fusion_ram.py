@@ -265,7 +265,8 @@ def test_arcee_fusion_sampled_threshold_is_mergekits_rule_and_seeded():
     q = [float(ordered[math.floor(phi * (SAMPLE_SIZE - 1))]) for phi in (0.25, 0.5, 0.75)]
     want = q[1] + 1.5 * (q[2] - q[0])
     n = importance.numel()
-    chunks = lambda: [(0, importance[:500].flatten()), (500 * 1000, importance[500:].flatten())]  # noqa: E731
+    halves = [(0, importance[:500].flatten()), (500 * 1000, importance[500:].flatten())]
+    chunks = lambda: halves  # noqa: E731  (two chunks: the draws are gathered from both)
     got = fusion_threshold(chunks, n, "mergekit", generator(3))
     assert abs(float(got) - want) < 1e-6
     assert torch.equal(got, fusion_threshold(chunks, n, "mergekit", generator(3)))
