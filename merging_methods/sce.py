@@ -53,12 +53,17 @@ def delta_blocks(offset: int, base: Tensor, others: list[Tensor]) -> Iterator[tu
 
 def variance_(deltas: Tensor, out: Tensor, mean: Tensor, deviations: Tensor) -> Tensor:
     """σ² of each column of the (N, block) deltas, the population variance: the mean squared
-    deviation from the column's mean, in float32, into `out` (`mean`, `deviations`: scratch of
-    a block and of N blocks). torch.var over the short model axis runs ~30x slower on CPU."""
+    deviation from the column's mean, in float64, rounded into the float32 `out` (`mean`,
+    `deviations`: float64 scratch of a block and of N blocks).
+
+    In double, the same deltas in another model order give the same float32 σ² (but for a
+    rounding boundary within 2^-29), so the stable tie rule sees the ties the float64 paper
+    box sees; float32 rounding told them apart. torch.var over the short model axis would run
+    ~30x slower on CPU."""
     width = deltas.shape[1]
-    center = torch.mean(deltas, dim=0, out=mean[:width])
+    center = torch.mean(deltas, dim=0, dtype=torch.float64, out=mean[:width])
     squares = torch.sub(deltas, center, out=deviations[:, :width]).square_()
-    return torch.mean(squares, dim=0, out=out[:width])
+    return out[:width].copy_(torch.mean(squares, dim=0, out=mean[:width]))
 
 
 class Selection:
@@ -71,8 +76,9 @@ class Selection:
                  device: torch.device):
         size = min(block_size(device), max(n, 1))
         self._variance = torch.empty(size, dtype=torch.float32, device=device)
-        self._scratch, self._mean = (torch.empty_like(self._variance) for _ in range(2))
-        self._deviations = torch.empty((n_models, size), dtype=torch.float32, device=device)
+        self._scratch = torch.empty_like(self._variance)
+        self._mean = torch.empty(size, dtype=torch.float64, device=device)
+        self._deviations = torch.empty((n_models, size), dtype=torch.float64, device=device)
         # every step-th flat entry's σ², for plan_topk's guess at a tied threshold; filled in
         # place (small tensors kept between the chunks' reads would fragment the heap)
         step, nonzero = max(1, n // SAMPLE), 0
