@@ -171,6 +171,19 @@ def test_sce_variance_ties_keep_the_lower_index():
     assert torch.equal(out, torch.tensor([1.0, 0.0, 0.0, 5.0]))
 
 
+def test_sce_variance_is_the_float64_one_in_any_model_order():
+    """σ² of bf16-grid deltas: the float64 population variance rounded to float32, with the
+    same bits for every order of the models (so ties stay ties for the stable rule)."""
+    deltas = (torch.randn(3, 4000, generator=torch.Generator().manual_seed(2)) * 1e-3
+              ).bfloat16().float()
+    want = deltas.double().var(0, unbiased=False).float()
+    mean, deviations = torch.empty(4000, dtype=torch.float64), torch.empty(3, 4000,
+                                                                          dtype=torch.float64)
+    for order in ([0, 1, 2], [2, 0, 1], [1, 2, 0]):
+        got = sce_module.variance_(deltas[order], torch.empty(4000), mean, deviations)
+        assert torch.equal(got, want)
+
+
 def test_sce_ties_across_chunks_keep_the_lower_index(monkeypatch):
     """4 models of integer deltas (σ² exact in float32, long runs of equal σ², the cut inside
     one), chunks of one row and blocks of 5 entries: the kept entries are the float64 paper
