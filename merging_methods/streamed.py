@@ -79,8 +79,11 @@ def merge_held(form: TwoPass, base: Tensor, others: list[Tensor], **kwargs) -> T
     width = math.prod(source.shape[1:])
     for rows in source.chunks:
         chunk_base, chunk_others = source.read_all(rows)
-        form.apply(stats, rows[0] * width, chunk_base, chunk_others, **kwargs,
-                   out=out[rows[0]:rows[1]])
+        target = out[rows[0]:rows[1]]
+        merged = form.apply(stats, rows[0] * width, chunk_base, chunk_others, **kwargs,
+                            out=target)
+        if merged.data_ptr() != target.data_ptr():   # a form that does not write into `out`
+            target.copy_(merged)
     return out.view(base.shape)
 
 
