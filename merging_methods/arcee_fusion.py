@@ -15,7 +15,8 @@ has more, here from the runner's seeded per-tensor generator; both agree on smal
 The quantiles are selected, not sorted: a radix select on the float bits (`ranked_values`, two
 streaming passes over the importance; one histogram serves the three ranks). Memory: it
 streams. The whole-tensor function is the two-pass form (streamed.py) over the held tensor's
-row chunks, and a matrix above rows.TWO_PASS_ELEMENTS goes through the same form chunk by chunk
+row chunks (also its fast path, on stored bf16/fp16 inputs into the runner's result buffer),
+and a matrix above rows.TWO_PASS_ELEMENTS goes through the same form chunk by chunk
 from the runner: κ per row in one pass, the quantiles in two more (I recomputed per chunk from
 κ), the output chunk by chunk; with the mergekit sample, one pass gathers the drawn entries in
 position order (the same multiset, so the same quantiles, as the whole tensor's draw). Every
@@ -31,6 +32,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import Tensor
 
+from merging_methods.gta_blocked import output_buffer
 from merging_methods.streamed import RowSource, TwoPass, merge_held
 
 PROB_EPS = 1e-8  # added to both softmaxes before the log ratio
@@ -175,8 +177,7 @@ def _apply(stats: Stats, offset: int, base: Tensor, others: list[Tensor], *,
            out: Tensor | None = None, **_) -> Tensor:
     """θ0 + the changes of the rows whose importance reaches the whole tensor's τ."""
     kappa, threshold = stats
-    result = torch.empty(base.shape, dtype=torch.float32, device=base.device) if out is None \
-        else out
+    result = output_buffer(base, out).view(base.shape)
     flat = result.view(-1, base.shape[-1])
     for _, rows, b, o, importance in importance_pieces(kappa, offset, base, others[0]):
         torch.add(b, torch.sub(o, b).masked_fill_(importance < threshold, 0.0), out=flat[rows])
@@ -193,7 +194,5 @@ def arcee_fusion(base: Tensor, others: list[Tensor], *, arcee_fusion_sample: str
     if len(others) != 1:
         raise ValueError(f"arcee_fusion merges the base with exactly 1 other model, got "
                          f"{len(others)}")
-    if base.numel() == 0:
-        return base.clone()
     return merge_held(ARCEE_FUSION_TWO_PASS, base, others,
                       arcee_fusion_sample=arcee_fusion_sample, generators=generators)

@@ -15,8 +15,9 @@ ram is per element (the runner merges it in row chunks, blockwise.py); ramplus_t
 over the whole tensor, so it takes two blocked passes (`block_size` entries): the integer
 counts, then the output. Memory: it streams. A matrix above rows.TWO_PASS_ELEMENTS is merged by
 its two-pass form (streamed.py: the counts from the row chunks, then the chunks one by one),
-which is also its whole-tensor function (over the held chunks): block-sized temporaries beside
-the inputs and output; the counts are exact and the rest is per entry, so every entry has the
+which is also its whole-tensor function (over the held chunks) and its fast path (the same on
+stored bf16/fp16 inputs, into the runner's result buffer): block-sized temporaries beside the
+inputs and output; the counts are exact and the rest is per entry, so every entry has the
 bits of the dense formula whatever the chunks.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
+from merging_methods.gta_blocked import output_buffer
 from merging_methods.primitives import block_size, blocks
 from merging_methods.streamed import RowSource, TwoPass, merge_held
 
@@ -80,8 +82,7 @@ def _stats(source: RowSource, *, ram_epsilon: float, ramplus_r: float, ramplus_a
 def _apply(boosts: list[float], offset: int, base: Tensor, others: list[Tensor], *,  # noqa: ARG001
            ram_epsilon: float, out: Tensor | None = None, **_) -> Tensor:
     """The rows `base`, `others` merged with the whole tensor's boosts, block by block."""
-    result = torch.empty(base.shape, dtype=torch.float32, device=base.device) if out is None \
-        else out
+    result = output_buffer(base, out).view(base.shape)
     flat_out = result.view(-1)
     for start, stop, b, os in flat_blocks(base, others):
         kept, count = active_deltas(b, os, ram_epsilon)

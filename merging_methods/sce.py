@@ -11,13 +11,14 @@ Per tensor, with δi = θi − θ0 for the N fine-tunes (no per-model weights):
     out = θ0 + Σi ωi aij δij / max(Σi ωi aij, 1e-6)
 
 Memory: it streams. The whole-tensor function is the two-pass form (streamed.py) over the
-held tensor's row chunks (rows.row_ranges), and a matrix above rows.TWO_PASS_ELEMENTS goes
-through the same form chunk by chunk from the runner, so both give the same bits. Per chunk,
+held tensor's row chunks (rows.row_ranges; also its fast path, on stored bf16/fp16 inputs into
+the runner's result buffer), and a matrix above rows.TWO_PASS_ELEMENTS goes through the same
+form chunk by chunk from the runner, so both give the same bits. Per chunk,
 the deltas are recomputed in blocks of `block_size` entries in each pass: the count of σ² ≠ 0
 (with a strided sample of σ²), the exact top-K threshold of σ² (primitives.plan_topk: a
 counting pass when the sample shows a tie there, else a two-pass radix select; the kept run
-of ties located as blocks pass in flat order, TieRun), ω, then the output. Only N + 3 blocks
-are held besides the inputs' chunks and the output. ω's Σ δij² is summed in float32 per block
+of ties located as blocks pass in flat order, TieRun), ω, then the output. Only about 2N + 4
+blocks (σ² in float64) are held besides the inputs' chunks and the output. ω's Σ δij² is summed in float32 per block
 and the blocks in double, so its low bits (and the output's) may differ from one float32 dot
 over the tensor.
 """
@@ -29,6 +30,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import Tensor
 
+from merging_methods.gta_blocked import output_buffer
 from merging_methods.primitives import SAMPLE, TieRun, block_size, blocks, plan_topk
 from merging_methods.streamed import RowSource, TwoPass, merge_held
 
@@ -156,8 +158,7 @@ def _apply(stats: Stats, offset: int, base: Tensor, others: list[Tensor], *,
     """The rows `base`, `others` (flat offset `offset`) merged with the whole tensor's ω and
     selection: sign election and the ω-weighted mean of the agreeing deltas, block by block."""
     weights, selection = stats
-    result = torch.empty(base.shape, dtype=torch.float32, device=base.device) if out is None \
-        else out
+    result = output_buffer(base, out).view(base.shape)
     flat, flat_out = base.reshape(-1), result.view(-1)
     for start, deltas in selected_blocks([(offset, base, others)], selection):
         sign = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0)  # (block,)

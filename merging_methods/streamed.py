@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from checkpoints.rows import row_ranges
-from merging_methods.gta_blocked import Plan, Sparsifier, blocked_gta
+from merging_methods.gta_blocked import Plan, Sparsifier, blocked_gta, output_buffer
 from merging_methods.primitives import SAMPLE, block_size
 
 RowRange = tuple[int, int]
@@ -70,12 +70,17 @@ def held_source(base: Tensor, others: list[Tensor]) -> RowSource:
                      len(others))
 
 
-def merge_held(form: TwoPass, base: Tensor, others: list[Tensor], **kwargs) -> Tensor:
-    """A method's whole-tensor function as its two-pass form over the held tensors: the same
-    chunks, so the same bits as the runner's streamed merge of a large tensor. Float32 result."""
+def merge_held(form: TwoPass, base: Tensor, others: list[Tensor], *, out: Tensor | None = None,
+               **kwargs) -> Tensor:
+    """A method's whole-tensor function as its two-pass form over the held tensors (float32 or
+    stored bf16/fp16): the same chunks, so the same bits as the runner's streamed merge of a
+    large tensor. Float32 result, into `out` when given (`partial(merge_held, form)` is then
+    the method's FastPath, registry.py)."""
+    if base.numel() == 0:   # nothing to merge (and no row to take statistics of)
+        return output_buffer(base, out).view(base.shape)
     source = held_source(base, others)
     stats = form.stats(source, **kwargs)
-    out = torch.empty(source.shape, dtype=torch.float32, device=base.device)
+    out = output_buffer(base, out).view(source.shape)
     width = math.prod(source.shape[1:])
     for rows in source.chunks:
         chunk_base, chunk_others = source.read_all(rows)
