@@ -12,24 +12,35 @@ tensor is one row):
 The quantiles are exact, over all M entries (Decision, §19.9). `arcee_fusion_sample=mergekit`
 reads them, as mergekit 0.1.5 does, from 10^6 entries drawn with replacement when the tensor
 has more, here from the runner's seeded per-tensor generator; both agree on smaller tensors.
-The quantiles are selected, not sorted (O(M): one numpy partition on CPU, torch.kthvalue
-elsewhere; the same values as the sorted ones). κ, I and the output are computed in row
-chunks of about ROW_CHUNK entries (the same bits: every step is per row or per entry), so
-besides its inputs it holds the importance and the output, the selection's copy of the
-importance, and chunk-sized temporaries.
+The quantiles are selected, not sorted: a radix select on the float bits (`ranked_values`, two
+streaming passes over the importance; one histogram serves the three ranks). Memory: it
+streams. The whole-tensor function is the two-pass form (streamed.py) over the held tensor's
+row chunks (also its fast path, on stored bf16/fp16 inputs into the runner's result buffer),
+and a matrix above rows.TWO_PASS_ELEMENTS goes through the same form chunk by chunk
+from the runner: κ per row in one pass, the quantiles in two more (I recomputed per chunk from
+κ), the output chunk by chunk; with the mergekit sample, one pass gathers the drawn entries in
+position order (the same multiset, so the same quantiles, as the whole tensor's draw). Every
+step is per row or per entry (pieces of about ROW_CHUNK entries), so the chunks change no bit;
+besides the inputs' chunks it holds κ (one float a row), chunk-sized temporaries and, with the
+sample, the 10^6 draws and their values.
 """
 from __future__ import annotations
 
 import math
+from typing import Callable, Iterable, Iterator
 
-import numpy as np
 import torch
 from torch import Tensor
+
+from merging_methods.gta_blocked import output_buffer
+from merging_methods.streamed import RowSource, TwoPass, merge_held
 
 PROB_EPS = 1e-8  # added to both softmaxes before the log ratio
 SAMPLE_SIZE = 1_000_000  # mergekit's quantile sample, drawn only from larger tensors
 IQR_FACTOR = 1.5
-ROW_CHUNK = 1 << 20  # entries per row chunk of the softmaxes and the output
+ROW_CHUNK = 1 << 18  # entries per piece of rows of the softmaxes, importance and output
+BUCKETS = 1 << 16  # radix-select buckets: the top 16 bits of an order key, then the low 16
+Importance = Callable[[], Iterable[tuple[int, Tensor]]]  # (flat offset, flat I there), in order
 
 
 def row_kl(base: Tensor, other: Tensor) -> Tensor:
@@ -46,35 +57,134 @@ def row_kl(base: Tensor, other: Tensor) -> Tensor:
     return terms.sum(dim=-1, keepdim=True)
 
 
-def fusion_threshold(importance: Tensor, sample: str,
+def order_keys(values: Tensor) -> Tensor:
+    """int32 keys that order like the float32 `values` (−0 just below +0; no NaN): the bit
+    pattern, with the magnitude bits of negative values flipped."""
+    bits = values.view(torch.int32)
+    return torch.bitwise_right_shift(bits, 31).bitwise_and_(0x7FFFFFFF).bitwise_xor_(bits)
+
+
+def _bucket_and_rank(hist: Tensor, rank: int) -> tuple[int, int]:
+    """The bin of `hist` holding the 0-based ascending `rank`, and the rank inside that bin."""
+    cum = hist.cumsum(0)
+    index = int(torch.searchsorted(cum, rank, right=True))
+    return index, rank - (int(cum[index - 1]) if index else 0)
+
+
+def ranked_values(values: Callable[[], Iterable[Tensor]], ranks: list[int]) -> list[Tensor]:
+    """sorted(values)[r] for each 0-based ascending rank r, as float32 0-d tensors, by a radix
+    select on `order_keys` in two passes over the flat float32 blocks `values()` yields: one
+    histogram of the top 16 bits serves every rank, then one of the low 16 bits inside each
+    bucket holding a rank (O(n), no sort, nothing held but the histograms)."""
+    high = torch.zeros(BUCKETS, dtype=torch.int64)
+    for block in values():
+        top = order_keys(block).bitwise_right_shift_(16).add_(BUCKETS // 2)  # 0 .. BUCKETS-1
+        high += torch.bincount(top, minlength=BUCKETS).cpu()
+    located = [_bucket_and_rank(high, rank) for rank in ranks]
+    buckets = sorted({bucket for bucket, _ in located})
+    low = torch.zeros(len(buckets), BUCKETS, dtype=torch.int64)
+    for block in values():
+        keys = order_keys(block)
+        top = torch.bitwise_right_shift(keys, 16).add_(BUCKETS // 2)
+        for row, bucket in zip(low, buckets):
+            row += torch.bincount(keys[top == bucket].bitwise_and_(BUCKETS - 1),
+                                  minlength=BUCKETS).cpu()
+    picked = []
+    for bucket, inside in located:
+        bits, _ = _bucket_and_rank(low[buckets.index(bucket)], inside)
+        key = torch.tensor((bucket - BUCKETS // 2) * BUCKETS + bits, dtype=torch.int32)
+        picked.append(order_keys(key.view(torch.float32)).view(torch.float32))  # its own inverse
+    return picked
+
+
+def drawn_entries(importance: Importance, picks: Tensor) -> Tensor:
+    """The entries at the flat positions `picks` (with repeats, on CPU), gathered chunk by
+    chunk in ascending position order into one CPU tensor filled in place (a reordering of
+    importance[picks]: the same quantiles)."""
+    ordered = picks.sort().values
+    drawn = torch.empty(ordered.numel(), dtype=torch.float32)
+    for offset, flat in importance():
+        a, z = (int(torch.searchsorted(ordered, bound)) for bound in (offset,
+                                                                         offset + flat.numel()))
+        drawn[a:z] = flat[(ordered[a:z] - offset).to(flat.device)].cpu()
+    return drawn
+
+
+def fusion_threshold(importance: Importance, n: int, sample: str,
                      generator: torch.Generator | None) -> Tensor:
-    """τ = median + 1.5·IQR of the importance (lower quantiles), over all entries ("exact") or
-    over SAMPLE_SIZE entries drawn with replacement from larger tensors ("mergekit")."""
-    flat = importance.reshape(-1)
-    if sample == "mergekit" and flat.numel() > SAMPLE_SIZE:
+    """τ = median + 1.5·IQR of the n entries of the importance (lower quantiles), over all
+    of them ("exact") or over SAMPLE_SIZE entries drawn with replacement from larger tensors
+    ("mergekit")."""
+    if sample == "mergekit" and n > SAMPLE_SIZE:
         if generator is None:
             raise ValueError("arcee_fusion_sample=mergekit needs the model's generator")
-        picks = torch.randint(flat.numel(), (SAMPLE_SIZE,), generator=generator,
-                              device=generator.device)
-        flat = flat[picks.to(flat.device)]
-    low, median, high = sorted_entries(flat, [math.floor(phi * (flat.numel() - 1))
-                                              for phi in (0.25, 0.5, 0.75)])
+        picks = torch.randint(n, (SAMPLE_SIZE,), generator=generator, device=generator.device)
+        drawn = drawn_entries(importance, picks)
+        blocks, n = (lambda: [drawn]), SAMPLE_SIZE
+    else:
+        blocks = lambda: (flat for _, flat in importance())  # noqa: E731
+    low, median, high = ranked_values(blocks, [math.floor(phi * (n - 1))
+                                               for phi in (0.25, 0.5, 0.75)])
     return median + IQR_FACTOR * (high - low)
 
 
-def sorted_entries(flat: Tensor, positions: list[int]) -> list[Tensor]:
-    """sorted(flat)[p] for each position p, by selection (O(M), no sort), as 0-d tensors."""
-    if flat.device.type == "cpu":
-        picked = torch.from_numpy(np.partition(flat.numpy(), positions)[positions])
-        return list(picked.unbind())
-    return [torch.kthvalue(flat, p + 1).values for p in positions]
+def row_pieces(base: Tensor, other: Tensor) -> Iterator[tuple[slice, Tensor, Tensor]]:
+    """(last-axis rows, base there, other there) of a chunk in float32 pieces of about
+    ROW_CHUNK entries (a 1-D tensor is one row)."""
+    b, o = base.reshape(-1, base.shape[-1]), other.reshape(-1, base.shape[-1])
+    step = max(1, ROW_CHUNK // max(b.shape[1], 1))
+    for start in range(0, b.shape[0], step):
+        rows = slice(start, start + step)
+        yield rows, b[rows].float(), o[rows].float()
 
 
-def row_chunks(x: Tensor) -> list[Tensor]:
-    """Views of `x` as (rows, last axis) in chunks of about ROW_CHUNK entries (a 1-D or 0-d
-    tensor is one row)."""
-    rows = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
-    return list(rows.split(max(1, ROW_CHUNK // max(rows.shape[1], 1))))
+def importance_pieces(kappa: Tensor, offset: int, base: Tensor, other: Tensor
+                      ) -> Iterator[tuple[int, slice, Tensor, Tensor, Tensor]]:
+    """(flat offset, last-axis rows, base, other, I = |θ1 − θ0|·κ) of each piece (row_pieces)
+    of the chunk at flat offset `offset`; κ: the whole tensor's, per last-axis row."""
+    width = base.shape[-1]
+    first = offset // width
+    for rows, b, o in row_pieces(base, other):
+        own = kappa[first + rows.start: first + rows.start + b.shape[0]]
+        yield offset + rows.start * width, rows, b, o, torch.mul(torch.sub(o, b).abs_(), own)
+
+
+Stats = tuple[Tensor, Tensor]  # (κ of every last-axis row (R, 1), the threshold τ)
+
+
+def _stats(source: RowSource, *, arcee_fusion_sample: str,
+           generators: list[torch.Generator] | None = None) -> Stats:
+    """κ per row in one pass over the chunks, then τ from the importance recomputed per pass."""
+    width = math.prod(source.shape[1:])
+    # filled in place (small tensors kept between the chunks' reads would fragment the heap)
+    kappa = torch.empty(source.n // source.shape[-1], 1, dtype=torch.float32,
+                        device=source.device)
+    for rows in source.chunks:
+        first = rows[0] * width // source.shape[-1]
+        for piece, b, o in row_pieces(*source.read(rows, 0)):
+            kappa[first + piece.start: first + piece.start + b.shape[0]] = row_kl(b, o)
+
+    def importance() -> Iterator[tuple[int, Tensor]]:
+        for rows in source.chunks:
+            for start, _, _, _, piece in importance_pieces(kappa, rows[0] * width,
+                                                           *source.read(rows, 0)):
+                yield start, piece.view(-1)
+    return kappa, fusion_threshold(importance, source.n, arcee_fusion_sample,
+                                   generators[0] if generators else None)
+
+
+def _apply(stats: Stats, offset: int, base: Tensor, others: list[Tensor], *,
+           out: Tensor | None = None, **_) -> Tensor:
+    """θ0 + the changes of the rows whose importance reaches the whole tensor's τ."""
+    kappa, threshold = stats
+    result = output_buffer(base, out).view(base.shape)
+    flat = result.view(-1, base.shape[-1])
+    for _, rows, b, o, importance in importance_pieces(kappa, offset, base, others[0]):
+        torch.add(b, torch.sub(o, b).masked_fill_(importance < threshold, 0.0), out=flat[rows])
+    return result
+
+
+ARCEE_FUSION_TWO_PASS = TwoPass(_stats, _apply)  # κ and τ from the chunks, then the rows
 
 
 def arcee_fusion(base: Tensor, others: list[Tensor], *, arcee_fusion_sample: str = "exact",
@@ -84,15 +194,5 @@ def arcee_fusion(base: Tensor, others: list[Tensor], *, arcee_fusion_sample: str
     if len(others) != 1:
         raise ValueError(f"arcee_fusion merges the base with exactly 1 other model, got "
                          f"{len(others)}")
-    if base.numel() == 0:
-        return base.clone()
-    chunks = list(zip(row_chunks(base), row_chunks(others[0])))
-    importance = base.new_empty(base.shape)  # contiguous: written through row views
-    for (b, o), imp in zip(chunks, row_chunks(importance)):
-        torch.mul(torch.sub(o, b).abs_(), row_kl(b, o), out=imp)
-    threshold = fusion_threshold(importance, arcee_fusion_sample,
-                                 generators[0] if generators else None)
-    out = base.new_empty(base.shape)
-    for (b, o), imp, res in zip(chunks, row_chunks(importance), row_chunks(out)):
-        torch.add(b, torch.sub(o, b).masked_fill_(imp < threshold, 0.0), out=res)
-    return out
+    return merge_held(ARCEE_FUSION_TWO_PASS, base, others,
+                      arcee_fusion_sample=arcee_fusion_sample, generators=generators)

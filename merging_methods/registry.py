@@ -38,13 +38,14 @@ mergekit the AIM paper ran), §6-§11, §17 for the later methods and §19 for m
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Mapping
 
 from torch import Tensor
 
 from checkpoints.errors import UserError
 from merging_methods import gta, gta_blocked
-from merging_methods.arcee_fusion import arcee_fusion
+from merging_methods.arcee_fusion import ARCEE_FUSION_TWO_PASS, arcee_fusion
 from merging_methods.blockwise import per_element
 from merging_methods.breadcrumbs import band_plan, breadcrumbs, breadcrumbs_ties
 from merging_methods.della import check_window, della, della_linear, magprune_plan
@@ -66,10 +67,10 @@ from merging_methods.params import (
     EPS, MAX_ITER, NORMALIZE_WEIGHTS, NUSLERP_FLATTEN, NUSLERP_ROW_WISE, TASK_VECTORS, TOL,
 )
 from merging_methods.primitives import keep_threshold
-from merging_methods.ram import ram, ramplus_tl
-from merging_methods.sce import sce
+from merging_methods.ram import RAMPLUS_TWO_PASS, ram, ramplus_tl
+from merging_methods.sce import SCE_TWO_PASS, sce
 from merging_methods.slerp import SLERP_TWO_PASS, slerp
-from merging_methods.streamed import TwoPass, two_pass_gta
+from merging_methods.streamed import TwoPass, merge_held, two_pass_gta
 from merging_methods.widen import WIDEN_TWO_PASS, widen
 
 CONTEXT = frozenset({"tensor_name", "layer_index", "num_layers", "is_input_embedding",
@@ -205,6 +206,12 @@ _DARE = (WEIGHTS, SCALING, DENSITY, NORMALIZE.with_default(False), RESCALE, RESC
 _BREADCRUMBS = (WEIGHTS, SCALING, DENSITY, GAMMA, NORMALIZE.with_default(False),
                 RESCALE.with_default(False))
 _DELLA = (WEIGHTS, SCALING, DENSITY, EPSILON, RESCALE, DELLA_RESCALE_MODE)
+
+
+def _held(form: TwoPass) -> FastPath:
+    """A method whose whole-tensor function is its two-pass form over the held tensor: stored
+    bf16/fp16 inputs (upcast block by block), into the runner's result buffer."""
+    return FastPath(partial(merge_held, form), stored_dtype_inputs=True)
 _FR = (WEIGHTS, SCALING, NORMALIZE.with_default(False), FR_RATIO, FR_FAITHFUL)
 METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     method("linear", gta.linear, "weighted average of the models (the base is not averaged in)",
@@ -274,18 +281,21 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
            *_FR, TASK_MODEL, EXPERT_DENSITY, warn=_negative_weights(True),
            fast=FastPath(free_merging, stored_dtype_inputs=True), two_pass=FREE_TWO_PASS),
     method("sce", sce, "keep the entries of largest variance across the models, weight each "
-           "model by its mean squared delta, average the sign-agreeing deltas", SELECT_TOPK),
+           "model by its mean squared delta, average the sign-agreeing deltas", SELECT_TOPK,
+           fast=_held(SCE_TWO_PASS), two_pass=SCE_TWO_PASS),
     method("nearswap", nearswap, "move each base entry toward the other model by at most t",
            NEARSWAP_T, others=(1, 1),
            fast=FastPath(per_element(nearswap), stored_dtype_inputs=True, row_separable=True)),
     method("arcee_fusion", arcee_fusion, "take the other model's changes whose KL-weighted "
            "importance exceeds median + 1.5 IQR", ARCEE_FUSION_SAMPLE, others=(1, 1),
-           context=frozenset({"generators"})),
+           context=frozenset({"generators"}), fast=_held(ARCEE_FUSION_TWO_PASS),
+           two_pass=ARCEE_FUSION_TWO_PASS),
     method("ram", ram, "average each entry's active deltas (|delta| > epsilon) over the models "
            "active there", RAM_EPSILON,
            fast=FastPath(per_element(ram), stored_dtype_inputs=True, row_separable=True)),
     method("ramplus_tl", ramplus_tl, "ram with each model's unique entries boosted by its "
-           "shared/unique ratio", RAM_EPSILON, RAMPLUS_R, RAMPLUS_ALPHA),
+           "shared/unique ratio", RAM_EPSILON, RAMPLUS_R, RAMPLUS_ALPHA,
+           fast=_held(RAMPLUS_TWO_PASS), two_pass=RAMPLUS_TWO_PASS),
 )}
 ALIASES = {"fourier": "fr_merging", "free": "free_merging"}
 

@@ -22,7 +22,8 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
-from merging_methods.gta_blocked import Plan, Sparsifier, blocked_gta, planned
+from checkpoints.rows import row_ranges
+from merging_methods.gta_blocked import Plan, Sparsifier, blocked_gta, output_buffer, planned
 from merging_methods.primitives import SAMPLE, block_size
 
 RowRange = tuple[int, int]
@@ -60,6 +61,39 @@ class TwoPass:
 
     stats: Callable[..., object]
     apply: Callable[..., Tensor]
+
+
+def held_source(base: Tensor, others: list[Tensor]) -> RowSource:
+    """Tensors held whole, as a RowSource in the runner's chunks (rows.row_ranges; a 1-D or 0-d
+    tensor is one chunk, one row for row-wise statistics)."""
+    shape = tuple(base.shape) if base.dim() else (1,)
+    b, os = base.reshape(shape), [other.reshape(shape) for other in others]
+    return RowSource(shape, tuple(row_ranges(shape, base.dim() >= 2)),
+                     lambda r, i: (b[r[0]:r[1]], os[i][r[0]:r[1]]),
+                     lambda r: (b[r[0]:r[1]], [o[r[0]:r[1]] for o in os]), base.device,
+                     len(others))
+
+
+def merge_held(form: TwoPass, base: Tensor, others: list[Tensor], *, out: Tensor | None = None,
+               **kwargs) -> Tensor:
+    """A method's whole-tensor function as its two-pass form over the held tensors (float32 or
+    stored bf16/fp16): the same chunks, so the same bits as the runner's streamed merge of a
+    large tensor. Float32 result, into `out` when given (`partial(merge_held, form)` is then
+    the method's FastPath, registry.py)."""
+    if base.numel() == 0:   # nothing to merge (and no row to take statistics of)
+        return output_buffer(base, out).view(base.shape)
+    source = held_source(base, others)
+    stats = form.stats(source, **kwargs)
+    out = output_buffer(base, out).view(source.shape)
+    width = math.prod(source.shape[1:])
+    for rows in source.chunks:
+        chunk_base, chunk_others = source.read_all(rows)
+        target = out[rows[0]:rows[1]]
+        merged = form.apply(stats, rows[0] * width, chunk_base, chunk_others, **kwargs,
+                            out=target)
+        if merged.data_ptr() != target.data_ptr():   # a form that does not write into `out`
+            target.copy_(merged)
+    return out.view(base.shape)
 
 
 class StreamedDeltas:

@@ -15,13 +15,14 @@ import pytest
 import torch
 
 import merge
+from checkpoints import rows
 from checkpoints.errors import UserError
 from merging_methods import arcee_fusion as arcee_module
 from merging_methods import ram as ram_module
 from merging_methods import reference
 from merging_methods import sce as sce_module
-from merging_methods.arcee_fusion import (SAMPLE_SIZE, arcee_fusion, fusion_threshold, row_kl,
-                                          sorted_entries)
+from merging_methods.arcee_fusion import (SAMPLE_SIZE, arcee_fusion, fusion_threshold,
+                                          ranked_values, row_kl)
 from merging_methods.mergekit_plan import POST, method_params, resolve
 from merging_methods.nearswap import nearswap
 from merging_methods.ram import ram, ramplus_tl
@@ -83,15 +84,17 @@ BLOCKED = [("sce", 3, {"select_topk": 0.3}), ("arcee_fusion", 1, {}),
 
 @pytest.mark.parametrize("method, n, params", BLOCKED, ids=[m for m, _, _ in BLOCKED])
 def test_many_small_blocks_give_the_one_block_result(method, n, params, monkeypatch):
-    """Blocks of 7 entries (sce, ramplus_tl) and chunks of one row (arcee_fusion) split the
-    tensor where the tests' tensors are otherwise one block: the same bits (sce: ω is summed
-    per block, so to float32 rounding), and still the float64 paper box."""
+    """Blocks of 7 entries (sce, ramplus_tl), pieces of one row (arcee_fusion) and streamed
+    chunks of two rows split the tensor where the tests' tensors are otherwise one block: the
+    same bits (sce: ω is summed per block, so to float32 rounding), and still the float64
+    paper box."""
     base, others = inputs(n)
     values = METHODS[method].resolve(params, n)
     whole = METHODS[method].fn(base, others, **values)
     monkeypatch.setattr(sce_module, "block_size", lambda device: 7)
     monkeypatch.setattr(ram_module, "block_size", lambda device: 7)
     monkeypatch.setattr(arcee_module, "ROW_CHUNK", 20)
+    monkeypatch.setattr(rows, "CHUNK_ELEMENTS", 24)
     blocked = METHODS[method].fn(base, others, **values)
     if method == "sce":
         torch.testing.assert_close(blocked, whole, rtol=1e-6, atol=1e-7)
@@ -102,9 +105,16 @@ def test_many_small_blocks_give_the_one_block_result(method, n, params, monkeypa
 
 
 def test_arcee_fusion_selected_quantiles_are_the_sorted_entries():
-    flat = torch.randint(0, 9, (1001,), generator=torch.Generator().manual_seed(3)).float()
-    positions = [250, 500, 750]
-    assert torch.equal(torch.stack(sorted_entries(flat, positions)), flat.sort().values[positions])
+    """The radix select over blocks: tied integers, signed values with ±0 and a rank at each
+    end, equal to the sorted entries."""
+    gen = torch.Generator().manual_seed(3)
+    tied = torch.randint(0, 9, (1001,), generator=gen).float()
+    signed = torch.cat([torch.randn(500, generator=gen), torch.tensor([0.0, -0.0] * 3)])
+    for flat in (tied, signed):
+        n = flat.numel()
+        positions = [0, n // 4, n // 4 + 1, n // 2, 3 * n // 4, n - 1]
+        got = ranked_values(lambda: flat.split(97), positions)
+        assert torch.equal(torch.stack(got), flat.sort().values[positions])
 
 
 @pytest.mark.parametrize("fn", [sce, nearswap, arcee_fusion, ram, ramplus_tl],
@@ -159,6 +169,38 @@ def test_sce_variance_ties_keep_the_lower_index():
     d1, d2 = torch.tensor([1.0, 2.0, -1.0, 5.0]), torch.tensor([-1.0, 0.0, 1.0, -5.0])
     out = sce(torch.zeros(4), [d1, d2], select_topk=0.5)
     assert torch.equal(out, torch.tensor([1.0, 0.0, 0.0, 5.0]))
+
+
+def test_sce_variance_is_the_float64_one_in_any_model_order():
+    """σ² of bf16-grid deltas: the float64 population variance rounded to float32, with the
+    same bits for every order of the models (so ties stay ties for the stable rule)."""
+    deltas = (torch.randn(3, 4000, generator=torch.Generator().manual_seed(2)) * 1e-3
+              ).bfloat16().float()
+    want = deltas.double().var(0, unbiased=False).float()
+    mean, deviations = torch.empty(4000, dtype=torch.float64), torch.empty(3, 4000,
+                                                                          dtype=torch.float64)
+    for order in ([0, 1, 2], [2, 0, 1], [1, 2, 0]):
+        got = sce_module.variance_(deltas[order], torch.empty(4000), mean, deviations)
+        assert torch.equal(got, want)
+
+
+def test_sce_ties_across_chunks_keep_the_lower_index(monkeypatch):
+    """4 models of integer deltas (σ² exact in float32, long runs of equal σ², the cut inside
+    one), chunks of one row and blocks of 5 entries: the kept entries are the float64 paper
+    box's stable top-K, though the run of kept ties ends in a later chunk than it starts."""
+    monkeypatch.setattr(rows, "CHUNK_ELEMENTS", 7)
+    monkeypatch.setattr(sce_module, "block_size", lambda device: 5)
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randint(-3, 4, (13, 7), generator=gen).float()
+    others = [base + torch.randint(-2, 3, (13, 7), generator=gen) for _ in range(4)]
+    variance = torch.stack(others).var(0, unbiased=False).flatten().double()
+    k = math.floor(0.4 * int(variance.count_nonzero()))
+    ranked = variance.sort(descending=True).values
+    tied = (variance == ranked[k - 1]).nonzero().flatten()
+    assert ranked[k] == ranked[k - 1] and tied[-1] // 7 > tied[0] // 7
+    want = reference.sce(base, others, select_topk=0.4)
+    torch.testing.assert_close(sce(base, others, select_topk=0.4).double(), want, rtol=1e-6,
+                               atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- nearswap (§19.8)
@@ -235,10 +277,13 @@ def test_arcee_fusion_sampled_threshold_is_mergekits_rule_and_seeded():
     ordered = importance.flatten()[picks].double().sort().values
     q = [float(ordered[math.floor(phi * (SAMPLE_SIZE - 1))]) for phi in (0.25, 0.5, 0.75)]
     want = q[1] + 1.5 * (q[2] - q[0])
-    got = fusion_threshold(importance, "mergekit", generator(3))
+    n = importance.numel()
+    halves = [(0, importance[:500].flatten()), (500 * 1000, importance[500:].flatten())]
+    chunks = lambda: halves  # noqa: E731  (two chunks: the draws are gathered from both)
+    got = fusion_threshold(chunks, n, "mergekit", generator(3))
     assert abs(float(got) - want) < 1e-6
-    assert torch.equal(got, fusion_threshold(importance, "mergekit", generator(3)))
-    others = {float(fusion_threshold(importance, mode, generator(seed)))
+    assert torch.equal(got, fusion_threshold(chunks, n, "mergekit", generator(3)))
+    others = {float(fusion_threshold(chunks, n, mode, generator(seed)))
               for mode, seed in (("mergekit", 4), ("exact", 3))}
     assert float(got) not in others
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 import merge
 from checkpoints import rows
 from checkpoints.checkpoint import CheckpointReader
-from merging_methods import della, model_stock, primitives, runner
+from merging_methods import arcee_fusion, della, model_stock, primitives, runner
 from merging_methods.primitives import Deltas, TopK
 from merging_methods.registry import METHODS
 from merging_methods.streamed import RowSource, StreamedDeltas
@@ -46,7 +46,9 @@ SETTINGS = [("ties", GTA), ("ties", {**GTA, "rescale": True}),
             ("fr_merging", {"weights": GTA["weights"], "fr_ratio": 0.5}),
             ("fr_merging", {"weights": GTA["weights"], "fr_faithful": True, "normalize": True}),
             ("free_merging", {"weights": GTA["weights"], "task_model": 1, "expert_density": 0.3,
-                              "fr_ratio": 0.5})]
+                              "fr_ratio": 0.5}),
+            ("sce", {"select_topk": 0.7}), ("sce", {}), ("arcee_fusion", {}),
+            ("ramplus_tl", {"ram_epsilon": 1.5, "ramplus_r": 0.5, "ramplus_alpha": 3.0})]
 
 
 def tied_inputs(dtype: torch.dtype, n_models: int = 3) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -101,6 +103,8 @@ def assert_two_pass_is_whole(monkeypatch, method: str, settings: dict, dtype: to
         if method == "ties":   # the threshold splits a run of ties: where it ends matters
             assert all(0 < f.cut.keep_equal < f.cut.equal for f, _ in stats.values()
                        if isinstance(f, TopK))
+        if method == "sce" and settings.get("select_topk", 1) < 1:   # so does sce's σ² cut
+            assert 0 < stats[1].cut.keep_equal < stats[1].cut.equal
         got = torch.cat([spec.two_pass.apply(stats, a * SHAPE[1], base[a:b],
                                              [o[a:b] for o in others], **params, **ctx).clone()
                          for a, b in source.chunks])
@@ -127,6 +131,14 @@ def test_model_stock_in_pieces_inside_chunks(monkeypatch, settings):
     assert_two_pass_is_whole(monkeypatch, "model_stock", settings, torch.bfloat16)
 
 
+def test_arcee_fusion_sample_is_gathered_chunk_by_chunk(monkeypatch):
+    """A 40-entry sample of the 91 (mergekit's rule, scaled down): the draws gathered from the
+    chunks in position order give the whole tensor's threshold, bit for bit."""
+    monkeypatch.setattr(arcee_fusion, "SAMPLE_SIZE", 40)
+    assert_two_pass_is_whole(monkeypatch, "arcee_fusion", {"arcee_fusion_sample": "mergekit"},
+                             torch.bfloat16)
+
+
 @pytest.mark.parametrize("is_input_embedding", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_widen_two_pass_equals_the_whole_tensor(monkeypatch, is_input_embedding, dtype):
@@ -138,7 +150,8 @@ def test_widen_two_pass_equals_the_whole_tensor(monkeypatch, is_input_embedding,
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("method,settings",
-                         [s for s in SETTINGS if s[0] in ("ties", "della", "model_stock",
+                         [s for s in SETTINGS if s[0] in ("ties", "della", "model_stock", "sce",
+                                                          "arcee_fusion", "ramplus_tl",
                                                           "free_merging")])
 def test_two_pass_on_cuda_equals_the_whole_tensor(monkeypatch, method, settings):
     assert_two_pass_is_whole(monkeypatch, method, settings, torch.bfloat16, "cuda")
@@ -172,7 +185,8 @@ def recorded_reads(monkeypatch) -> list[int]:
     ("nuslerp", ["--weights", "0.3,0.9"]),
     ("nuslerp", ["--weights", "0.3,0.9", "--no-nuslerp_flatten", "--nuslerp_row_wise"]),
     ("multislerp", ["--weights", "0.5,1.0,0.7"]), ("karcher", []),
-    ("fr_merging", ["--fr_ratio", "0.5"])])
+    ("fr_merging", ["--fr_ratio", "0.5"]),
+    ("sce", ["--select_topk", "0.5"]), ("arcee_fusion", []), ("ramplus_tl", [])])
 def test_runner_holds_no_more_than_a_chunk(family, monkeypatch, tmp_path, method,  # noqa: F811
                                            extra):
     """Every tensor above a 64-element budget goes in two passes: no read and no result buffer
@@ -182,8 +196,8 @@ def test_runner_holds_no_more_than_a_chunk(family, monkeypatch, tmp_path, method
     models = fts[:METHODS[method].others[1] or len(fts)]
     args = ["--method", method, "--base_model", str(base), "--models_to_merge",
             ",".join(map(str, models)), *extra]
-    # the same chunks and 64-element blocks for both runs: slerp and model_stock sum over the
-    # chunks, WIDEN's statistics and the l1 factors over the blocks
+    # the same chunks and 64-element blocks for both runs: slerp, model_stock and sce sum over
+    # the chunks, WIDEN's statistics and the l1 factors over the blocks
     monkeypatch.setattr(rows, "CHUNK_ELEMENTS", 64)
     monkeypatch.setattr(primitives, "CPU_BLOCK", 64)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
