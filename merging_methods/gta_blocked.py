@@ -18,7 +18,7 @@ from torch import Tensor
 from merging_methods.gta import SUM_EPS, check_lengths
 from merging_methods.half_spectrum import FilteredRows
 from merging_methods.primitives import (
-    MATCH_L1, Deltas, MatchL1, PresetDrop, RandomDrop, TopK, block_size, blocks, l1_factors,
+    MATCH_L1, REMEMBERED_MASK_ELEMENTS, Deltas, MatchL1, PresetDrop, RandomDrop, TopK, block_size, blocks, l1_factors,
     topk_count, used_density,
 )
 
@@ -168,7 +168,8 @@ def _dare_plan(density: Sequence[float], mask_keys: Sequence[int] | None,
         elif mask_keys is None:
             raise ValueError("DARE with density < 1 needs one mask key per model")
         else:   # the L1 factor's pass and the merge use the same masks: drawn once
-            drop = RandomDrop(p, mask_keys[i], deltas.n if l1 else None)
+            remember = l1 and deltas.n <= REMEMBERED_MASK_ELEMENTS
+            drop = RandomDrop(p, mask_keys[i], deltas.n if remember else None)
         if not rescale:
             return drop, 1.0
         return drop, MATCH_L1 if l1 else 1.0 / p

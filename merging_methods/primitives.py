@@ -417,6 +417,11 @@ class TopK:
         return delta
 
 
+# DARE's masks are kept for a tensor's second use up to this size: 16 MiB of packed bits per
+# model (a larger tensor's masks are drawn again, so memory stays flat)
+REMEMBERED_MASK_ELEMENTS = 1 << 27
+
+
 class RandomDrop:
     """DARE drop (§4.2, mask rule 2): keep each entry where its counter-based draw is below the
     density; stateless, so blocks may come in any order, on any device.

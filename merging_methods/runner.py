@@ -138,6 +138,10 @@ def tensor_context(spec: MethodSpec, item: TensorPlan, seed: int, n_models: int,
     return {name: facts[name] for name in spec.context}
 
 
+# entries of the two-pass tensors whose statistics may be started ahead of the merge at once
+AHEAD_ELEMENTS = 1 << 26
+
+
 class _LastRows:
     """A tensor's rows with the last chunk read kept: the models' deltas, streamed in lockstep
     (primitives.l1_factors), ask for the same base rows in turn, read once this way."""
@@ -308,25 +312,33 @@ def _work_units(spec: MethodSpec, recipe: MergeRecipe, inputs: OpenedInputs,
 
 
 class _FactsAhead:
-    """Starts the whole-tensor facts of two-pass tensors one tensor ahead: the first tensor's
-    at once, the next one's when the merge reaches a tensor's first chunk, so that a tensor's
-    statistics pass (on the thread for work ahead) overlaps the merge of the one before it.
-    Two tensors' facts are alive at most."""
+    """Starts the whole-tensor facts of two-pass tensors ahead of the merge, in order, on the
+    thread for work ahead: from the tensor being merged on, as many as fit in AHEAD_ELEMENTS
+    (at least the next one), so that the statistics passes keep ahead of the merge across
+    tensors of any size. The facts of the tensors started are alive together (small: thresholds,
+    norms, DARE's packed masks)."""
 
     def __init__(self, units: list[WorkUnit], submit: Callable[[Callable[[], object]], Future]):
         self.jobs = list(dict.fromkeys(u.job for u in units if u.job and u.job.two_pass))
         self.order = {job: index for index, job in enumerate(self.jobs)}
         self.submit = submit
-        self._start(0)
+        self._started = 0   # jobs[:_started] have their facts started
+        self._fill(0)
 
-    def _start(self, index: int) -> None:
-        if index < len(self.jobs):
-            self.jobs[index].start_facts(self.submit)
+    def _fill(self, current: int) -> None:
+        """Start facts from job `current` on while the jobs started and not yet merged hold
+        at most AHEAD_ELEMENTS entries, and at least the one after `current`."""
+        def held() -> int:
+            return sum(self.jobs[k].item.out.numel for k in range(current, self._started))
+        while self._started < len(self.jobs) and (self._started <= current + 1
+                                                  or held() < AHEAD_ELEMENTS):
+            self.jobs[self._started].start_facts(self.submit)
+            self._started += 1
 
     def reached(self, unit: WorkUnit) -> None:
         """The merge is about to take `unit`."""
         if unit.job is not None and unit.job.two_pass is not None and unit.rows[0] == 0:
-            self._start(self.order[unit.job] + 1)
+            self._fill(self.order[unit.job])
 
 
 def _read_unit(base: CheckpointReader, unit: WorkUnit):
