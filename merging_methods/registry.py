@@ -212,6 +212,12 @@ def _held(form: TwoPass) -> FastPath:
     """A method whose whole-tensor function is its two-pass form over the held tensor: stored
     bf16/fp16 inputs (upcast block by block), into the runner's result buffer."""
     return FastPath(partial(merge_held, form), stored_dtype_inputs=True)
+
+
+BREADCRUMBS_TWO_PASS = two_pass_gta(band_plan, consensus=False)
+BREADCRUMBS_TIES_TWO_PASS = two_pass_gta(band_plan, consensus=True)
+DELLA_TWO_PASS = two_pass_gta(magprune_plan, consensus=True)
+DELLA_LINEAR_TWO_PASS = two_pass_gta(magprune_plan, consensus=False)
 _FR = (WEIGHTS, SCALING, NORMALIZE.with_default(False), FR_RATIO, FR_FAITHFUL)
 METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     method("linear", gta.linear, "weighted average of the models (the base is not averaged in)",
@@ -260,18 +266,19 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
            fast=FastPath(model_stock, stored_dtype_inputs=True)),
     method("breadcrumbs", breadcrumbs, "drop the smallest and the largest |delta|, then task "
            "arithmetic", *_BREADCRUMBS, warn=_negative_weights(False),
-           two_pass=two_pass_gta(band_plan, consensus=False)),
+           fast=_held(BREADCRUMBS_TWO_PASS), two_pass=BREADCRUMBS_TWO_PASS),
     method("breadcrumbs_ties", breadcrumbs_ties, "breadcrumbs with TIES sign consensus",
            *_BREADCRUMBS, warn=_negative_weights(True),
-           two_pass=two_pass_gta(band_plan, consensus=True)),
+           fast=_held(BREADCRUMBS_TIES_TWO_PASS), two_pass=BREADCRUMBS_TIES_TWO_PASS),
     method("della", della, "magnitude-ranked random drop + rescale, TIES sign consensus",
            *_DELLA, NORMALIZE.with_default(True), context=frozenset({"generators"}),
            check=_della_windows, warn=_negative_weights(True),
-           two_pass=two_pass_gta(magprune_plan, consensus=True)),
+           fast=_held(DELLA_TWO_PASS), two_pass=DELLA_TWO_PASS),
     method("della_linear", della_linear, "magnitude-ranked random drop + rescale, task "
            "arithmetic", *_DELLA, NORMALIZE.with_default(False),
            context=frozenset({"generators"}), check=_della_windows,
-           warn=_negative_weights(False), two_pass=two_pass_gta(magprune_plan, consensus=False)),
+           warn=_negative_weights(False), fast=_held(DELLA_LINEAR_TWO_PASS),
+           two_pass=DELLA_LINEAR_TWO_PASS),
     method("fr_merging", fr_merging, "Fourier high-pass filter of each 2-D task vector, TIES "
            "sign consensus", *_FR, warn=_negative_weights(True),
            fast=FastPath(fr_merging, stored_dtype_inputs=True), two_pass=FR_TWO_PASS),

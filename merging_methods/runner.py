@@ -319,7 +319,8 @@ class _FactsAhead:
     norms, DARE's packed masks)."""
 
     def __init__(self, units: list[WorkUnit], submit: Callable[[Callable[[], object]], Future]):
-        self.jobs = list(dict.fromkeys(u.job for u in units if u.job and u.job.two_pass))
+        self.jobs = list(dict.fromkeys(u.job for u in units
+                                       if u.job and u.job.two_pass and u.job.two_pass.ahead))
         self.order = {job: index for index, job in enumerate(self.jobs)}
         self.submit = submit
         self._started = 0   # jobs[:_started] have their facts started
@@ -337,7 +338,7 @@ class _FactsAhead:
 
     def reached(self, unit: WorkUnit) -> None:
         """The merge is about to take `unit`."""
-        if unit.job is not None and unit.job.two_pass is not None and unit.rows[0] == 0:
+        if unit.job in self.order and unit.rows[0] == 0:
             self._fill(self.order[unit.job])
 
 

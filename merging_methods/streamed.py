@@ -57,10 +57,12 @@ class TwoPass:
     """A method's form for large tensors: `stats(source, **params, **context)` returns what needs
     the whole tensor; `apply(stats, offset, base, others, **params, **context, out=None)` merges
     the chunk at flat offset `offset` (inputs in their stored dtype) to the bits of the method
-    on the whole tensor. Chunks are applied in flat order, each once."""
+    on the whole tensor. Chunks are applied in flat order, each once. `ahead`: the runner may
+    gather the statistics on its thread for work ahead, beside the merge of earlier tensors."""
 
     stats: Callable[..., object]
     apply: Callable[..., Tensor]
+    ahead: bool = True
 
 
 def held_source(base: Tensor, others: list[Tensor]) -> RowSource:

@@ -295,3 +295,29 @@ def test_statistics_run_ahead_and_read_the_base_once_per_chunk(family, monkeypat
                        "--save_path", str(tmp_path / "o")]) == 0
     assert threads and all(name.startswith("merge-ahead") for name in threads)
     assert len(read) > 10 and len(asked) == len(fts) * len(read)
+
+
+def test_statistics_are_started_ahead_within_a_budget(monkeypatch):
+    """_FactsAhead starts the next tensors' statistics in order while the started, unmerged
+    tensors hold at most AHEAD_ELEMENTS entries, and always the tensor after the current one."""
+    monkeypatch.setattr(runner, "AHEAD_ELEMENTS", 25)
+    started: list[int] = []
+
+    class Job:
+        two_pass = type("Form", (), {"ahead": True})
+
+        def __init__(self, index: int, numel: int):
+            self.index = index
+            self.item = type("Item", (), {"out": type("Info", (), {"numel": numel})})
+
+        def start_facts(self, submit):
+            started.append(self.index)
+
+    jobs = [Job(k, n) for k, n in enumerate([10, 10, 10, 100, 10])]
+    units = [runner.WorkUnit(f"t{j.index}", (r, r + 1), (1,), j, 1) for j in jobs for r in (0, 1)]
+    ahead = runner._FactsAhead(units, submit=None)
+    assert started == [0, 1, 2]            # 10 + 10 + 10 reached the budget
+    for unit, want in zip(units, [[0, 1, 2], [0, 1, 2], [0, 1, 2, 3], [0, 1, 2, 3],
+                                  [0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 3, 4]]):
+        ahead.reached(unit)
+        assert started == want, unit.name
