@@ -21,11 +21,11 @@ import torch
 from checkpoints.checkpoint import CheckpointReader
 
 # 8 MiB of float32 per chunk and per model (542M family: task_arithmetic peak RSS 0.31-0.34 GB,
-# DARE-l1 0.44-0.47 GB, at the same speed; at 1 << 22 0.41 / 0.54-0.57 GB)
+# DARE-l1 0.45-0.48 GB, at the same speed; at 1 << 22 0.42 / 0.56-0.59 GB)
 CHUNK_ELEMENTS = 1 << 21
 # 32 MiB of float32: a larger tensor is merged in row chunks by methods with a two-pass form
 # (smaller ones stay whole: one pass, and a few of them fit in memory). At 1 << 20 (every
-# attention matrix too) DARE-l1 and TIES took 5-10% longer, peak RSS 0.37-0.41 GB
+# attention matrix too) DARE-l1 and TIES took 5-10% longer, peak RSS 0.38-0.41 GB
 TWO_PASS_ELEMENTS = 1 << 23
 RowRange = tuple[int, int]
 
