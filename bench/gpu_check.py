@@ -105,7 +105,7 @@ def run_merges(family: Path, device: str, work: Path, methods: list[str]) -> boo
             continue
         finally:
             for out in outs.values():
-                remove_output(out)
+                remove_output(out, family)
         rows.append(f"| {method} | {cpu[0]:.1f} | {cpu[1]:.2f} | {dev[0]:.1f} | {dev[1]:.2f} | "
                     f"{dev[2]:.2f} | {agree} |")
         print(f"  {method}: cpu {cpu[0]:.1f} s, {device} {dev[0]:.1f} s, {agree}", flush=True)

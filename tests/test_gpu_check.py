@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,3 +35,21 @@ def test_compare_outputs(tmp_path):
                   tmp_path / name / "model.safetensors")
     assert gpu_check.compare_outputs(tmp_path / "x", tmp_path / "y") == "bit-equal"
     assert gpu_check.compare_outputs(tmp_path / "x", tmp_path / "z") == "10.00% differ, max |diff| 0.5"
+
+
+def test_merges_section_on_cpu(tmp_path, capsys):
+    """The merges section end to end on a tiny family (CPU for both sides): every output
+    agrees bit for bit, and the section removes its outputs, leaving the family alone."""
+    family = tmp_path / "family"
+    subprocess.run([sys.executable, str(SCRIPT.parent / "make_family.py"), "--out", str(family),
+                    "--hidden", "64", "--layers", "2", "--intermediate", "128", "--vocab", "512"],
+                   check=True, capture_output=True)
+    before = sorted(p.name for p in family.iterdir())
+    work = tmp_path / "work"
+    work.mkdir()
+    assert gpu_check.run_merges(family, "cpu", work, ["task_arithmetic", "ties"])
+    out = capsys.readouterr().out
+    assert "task_arithmetic: cpu" in out and "bit-equal" in out
+    assert not any((work / f"{m}_{d}").exists() for m in ("task_arithmetic", "ties")
+                   for d in ("cpu", "device"))
+    assert sorted(p.name for p in family.iterdir()) == before
