@@ -300,12 +300,8 @@ class SafetensorsFile:
             begin, end = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
             shape = (rows[1] - rows[0], *shape[1:])
         raw = torch.empty(end - begin, dtype=torch.uint8)
-        view, done = memoryview(raw.numpy()), 0
-        while done < len(view):
-            got = os.preadv(self._fd, [view[done:]], self.data_start + begin + done)
-            if got == 0:
-                raise OSError(f"unexpected end of file at tensor {name}")
-            done += got
+        read_exact(self._fd, memoryview(raw.numpy()), self.data_start + begin,
+                   f"tensor {name}")
         return raw.view(info.dtype).reshape(shape)
 
     def __del__(self):
@@ -396,12 +392,12 @@ class _ShardFile:
         self.data_start = 8 + len(blob)
         self.waiting = {name: infos[name].nbytes for name in infos}   # bytes still to arrive
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        _write_all(self.fd, memoryview(len(blob).to_bytes(8, "little") + blob), 0)
+        write_all(self.fd, memoryview(len(blob).to_bytes(8, "little") + blob), 0)
 
     def write(self, name: str, tensor: torch.Tensor, byte_offset: int = 0) -> None:
         """Write `tensor`'s bytes at `byte_offset` inside the tensor `name`."""
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        _write_all(self.fd, memoryview(data.numpy()),
+        write_all(self.fd, memoryview(data.numpy()),
                    self.data_start + self.offsets[name] + byte_offset)
         self.waiting[name] -= data.numel()
         if not self.waiting[name]:
@@ -410,7 +406,19 @@ class _ShardFile:
             os.close(self.fd)
 
 
-def _write_all(fd: int, data: memoryview, offset: int) -> None:
+def read_exact(fd: int, view: memoryview, offset: int, what: str) -> None:
+    """Fill `view` from file offset `offset` with positioned reads (no shared file position,
+    so threads may read one file at once); an OSError naming `what` if the file ends first."""
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            raise OSError(f"unexpected end of file at {what}")
+        done += got
+
+
+def write_all(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of `data` at file offset `offset` with positioned writes."""
     while len(data):
         written = os.pwrite(fd, data, offset)
         data, offset = data[written:], offset + written

@@ -15,14 +15,11 @@ Row groups cut each row chunk (rows.row_ranges) from its first row, so the whole
 and the two-pass form run these very steps on the very groups and strips and get the same bits
 whatever the FFT library does with batch sizes. The spectrum is stored strip after strip (each
 strip's rows contiguous): a strip is one read, a row group one read per strip. The scratch file
-is unnamed (tempfile.TemporaryFile) in the merge's staging folder: nothing is left behind if the
-run is killed, and it is read and written with pread/pwrite, not mapped (mapped pages would
-count as the process's memory).
+(checkpoints/scratch.py) is unnamed, in the merge's staging folder: nothing is left behind if
+the run is killed.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -30,8 +27,8 @@ import torch
 from torch import Tensor
 
 from checkpoints import rows as row_chunks
-from checkpoints.errors import writing
 from checkpoints.rows import RowRange, row_ranges
+from checkpoints.scratch import ScratchFile
 
 Strip = tuple[int, int]   # columns [start, stop) of the half spectrum
 COMPLEX_BYTES = 8          # complex64
@@ -78,31 +75,21 @@ class MemoryStore:
 
 
 class FileStore:
-    """Complex64 entries in an unnamed scratch file in `folder` (None: the system's temporary
-    folder), read and written with pread/pwrite; tensors come back on `device`."""
+    """Complex64 entries in a scratch file (checkpoints/scratch.py) in `folder` (None: the
+    system's temporary folder); tensors come back on `device`."""
 
     def __init__(self, folder: Path | None, device: torch.device):
-        self.folder, self.device = folder, device
-        with writing(folder or tempfile.gettempdir()):
-            self._file = tempfile.TemporaryFile(dir=folder)
+        self.device = device
+        self._file = ScratchFile(folder)
 
     def read(self, offset: int, count: int) -> Tensor:
         values = torch.empty(count, dtype=torch.complex64)
-        view = memoryview(values.view(torch.uint8).numpy())
-        done, start = 0, offset * COMPLEX_BYTES
-        while done < len(view):
-            got = os.preadv(self._file.fileno(), [view[done:]], start + done)
-            if got == 0:
-                raise OSError(f"scratch file in {self.folder} ended early")
-            done += got
+        self._file.read(offset * COMPLEX_BYTES, memoryview(values.view(torch.uint8).numpy()))
         return values.to(self.device)
 
     def write(self, offset: int, values: Tensor) -> None:
-        data = memoryview(values.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
-        done, start = 0, offset * COMPLEX_BYTES
-        with writing(self.folder or tempfile.gettempdir()):
-            while done < len(data):
-                done += os.pwrite(self._file.fileno(), data[done:], start + done)
+        data = values.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._file.write(offset * COMPLEX_BYTES, memoryview(data))
 
     def close(self) -> None:
         self._file.close()
