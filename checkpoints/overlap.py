@@ -4,9 +4,9 @@ Positioned reads and writes release the GIL, so on a machine with two or more co
 one unit of work (a chunk of rows of one tensor) overlaps the math of another: while unit k is
 merged, the write thread writes unit k-1's result and the read thread reads unit k+1's inputs
 (with one thread for both, the math also waited for the writes). A third thread runs work
-started ahead: a two-pass tensor's statistics passes, while the tensor before it is merged.
-At most one read and one write are ahead of the math, and a read is prefetched only when it and the unit being merged are
-together under PREFETCH_BYTES, so the largest tensor (the peak of whole-tensor methods) never
+started ahead: the statistics passes of the next two-pass tensors, while earlier ones are
+merged. At most one read and one write are ahead of the math, and a read is prefetched only
+when it and the unit being merged are together under PREFETCH_BYTES, so the largest tensor (the peak of whole-tensor methods) never
 has another one's inputs beside it.
 """
 from __future__ import annotations
@@ -49,8 +49,8 @@ def tune_malloc() -> None:
 
 class IOThread:
     """Background threads: one runs the reads in submission order, one the writes, and one
-    work started ahead of the math (`ahead`: a tensor's whole-tensor statistics, gathered
-    while the tensor before it is merged)."""
+    work started ahead of the math (`ahead`: the next tensors' whole-tensor statistics,
+    gathered while earlier tensors are merged)."""
 
     def __init__(self):
         tune_malloc()   # before the threads' first allocation

@@ -18,8 +18,8 @@ from torch import Tensor
 from merging_methods.gta import SUM_EPS, check_lengths
 from merging_methods.half_spectrum import FilteredRows
 from merging_methods.primitives import (
-    MATCH_L1, REMEMBERED_MASK_ELEMENTS, Deltas, MatchL1, PresetDrop, RandomDrop, TopK, block_size, blocks, l1_factors,
-    topk_count, used_density,
+    MATCH_L1, REMEMBERED_MASK_ELEMENTS, Deltas, MatchL1, PresetDrop, RandomDrop, TopK,
+    block_size, blocks, l1_factors, topk_count, used_density,
 )
 
 Sparsifier = TopK | RandomDrop | PresetDrop | FilteredRows | None

@@ -17,7 +17,7 @@ from checkpoints.checkpoint import CheckpointReader
 from merging_methods import arcee_fusion, della, model_stock, primitives, runner
 from merging_methods.primitives import Deltas, TopK
 from merging_methods.registry import METHODS
-from merging_methods.streamed import RowSource, StreamedDeltas
+from merging_methods.streamed import StreamedDeltas, held_source
 from tests.test_merge_cli import assert_user_error, family, load_weights  # noqa: F401 - fixture
 from tests.test_methods import context, resolved
 from tests.tiny_models import build_finetune
@@ -61,14 +61,6 @@ def tied_inputs(dtype: torch.dtype, n_models: int = 3) -> tuple[torch.Tensor, li
     return base, others
 
 
-def source_of(base: torch.Tensor, others: list[torch.Tensor]) -> RowSource:
-    """The tensor as the runner streams it, in chunks of rows.row_ranges."""
-    return RowSource(SHAPE, tuple(rows.row_ranges(SHAPE, True)),
-                     lambda r, i: (base[r[0]:r[1]], others[i][r[0]:r[1]]),
-                     lambda r: (base[r[0]:r[1]], [o[r[0]:r[1]] for o in others]), base.device,
-                     len(others))
-
-
 @pytest.mark.parametrize("step", [1, 4])
 def test_streamed_deltas_are_the_blocks_of_deltas(monkeypatch, step):
     """Blocks of 5 elements over chunks of 7 or 28: blocks span chunks, and still equal the
@@ -76,7 +68,7 @@ def test_streamed_deltas_are_the_blocks_of_deltas(monkeypatch, step):
     monkeypatch.setattr(rows, "CHUNK_ELEMENTS", step * SHAPE[1])
     base, others = tied_inputs(torch.bfloat16)
     base = base.float() + 0.25
-    got = [(s, b.clone()) for s, b in StreamedDeltas(source_of(base, others), 1, 5)]
+    got = [(s, b.clone()) for s, b in StreamedDeltas(held_source(base, others), 1, 5)]
     want = [(s, b.clone()) for s, b in Deltas(base, others[1], 5)]
     assert [s for s, _ in got] == [s for s, _ in want] == list(range(0, 91, 5))
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, want))
@@ -98,7 +90,7 @@ def assert_two_pass_is_whole(monkeypatch, method: str, settings: dict, dtype: to
         want = spec.fn(base.float(), [o.float() for o in others], **params,
                        **context(method, len(others), **facts))
         ctx = context(method, len(others), **facts)   # DELLA: generators in their first state
-        source = source_of(base, others)
+        source = held_source(base, others)
         stats = spec.two_pass.stats(source, **params, **ctx)
         if method == "ties":   # the threshold splits a run of ties: where it ends matters
             assert all(0 < f.cut.keep_equal < f.cut.equal for f, _ in stats.values()
