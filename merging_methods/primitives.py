@@ -149,20 +149,12 @@ def _golden_ramp(size: int, device: torch.device) -> Tensor:
     return torch.arange(size, dtype=torch.int64, device=device).mul_(_int64(GOLDEN))
 
 
-def keep_mask(key: int, density: float, start: int, n: int,
-              device: torch.device | str = "cpu") -> Tensor:
-    """Keep-mask of flat elements start .. start+n-1 under mask rule 2 (module docstring): float32
-    1 where kept, 0 where dropped (a float multiplier: boolean kernels are slow here).
-
-    Computed in blocks of `block_size` draws in two reused buffers, so that on CPU the dozen
-    integer passes stay in cache."""
-    device = torch.device(device)
-    bound = keep_threshold(density) - DENSITY_STEPS // 2  # t in the flipped, signed lanes
-    if bound == DENSITY_STEPS // 2:  # t = 65536 keeps every u (and is no int16)
-        return torch.ones(n, dtype=torch.float32, device=device)
-    if sys.byteorder != "little":  # the int16 view below reads a word's low lane first
-        raise RuntimeError("DARE masks need a little-endian host")
-    out = torch.empty(n, dtype=torch.float32, device=device)
+def _mixed_words(key: int, start: int, n: int, device: torch.device
+                 ) -> Iterator[tuple[int, Tensor]]:
+    """(flat index of the block's first draw, its words w_k) for blocks of `block_size` draws
+    covering flat elements start .. start+n-1 (mask rule 2): the words are built in two reused
+    buffers, so that on CPU the dozen integer passes stay in cache. A yielded block is
+    overwritten by the next one."""
     first, stop = start // LANES, -(-(start + n) // LANES)  # the words holding the entries
     size = min(block_size(device) // LANES, max(stop - first, 1))
     ramp = _golden_ramp(block_size(device) // LANES, device)[:size]
@@ -170,35 +162,102 @@ def keep_mask(key: int, density: float, start: int, n: int,
     for lo, hi in blocks(stop - first, size):
         state = torch.add(ramp[: hi - lo], _int64(key + (first + lo + 1) * GOLDEN),
                           out=words[: hi - lo])  # key + (k+1)·GOLDEN for words k = first + lo ...
-        draws = splitmix64_(state, scratch[: hi - lo]).bitwise_xor_(_int64(_FLIP))
-        draws = draws.view(torch.int16)  # 4 draws per word, its low lane first
-        begin = (first + lo) * LANES  # flat index of draws[0]
+        yield (first + lo) * LANES, splitmix64_(state, scratch[: hi - lo])
+
+
+def _little_endian() -> None:
+    """The lane views below read a word's low 16 bits first."""
+    if sys.byteorder != "little":
+        raise RuntimeError("DARE masks need a little-endian host")
+
+
+def keep_bits(key: int, density: float, start: int, n: int) -> np.ndarray:
+    """Keep-decisions of flat elements start .. start+n-1 under mask rule 2, as a numpy bool
+    array, computed on the CPU: numpy compares the unsigned 16-bit lanes directly (torch's
+    comparison into float32 took three times as long)."""
+    t = keep_threshold(density)
+    if t == DENSITY_STEPS:  # t = 65536 keeps every u (and is no uint16)
+        return np.ones(n, dtype=bool)
+    _little_endian()
+    out = np.empty(n, dtype=bool)
+    for begin, words in _mixed_words(key, start, n, torch.device("cpu")):
+        lanes = words.numpy().view(np.uint16)  # 4 draws per word, its low lane first
+        a, b = max(start, begin), min(start + n, begin + lanes.size)
+        np.less(lanes[a - begin: b - begin], t, out=out[a - start: b - start])
+    return out
+
+
+def keep_mask(key: int, density: float, start: int, n: int,
+              device: torch.device | str = "cpu") -> Tensor:
+    """Keep-mask of flat elements start .. start+n-1 under mask rule 2 (module docstring): float32
+    1 where kept, 0 where dropped (a float multiplier: boolean kernels are slow here), computed
+    on `device`."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return torch.from_numpy(keep_bits(key, density, start, n).view(np.uint8)).float()
+    return _keep_mask_on(device, key, density, start, n)
+
+
+def _keep_mask_on(device: torch.device, key: int, density: float, start: int, n: int) -> Tensor:
+    """`keep_mask` in torch ops only, for accelerators: the unsigned lanes are compared as
+    signed int16 after flipping their sign bits (torch has no uint16 comparison)."""
+    bound = keep_threshold(density) - DENSITY_STEPS // 2  # t in the flipped, signed lanes
+    if bound == DENSITY_STEPS // 2:
+        return torch.ones(n, dtype=torch.float32, device=device)
+    _little_endian()
+    out = torch.empty(n, dtype=torch.float32, device=device)
+    for begin, words in _mixed_words(key, start, n, device):
+        draws = words.bitwise_xor_(_int64(_FLIP)).view(torch.int16)
         a, b = max(start, begin), min(start + n, begin + draws.numel())
         torch.lt(draws[a - begin: b - begin], bound, out=out[a - start: b - start])
     return out
 
 
+class Upcast:
+    """The float32 copy of the last stored-dtype block asked for, kept while the models' deltas
+    ask for the same base block in turn (the lockstep passes, `_weighted_sum`): one conversion
+    for all models. A copy and a float32 subtraction took two thirds of the time of torch's
+    mixed-dtype subtraction (bf16 from float32). The block asked for is held, so its memory
+    (the key) cannot be reused by another tensor while it is kept."""
+
+    def __init__(self, size: int, device: torch.device):
+        self._buf = torch.empty(size, dtype=torch.float32, device=device)
+        self._key: tuple[int, int, torch.dtype] | None = None
+        self._held: Tensor | None = None
+
+    def of(self, block: Tensor) -> Tensor:
+        """`block` (1-D, at most `size` entries) as float32, exact."""
+        out = self._buf[: block.numel()]
+        key = (block.data_ptr(), block.numel(), block.dtype)
+        if key != self._key:
+            self._key, self._held = key, block
+            out.copy_(block)
+        return out
+
+
 class Deltas:
     """Flat float32 blocks of `other - base`, computed on demand into one reused scratch buffer.
 
-    `base` and `other` may be stored bf16/fp16 (the upcast to float32 is exact). A block
-    returned by `block` or the iterator is overwritten by the next one; callers may modify it
-    in place.
+    `base` and `other` may be stored bf16/fp16 (the upcast to float32 is exact); deltas of one
+    base may share an `Upcast` of its blocks. A block returned by `block` or the iterator is
+    overwritten by the next one; callers may modify it in place.
     """
 
-    def __init__(self, base: Tensor, other: Tensor, size: int):
+    def __init__(self, base: Tensor, other: Tensor, size: int, upcast: Upcast | None = None):
         self.base, self.other = base.reshape(-1), other.reshape(-1)
         self.n, self.size = self.base.numel(), size
         self._buf = torch.empty(min(size, self.n), dtype=torch.float32, device=base.device)
         # torch computes a difference in its inputs' common dtype: a float32 operand makes it
         # exact in one op; two narrow operands need an explicit upcast first
         self._one_op = torch.float32 in (self.base.dtype, self.other.dtype)
+        self._upcast = None if self._one_op else upcast or Upcast(self._buf.numel(), base.device)
 
     def block(self, start: int, stop: int) -> Tensor:
         out = self._buf[: stop - start]
         if self._one_op:
             return torch.sub(self.other[start:stop], self.base[start:stop], out=out)
-        return out.copy_(self.other[start:stop]).sub_(self.base[start:stop])
+        return torch.sub(out.copy_(self.other[start:stop]),
+                         self._upcast.of(self.base[start:stop]), out=out)
 
     def __iter__(self) -> Iterator[tuple[int, Tensor]]:
         for start, stop in blocks(self.n, self.size):
@@ -442,11 +501,13 @@ class RandomDrop:
             first = start // 8
             unpacked = np.unpackbits(self._bits[first: -(-(start + n) // 8)])
             return delta.mul_(torch.from_numpy(unpacked[start - 8 * first: start - 8 * first + n]))
-        mask = keep_mask(self.key, self.density, start, n, delta.device)
-        if self._bits is not None and cpu and start == self._drawn and start % 8 == 0:
-            self._bits[start // 8: -(-(start + n) // 8)] = np.packbits(mask.numpy() != 0)
+        if not cpu:
+            return delta.mul_(keep_mask(self.key, self.density, start, n, delta.device))
+        keep = keep_bits(self.key, self.density, start, n)
+        if self._bits is not None and start == self._drawn and start % 8 == 0:
+            self._bits[start // 8: -(-(start + n) // 8)] = np.packbits(keep)
             self._drawn += n
-        return delta.mul_(mask)
+        return delta.mul_(torch.from_numpy(keep.view(np.uint8)))
 
 
 class PresetDrop:

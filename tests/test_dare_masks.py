@@ -11,8 +11,8 @@ import torch
 
 from checkpoints.errors import UserError
 from merging_methods.primitives import (
-    MASK_RULE, _splitmix64_numpy_, _splitmix64_torch_, keep_mask, keep_threshold, mask_key,
-    splitmix64_, used_density,
+    MASK_RULE, _splitmix64_numpy_, _splitmix64_torch_, keep_bits, keep_mask, keep_threshold,
+    mask_key, splitmix64_, used_density,
 )
 from merging_methods.recipe import MergeRecipe
 
@@ -64,6 +64,17 @@ def test_keep_mask_matches_python_integers():
     start, n = 4097, 37  # not word-aligned at either end
     want = [float(draw(key, j) < t) for j in range(start, start + n)]
     assert keep_mask(key, 0.37, start, n).tolist() == want
+
+
+def test_the_accelerator_form_of_keep_mask_gives_the_cpu_bits():
+    """The torch-only form (flipped signed lanes, run here on the CPU) and the numpy form agree
+    over several blocks, unaligned ends and the densities at the edges of the 16-bit steps."""
+    from merging_methods.primitives import _keep_mask_on
+    key, start, n = mask_key(5, 2, "w"), 3, (1 << 19) + 5
+    for density in (1 / 65536, 0.25, 0.5 + 1 / 131072, 65535 / 65536, 1.0):
+        torch_form = _keep_mask_on(torch.device("cpu"), key, density, start, n)
+        assert torch.equal(torch_form, keep_mask(key, density, start, n)), density
+        assert (torch_form.bool().numpy() == keep_bits(key, density, start, n)).all()
 
 
 def test_mask_key_is_sha256_of_seed_model_and_name():
@@ -179,10 +190,10 @@ def test_a_remembered_drop_is_drawn_once_and_gives_the_same_masks(monkeypatch):
     drop = primitives.RandomDrop(density, key, remember=n)
     for start in range(0, 992, 64):   # blocks of 64 in flat order, the last 8 entries not
         drop.apply_(torch.ones(min(64, 992 - start)), start)
-    calls = []
-    real = primitives.keep_mask
-    monkeypatch.setattr(primitives, "keep_mask", lambda *a, **k: calls.append(a) or real(*a, **k))
     want = keep_mask(key, density, 0, n)
+    calls = []
+    real = primitives.keep_bits
+    monkeypatch.setattr(primitives, "keep_bits", lambda *a, **k: calls.append(a) or real(*a, **k))
     for start, stop in [(0, 992), (3, 70), (61, 67), (130, 131), (500, 992)]:
         delta = torch.arange(1.0, stop - start + 1)
         assert torch.equal(drop.apply_(delta, start), torch.arange(1.0, stop - start + 1)
