@@ -19,7 +19,7 @@ from merging_methods.gta import SUM_EPS, check_lengths
 from merging_methods.half_spectrum import FilteredRows
 from merging_methods.primitives import (
     MATCH_L1, REMEMBERED_MASK_ELEMENTS, Deltas, MatchL1, PresetDrop, RandomDrop, TopK,
-    block_size, blocks, l1_factors, topk_count, used_density,
+    Upcast, block_size, blocks, l1_factors, topk_count, used_density,
 )
 
 Sparsifier = TopK | RandomDrop | PresetDrop | FilteredRows | None
@@ -112,7 +112,8 @@ def blocked_gta(base: Tensor, others: Sequence[Tensor], weights: Sequence[float]
     if base.numel() == 0 or not active:
         return output_buffer(base, out).copy_(base.reshape(-1)).view_as(base)
     size = block_size(base.device)
-    sources = [Deltas(base, others[i], size) for i in active]
+    upcast = Upcast(min(size, base.numel()), base.device)   # the base's blocks, shared
+    sources = [Deltas(base, others[i], size, upcast) for i in active]
     plans = planned(plan, active, sources)
     sparsifiers, factors = [p[0] for p in plans], [p[1] for p in plans]
     kept = [weights[i] for i in active]
@@ -203,7 +204,8 @@ def linear(base: Tensor | None, others: list[Tensor], *, weights: Sequence[float
     anchor, rest = others[0], others[1:]
     size = block_size(anchor.device)
     coeffs = [w / divisor for w in weights[1:]]
-    sources = [Deltas(anchor, other, size) for other in rest]
+    upcast = Upcast(min(size, anchor.numel()), anchor.device)
+    sources = [Deltas(anchor, other, size, upcast) for other in rest]
     return _weighted_sum(anchor, sources, [None] * len(rest), coeffs, out,
                          base_scale=total / divisor)
 

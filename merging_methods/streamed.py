@@ -24,7 +24,7 @@ from torch import Tensor
 
 from checkpoints.rows import row_ranges
 from merging_methods.gta_blocked import Plan, Sparsifier, blocked_gta, output_buffer, planned
-from merging_methods.primitives import SAMPLE, block_size
+from merging_methods.primitives import SAMPLE, Upcast, block_size
 
 RowRange = tuple[int, int]
 # the top-k sample's rows: 8-row bands at 32 places (256 rows in 32 reads; a read per row made
@@ -103,10 +103,11 @@ class StreamedDeltas:
     `size` elements in flat order, bit for bit, assembled from the row chunks (a block may span
     two chunks). A yielded block is overwritten by the next one; callers may modify it."""
 
-    def __init__(self, source: RowSource, model: int, size: int):
+    def __init__(self, source: RowSource, model: int, size: int, upcast: Upcast | None = None):
         self.source, self.model = source, model
         self.n, self.size = source.n, size
         self._buf = torch.empty(min(size, self.n), dtype=torch.float32, device=source.device)
+        self._upcast = upcast or Upcast(self._buf.numel(), source.device)   # shared: lockstep
 
     def __iter__(self) -> Iterator[tuple[int, Tensor]]:
         start = filled = 0   # flat offset of the block being filled, entries in it so far
@@ -117,7 +118,9 @@ class StreamedDeltas:
                 take = min(self._buf.numel() - filled, base.numel() - pos)
                 piece = self._buf[filled:filled + take]
                 # one float32 subtraction of exact upcasts, as Deltas.block computes it
-                piece.copy_(other[pos:pos + take]).sub_(base[pos:pos + take])
+                below = base[pos:pos + take]
+                piece.copy_(other[pos:pos + take])
+                piece.sub_(below if below.dtype == torch.float32 else self._upcast.of(below))
                 filled, pos = filled + take, pos + take
                 if filled == min(self.size, self.n - start):
                     yield start, self._buf[:filled]
@@ -168,7 +171,8 @@ def two_pass_gta(plan_of: Callable[..., Plan], consensus: bool) -> TwoPass:
     def stats(source: RowSource, *, weights, **params) -> Planned:
         size = block_size(source.device)
         models = [i for i, w in enumerate(weights) if w != 0]
-        streams = [StreamedDeltas(source, i, size) for i in models]
+        upcast = Upcast(min(size, source.n), source.device)   # the base's blocks, shared
+        streams = [StreamedDeltas(source, i, size, upcast) for i in models]
         return dict(zip(models, planned(plan_of(**params), models, streams)))
 
     def apply(planned: Planned, offset: int, base: Tensor, others: list[Tensor], *, weights,
