@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import shutil
 from dataclasses import dataclass
@@ -375,7 +376,7 @@ class _ShardFile:
     """One output safetensors file whose layout is fixed up front: the header is written
     first and each tensor's bytes are written at their offset when the tensor arrives."""
 
-    def __init__(self, path: Path, infos: dict[str, TensorInfo]):
+    def __init__(self, path: Path, infos: dict[str, TensorInfo], bounce: memoryview | None = None):
         order = sorted(infos, key=lambda n: -infos[n].dtype.itemsize)   # keeps data aligned
         header: dict[str, object] = {"__metadata__": {"format": "pt"}}
         self.offsets: dict[str, int] = {}
@@ -393,17 +394,71 @@ class _ShardFile:
         self.waiting = {name: infos[name].nbytes for name in infos}   # bytes still to arrive
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         write_all(self.fd, memoryview(len(blob).to_bytes(8, "little") + blob), 0)
+        self.bounce = bounce
+        self.direct = _open_direct(path) if bounce is not None else None
 
     def write(self, name: str, tensor: torch.Tensor, byte_offset: int = 0) -> None:
         """Write `tensor`'s bytes at `byte_offset` inside the tensor `name`."""
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        write_all(self.fd, memoryview(data.numpy()),
-                   self.data_start + self.offsets[name] + byte_offset)
+        view, offset = memoryview(data.numpy()), self.data_start + self.offsets[name] + byte_offset
+        if self.direct is None:
+            write_all(self.fd, view, offset)
+        elif not write_direct(self.fd, self.direct, view, offset, self.bounce):
+            os.close(self.direct)   # the file system refused a direct write: page cache only
+            self.direct = None
         self.waiting[name] -= data.numel()
         if not self.waiting[name]:
             del self.waiting[name]
         if not self.waiting:
             os.close(self.fd)
+            if self.direct is not None:
+                os.close(self.direct)
+
+
+# Output writes bypass the page cache (O_DIRECT) where the file system allows it: writing 1 GiB
+# through the page cache took 0.2-1.0 s of kernel CPU here (0.2-2.5 s wall), direct 0.06 s
+# (0.4-0.5 s wall), and on two cores that CPU is taken from the merge. Direct writes need
+# page-aligned offsets, lengths and memory: the whole pages of a write go through a page-aligned
+# bounce buffer of DIRECT_PIECE bytes, the partial pages at its ends through the page cache.
+DIRECT_WRITES = hasattr(os, "O_DIRECT")
+PAGE, DIRECT_PIECE = 4096, 1 << 21
+
+
+def _open_direct(path: Path) -> int | None:
+    """A second descriptor of `path` for direct writes, or None where the file system has none."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_DIRECT)
+    except OSError:
+        return None
+
+
+def bounce_buffer() -> memoryview | None:
+    """A page-aligned buffer for direct writes (anonymous memory is), or None without them."""
+    return memoryview(mmap.mmap(-1, DIRECT_PIECE)) if DIRECT_WRITES else None
+
+
+def write_direct(fd: int, direct: int, data: memoryview, offset: int, bounce: memoryview) -> bool:
+    """Write `data` at `offset`: its whole pages through `direct` (copied into `bounce`), the
+    rest through `fd`. False when the file system refused a direct write (that part and the
+    rest then went through `fd`)."""
+    end = offset + len(data)
+    first, last = -(-offset // PAGE) * PAGE, end // PAGE * PAGE   # the whole pages: first..last
+    if last <= first:
+        write_all(fd, data, offset)
+        return True
+    write_all(fd, data[: first - offset], offset)
+    write_all(fd, data[last - offset:], last)
+    for start in range(first, last, len(bounce)):
+        size = min(len(bounce), last - start)
+        bounce[:size] = data[start - offset: start - offset + size]
+        try:
+            written = os.pwrite(direct, bounce[:size], start)
+        except OSError:
+            written = 0
+        if written != size:   # refused, or a short write: the rest through the page cache
+            write_all(fd, data[start - offset + written: last - offset], start + written)
+            return False
+    return True
 
 
 def read_exact(fd: int, view: memoryview, offset: int, what: str) -> None:
@@ -444,6 +499,7 @@ class ShardedWriter:
         self._shard_names = shards
         self._shard_of = {n: k for k, names in enumerate(shards) for n in names}
         self._files: dict[int, _ShardFile] = {}
+        self._bounce = bounce_buffer()   # shared by the shard files: one is written at a time
 
     def add(self, name: str, tensor: torch.Tensor, row_start: int = 0) -> None:
         """Write the tensor `name`, or rows of it starting at `row_start` (each row once)."""
@@ -459,7 +515,8 @@ class ShardedWriter:
         row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
         with writing(path):
             if k not in self._files:
-                self._files[k] = _ShardFile(path, {n: self.infos[n] for n in self._shard_names[k]})
+                self._files[k] = _ShardFile(path, {n: self.infos[n] for n in self._shard_names[k]},
+                                            self._bounce)
             self._files[k].write(name, tensor, row_start * row_bytes)
 
     def close(self) -> None:

@@ -1,6 +1,9 @@
 """Merging large tensors in row chunks (checkpoints/rows.py) gives the whole-tensor result."""
 from __future__ import annotations
 
+import errno
+import os
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -48,6 +51,66 @@ def test_writer_takes_rows_in_any_order(tmp_path):
         partial.close()
     with pytest.raises(ValueError):
         partial.add("a", a[:2], row_start=4)   # past the last row
+
+
+def _write_unaligned(folder, monkeypatch, direct: bool, refuse: bool = False
+                     ) -> tuple[bytes, int]:
+    """A shard of tensors whose bytes start and end off page boundaries, written in chunks out
+    of order, with or without direct writes (a 3-page bounce buffer: several per chunk); the
+    file's bytes and the number of direct writes made. `refuse`: the file system opens files
+    for direct writes but refuses the writes."""
+    from checkpoints import checkpoint
+
+    monkeypatch.setattr(checkpoint, "DIRECT_WRITES", direct)
+    monkeypatch.setattr(checkpoint, "DIRECT_PIECE", 3 * checkpoint.PAGE)
+    direct_fds, made = set(), []
+    real_open, real_pwrite = checkpoint._open_direct, os.pwrite
+
+    def open_direct(path):
+        fd = real_open(path)
+        direct_fds.add(fd)
+        return fd
+
+    def pwrite(fd, data, offset):
+        if fd in direct_fds:
+            if refuse:
+                raise OSError(errno.EINVAL, "direct write refused")
+            made.append(offset)
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(checkpoint, "_open_direct", open_direct)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    infos = {"a": TensorInfo((1001, 37), torch.bfloat16), "b": TensorInfo((5, 4099), torch.float32),
+             "c": TensorInfo((3,), torch.float16), "d": TensorInfo((512, 300), torch.bfloat16)}
+    generator = torch.Generator().manual_seed(0)
+    tensors = {n: torch.randn(i.shape, generator=generator).to(i.dtype) for n, i in infos.items()}
+    folder.mkdir()
+    writer = ShardedWriter(folder, infos, 10**9)
+    for name in ("d", "c", "a", "b"):
+        t = tensors[name]
+        for start in range(0, t.shape[0], 200):
+            writer.add(name, t[start:start + 200], row_start=start)
+    writer.close()
+    got = load_file(folder / "model.safetensors")
+    assert all(torch.equal(got[n], t) for n, t in tensors.items())
+    return (folder / "model.safetensors").read_bytes(), len(made)
+
+
+def test_direct_writes_give_the_page_cache_bytes(tmp_path, monkeypatch):
+    """Whole pages through O_DIRECT, partial ones through the page cache: the same file, byte for
+    byte, as writing everything through the page cache; where the file system refuses direct
+    writes, the rest goes through the page cache."""
+    from checkpoints import checkpoint
+
+    probe = tmp_path / "probe"
+    probe.write_bytes(b"")
+    if not checkpoint.DIRECT_WRITES or checkpoint._open_direct(probe) is None:
+        pytest.skip("no direct writes on this file system")
+    plain, none = _write_unaligned(tmp_path / "plain", monkeypatch, direct=False)
+    direct, made = _write_unaligned(tmp_path / "direct", monkeypatch, direct=True)
+    refused, _ = _write_unaligned(tmp_path / "refused", monkeypatch, direct=True, refuse=True)
+    assert none == 0 and made > 20
+    assert direct == plain and refused == plain
 
 
 @pytest.fixture(scope="module")
