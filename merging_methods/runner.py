@@ -12,9 +12,11 @@ methods, and about (models + 2) x the largest tensor otherwise.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import math
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -307,7 +309,18 @@ def _work_units(spec: MethodSpec, recipe: MergeRecipe, inputs: OpenedInputs,
         itemsizes = sum(reader.info[name].dtype.itemsize for reader, name in readers)
         units += [WorkUnit(item.name, rows, shape, job, math.prod(shape) * itemsizes)
                   for rows, shape in job.units()]
-    return units
+    return statistics_last(units)
+
+
+def statistics_last(units: list[WorkUnit]) -> list[WorkUnit]:
+    """`units` with those of the two-pass tensors above AHEAD_ELEMENTS / 2 moved to the end (the
+    writer takes tensors in any order). Their statistics take longest: an input embedding first
+    in the plan left the merge waiting for them (0.27 s of a 3.4 s DARE-l1 merge of the 542M
+    family); placed last, they are gathered while the other tensors are merged."""
+    def large(unit: WorkUnit) -> bool:
+        return (unit.job is not None and unit.job.two_pass is not None
+                and unit.job.item.out.numel > AHEAD_ELEMENTS // 2)
+    return [u for u in units if not large(u)] + [u for u in units if large(u)]
 
 
 class _FactsAhead:
@@ -358,6 +371,18 @@ def _merge_unit(unit: WorkUnit, raw: list[torch.Tensor], device: torch.device,
     return out.clone() if buffer is not None and out.data_ptr() == buffer.data_ptr() else out
 
 
+@contextmanager
+def _imports_left_to_refcounting() -> Iterator[None]:
+    """The objects alive at the start (torch's and the other imports', ~170K) are left out of
+    the garbage collector's passes while the merge runs (gc.freeze): its collections walked them
+    all, ~0.1 s of a 3.4 s DARE merge of the 542M family."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def run_merge(recipe: MergeRecipe, *, make_post: HookFactory | None = None) -> Path:
     """Execute `recipe` and return the output folder.
 
@@ -392,7 +417,7 @@ def run_merge(recipe: MergeRecipe, *, make_post: HookFactory | None = None) -> P
     with staged_output(save_path, recipe.overwrite, folders) as tmp:
         writer = ShardedWriter(tmp, inputs.plan.out_infos, max_shard_bytes)
         total = sum(t.out.nbytes for t in inputs.plan.tensors)
-        with torch.inference_mode(), IOThread() as io, tqdm(
+        with torch.inference_mode(), _imports_left_to_refcounting(), IOThread() as io, tqdm(
                 total=total, unit="B", unit_scale=True, desc=f"merge {recipe.method}") as bar:
             units = _work_units(spec, recipe, inputs, device, tmp)
             loads = ((partial(_read_unit, inputs.base, unit), unit.nbytes) for unit in units)
@@ -400,8 +425,10 @@ def run_merge(recipe: MergeRecipe, *, make_post: HookFactory | None = None) -> P
             for unit, raw in zip(units, io.prefetch(loads)):
                 facts_ahead.reached(unit)
                 out = raw if unit.job is None else _merge_unit(unit, raw, device, results, post)
-                io.write(partial(writer.add, unit.name, out, unit.rows[0] if unit.rows else 0))
-                bar.update(out.numel() * out.element_size())
+                nbytes = out.numel() * out.element_size()
+                io.write(partial(writer.add, unit.name, out, unit.rows[0] if unit.rows else 0),
+                         nbytes)
+                bar.update(nbytes)
             io.flush()
         writer.close()
         config_updates = {**dtype_config_update(inputs.base.config, inputs.out_dtype),

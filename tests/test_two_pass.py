@@ -313,3 +313,22 @@ def test_statistics_are_started_ahead_within_a_budget(monkeypatch):
                                   [0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 3, 4]]):
         ahead.reached(unit)
         assert started == want, unit.name
+
+
+def test_the_largest_two_pass_tensors_are_merged_last(monkeypatch):
+    """statistics_last moves the units of two-pass tensors above AHEAD_ELEMENTS / 2 behind the
+    others, keeping both groups' order (chunks of a tensor stay together and in row order)."""
+    monkeypatch.setattr(runner, "AHEAD_ELEMENTS", 100)
+
+    def job(numel: int, two_pass: bool):
+        item = type("Item", (), {"out": type("Info", (), {"numel": numel})})
+        return type("Job", (), {"two_pass": object() if two_pass else None, "item": item})
+
+    embed, held_large, small = job(80, True), job(80, False), job(50, True)
+    plan = [("embed", embed, 2), ("copied", None, 1), ("attn", held_large, 1),
+            ("mlp", small, 2), ("head", embed, 2)]
+    units = [runner.WorkUnit(name, (r, r + 1), (1,), j, 1)
+             for name, j, chunks in plan for r in range(chunks)]
+    order = [(u.name, u.rows[0]) for u in runner.statistics_last(units)]
+    assert order == [("copied", 0), ("attn", 0), ("mlp", 0), ("mlp", 1),
+                     ("embed", 0), ("embed", 1), ("head", 0), ("head", 1)]
