@@ -197,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def timed(tool: str, method: str, cmd: list[str], out: Path) -> None:
         remove_output(out, family)
+        os.sync()   # no earlier run's output is written back to disk during this one
         warm_page_cache(files)
         wall, rss = run_child(cmd)
         remove_output(out, family)   # one output on disk at a time: each is a model's size
