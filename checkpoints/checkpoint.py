@@ -415,9 +415,11 @@ class _ShardFile:
                 os.close(self.direct)
 
 
-# Output writes bypass the page cache (O_DIRECT) where the file system allows it: writing 1 GiB
-# through the page cache took 0.2-1.0 s of kernel CPU here (0.2-2.5 s wall), direct 0.06 s
-# (0.4-0.5 s wall), and on two cores that CPU is taken from the merge. Direct writes need
+# A writer on a thread of its own writes past the page cache (O_DIRECT) where the file system
+# allows it: writing 1 GiB through the page cache took 0.2-1.0 s of kernel CPU here (0.2-2.5 s
+# wall), direct 0.06 s (0.4-0.5 s wall, waiting for the disk), and on two cores that CPU is
+# taken from the merge; a writer in the loop itself keeps the page cache's quick return (a
+# passthrough merge took 3.4 s with direct writes, 1.9 s without). Direct writes need
 # page-aligned offsets, lengths and memory: the whole pages of a write go through a page-aligned
 # bounce buffer of DIRECT_PIECE bytes, the partial pages at its ends through the page cache.
 DIRECT_WRITES = hasattr(os, "O_DIRECT")
@@ -487,7 +489,8 @@ class ShardedWriter:
     everything arrived and writes the index.
     """
 
-    def __init__(self, folder: Path, infos: dict[str, TensorInfo], max_shard_bytes: int):
+    def __init__(self, folder: Path, infos: dict[str, TensorInfo], max_shard_bytes: int,
+                 direct: bool = False):
         self.folder = Path(folder)
         self.infos = infos
         shards = plan_shards({n: i.nbytes for n, i in infos.items()}, max_shard_bytes)
@@ -499,7 +502,9 @@ class ShardedWriter:
         self._shard_names = shards
         self._shard_of = {n: k for k, names in enumerate(shards) for n in names}
         self._files: dict[int, _ShardFile] = {}
-        self._bounce = bounce_buffer()   # shared by the shard files: one is written at a time
+        # direct writes (`direct`, for a writer on a thread of its own, which may wait for the
+        # disk): one bounce buffer shared by the shard files, one is written at a time
+        self._bounce = bounce_buffer() if direct else None
 
     def add(self, name: str, tensor: torch.Tensor, row_start: int = 0) -> None:
         """Write the tensor `name`, or rows of it starting at `row_start` (each row once)."""

@@ -85,7 +85,7 @@ def _write_unaligned(folder, monkeypatch, direct: bool, refuse: bool = False
     generator = torch.Generator().manual_seed(0)
     tensors = {n: torch.randn(i.shape, generator=generator).to(i.dtype) for n, i in infos.items()}
     folder.mkdir()
-    writer = ShardedWriter(folder, infos, 10**9)
+    writer = ShardedWriter(folder, infos, 10**9, direct=True)
     for name in ("d", "c", "a", "b"):
         t = tensors[name]
         for start in range(0, t.shape[0], 200):
