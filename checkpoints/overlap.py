@@ -5,18 +5,23 @@ one unit of work (a chunk of rows of one tensor) overlaps the math of another: w
 merged, the write thread writes unit k-1's result and the read thread reads unit k+1's inputs
 (with one thread for both, the math also waited for the writes). A third thread runs work
 started ahead: the statistics passes of the next two-pass tensors, while earlier ones are
-merged. At most one read and one write are ahead of the math, and a read is prefetched only
-when it and the unit being merged are together under PREFETCH_BYTES, so the largest tensor (the peak of whole-tensor methods) never
-has another one's inputs beside it.
+merged. At most one read is ahead of the math, and it is prefetched only when it and the unit
+being merged are together under PREFETCH_BYTES, so the largest tensor (the peak of whole-tensor
+methods) never has another one's inputs beside it; results wait for the write thread up to
+WRITE_AHEAD_BYTES (at least one).
 """
 from __future__ import annotations
 
 import ctypes
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 PREFETCH_BYTES = 1 << 28  # 256 MiB: row chunks always; whole tensors only when small
+# results waiting to be written: a write slowed by the kernel (a fresh file's pages) no longer
+# stops the merge at once
+WRITE_AHEAD_BYTES = 1 << 25
 
 
 # glibc mallopt parameters
@@ -57,7 +62,7 @@ class IOThread:
         self._reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-io-read")
         self._writes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-io-write")
         self._ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-ahead")
-        self._write: Future | None = None
+        self._writes_queued: deque[tuple[Future, int]] = deque()
 
     def ahead(self, work: Callable[[], T]) -> Future:
         """Run `work` on the thread for work ahead, after what was queued there before."""
@@ -79,16 +84,20 @@ class IOThread:
             future, current = ahead or self._reads.submit(following[0]), following
         yield future.result()
 
-    def write(self, work: Callable[[], None]) -> None:
-        """Queue `work` (a write) after the previous one, first re-raising that one's error."""
-        self.flush()
-        self._write = self._writes.submit(work)
+    def write(self, work: Callable[[], None], nbytes: int = 0) -> None:
+        """Queue `work` (a write of `nbytes` held in memory until it is done) after the earlier
+        ones, first waiting for the oldest while with this one they would hold more than
+        WRITE_AHEAD_BYTES; the error of a write that has failed is raised here."""
+        queued = self._writes_queued
+        while queued and (queued[0][0].done()
+                          or sum(n for _, n in queued) + nbytes > WRITE_AHEAD_BYTES):
+            queued.popleft()[0].result()
+        self._writes_queued.append((self._writes.submit(work), nbytes))
 
     def flush(self) -> None:
-        """Wait for the queued write; its exception is raised here."""
-        if self._write is not None:
-            write, self._write = self._write, None
-            write.result()
+        """Wait for the queued writes, in order; the first exception is raised here."""
+        while self._writes_queued:
+            self._writes_queued.popleft()[0].result()
 
     def __enter__(self) -> "IOThread":
         return self

@@ -49,6 +49,7 @@ def test_write_errors_surface_on_the_next_write_or_flush():
 
     with IOThread() as io:
         io.write(fail)
+        io._writes.submit(lambda: None).result()   # a barrier: the failed write has run
         with pytest.raises(UserError, match="disk full"):
             io.write(lambda: None)
         io.write(fail)
@@ -59,3 +60,24 @@ def test_write_errors_surface_on_the_next_write_or_flush():
             io.write(lambda i=i: order.append(i))
         io.flush()
     assert order == [0, 1, 2, 3, 4]
+
+
+def test_writes_queue_up_to_the_budget_then_wait_for_the_oldest(monkeypatch):
+    """Results wait for the write thread while, with the new one, they hold at most
+    WRITE_AHEAD_BYTES; beyond that the oldest write is waited for (one is always queued)."""
+    monkeypatch.setattr(overlap, "WRITE_AHEAD_BYTES", 100)
+    gate = threading.Event()
+    with IOThread() as io:
+        io.write(gate.wait, 60)          # blocks the write thread until the gate opens
+        io.write(lambda: None, 40)       # 100 bytes queued: still within the budget
+        assert len(io._writes_queued) == 2
+        waiter = threading.Thread(target=io.write, args=(lambda: None, 1))
+        waiter.start()
+        waiter.join(0.2)
+        assert waiter.is_alive()         # 101 bytes: waits for the first write
+        gate.set()
+        waiter.join(5)
+        assert not waiter.is_alive()
+        io.write(lambda: None, 500)      # larger than the budget alone: queued anyway
+        io.flush()
+        assert not io._writes_queued
