@@ -70,6 +70,13 @@ def remove_output(out: Path, family: Path) -> None:
 
 def run_child(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
     """Run cmd; return (wall seconds, peak RSS in GiB) of that child alone."""
+    wall, rss, _ = run_child_usage(cmd, env)
+    return wall, rss
+
+
+def run_child_usage(cmd: list[str], env: dict | None = None) -> tuple[float, float, float]:
+    """Run cmd; return (wall seconds, peak RSS in GiB, user + system CPU seconds) of that child
+    alone. The CPU time moves less than the wall time when this shared machine's speed drifts."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
@@ -78,7 +85,7 @@ def run_child(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
     stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])}... failed:\n{stderr[-2000:]}")
-    return wall, usage.ru_maxrss / 2**20   # KiB -> GiB
+    return wall, usage.ru_maxrss / 2**20, usage.ru_utime + usage.ru_stime   # KiB -> GiB
 
 
 def input_files(family: Path, n_experts: int) -> list[Path]:
@@ -193,16 +200,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"family {family}: {gb_in:.2f} GB of input shards, {args.experts} experts, "
           f"density {args.density}, {os.cpu_count()} CPUs")
 
-    runs: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    runs: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
 
     def timed(tool: str, method: str, cmd: list[str], out: Path) -> None:
         remove_output(out, family)
         os.sync()   # no earlier run's output is written back to disk during this one
         warm_page_cache(files)
-        wall, rss = run_child(cmd)
+        wall, rss, cpu = run_child_usage(cmd)
         remove_output(out, family)   # one output on disk at a time: each is a model's size
-        runs.setdefault((tool, method), []).append((wall, rss))
-        print(f"  {tool} {method}: {wall:.1f} s, {rss:.2f} GiB", flush=True)
+        runs.setdefault((tool, method), []).append((wall, rss, cpu))
+        print(f"  {tool} {method}: {wall:.1f} s, {rss:.2f} GiB, CPU {cpu:.1f} s", flush=True)
 
     plain_out = work / "plain_out"
     plain = [sys.executable, str(REPO / "bench" / "plain_loop.py"), str(family / "base"),
@@ -216,18 +223,18 @@ def main(argv: list[str] | None = None) -> int:
                 out = work / f"mergekit_{method}"
                 timed("mergekit", method, mergekit_cmd(args.mergekit, theirs, out), out)
 
-    print("\n| tool | method | wall s | peak RSS GiB | input GB/s | wall ratio | RSS ratio |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| tool | method | wall s | peak RSS GiB | CPU s | input GB/s | wall ratio | "
+          "RSS ratio | CPU ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for (tool, method), values in runs.items():
-        wall = statistics.median(v[0] for v in values)
-        rss = statistics.median(v[1] for v in values)
-        ratio_w = ratio_r = ""
+        wall, rss, cpu = (statistics.median(v[k] for v in values) for k in range(3))
+        ratios = ["", "", ""]
         ref = runs.get(("mergekit", method))
         if tool == "ours" and ref:
-            ratio_w = f"{wall / statistics.median(v[0] for v in ref):.2f}"
-            ratio_r = f"{rss / statistics.median(v[1] for v in ref):.2f}"
-        print(f"| {tool} | {method} | {wall:.1f} | {rss:.2f} | {gb_in / wall:.2f} | "
-              f"{ratio_w} | {ratio_r} |")
+            ratios = [f"{ours / statistics.median(v[k] for v in ref):.2f}"
+                      for k, ours in enumerate((wall, rss, cpu))]
+        print(f"| {tool} | {method} | {wall:.1f} | {rss:.2f} | {cpu:.1f} | {gb_in / wall:.2f} | "
+              f"{' | '.join(ratios)} |")
     return 0
 
 
