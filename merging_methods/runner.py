@@ -6,9 +6,11 @@ whole tensor, merged by the method's dense function in float32, or, for a method
 per-element fast path (registry.FastPath), a chunk of its rows (rows.py); a tensor above
 rows.TWO_PASS_ELEMENTS of a method with a two-pass form (streamed.py) also goes in row chunks,
 after streaming passes that gather its whole-tensor facts (on a thread of their own, ahead of
-the merge: _FactsAhead). I/O threads read the next unit and write the previous one while the
-current one is merged (overlap.py). Peak memory is a few chunks for per-element fast paths, a few chunks or tensors of TWO_PASS_ELEMENTS for two-pass
-methods, and about (models + 2) x the largest tensor otherwise.
+the merge: _FactsAhead; the largest such tensors are merged last, statistics_last). I/O threads
+read the next unit and write earlier ones while the current one is merged (overlap.py; the
+output past the page cache where the file system allows it). Peak memory is a few chunks for
+per-element fast paths, a few chunks or tensors of TWO_PASS_ELEMENTS for two-pass methods, and
+about (models + 2) x the largest tensor otherwise.
 """
 from __future__ import annotations
 

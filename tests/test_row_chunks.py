@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import merge
 import performAIM
-from checkpoints import rows
+from checkpoints import checkpoint, rows
 from checkpoints.checkpoint import ShardedWriter, TensorInfo
 from checkpoints.rows import row_ranges
 from tests.test_aim_cli import CALIB
@@ -53,30 +53,40 @@ def test_writer_takes_rows_in_any_order(tmp_path):
         partial.add("a", a[:2], row_start=4)   # past the last row
 
 
+_OPEN_DIRECT, _PWRITE = checkpoint._open_direct, os.pwrite
+
+
 def _write_unaligned(folder, monkeypatch, direct: bool, refuse: bool = False
-                     ) -> tuple[bytes, int]:
+                     ) -> tuple[bytes, list[tuple[int, int]]]:
     """A shard of tensors whose bytes start and end off page boundaries, written in chunks out
     of order, with or without direct writes (a 3-page bounce buffer: several per chunk); the
-    file's bytes and the number of direct writes made. `refuse`: the file system opens files
-    for direct writes but refuses the writes."""
-    from checkpoints import checkpoint
-
+    file's bytes and the (offset, length) of each direct write made. Where the file system has
+    no O_DIRECT, the "direct" descriptor is a plain one, so the split into whole and partial
+    pages is checked on any machine (and real O_DIRECT, which refuses unaligned writes, where it
+    exists). `refuse`: the file system opens files for direct writes but refuses the writes."""
     monkeypatch.setattr(checkpoint, "DIRECT_WRITES", direct)
     monkeypatch.setattr(checkpoint, "DIRECT_PIECE", 3 * checkpoint.PAGE)
     direct_fds, made = set(), []
-    real_open, real_pwrite = checkpoint._open_direct, os.pwrite
+    real_open, real_pwrite = _OPEN_DIRECT, _PWRITE   # not an earlier call's wrappers
 
     def open_direct(path):
         fd = real_open(path)
+        fd = os.open(path, os.O_WRONLY) if fd is None else fd
         direct_fds.add(fd)
         return fd
 
     def pwrite(fd, data, offset):
-        if fd in direct_fds:
-            if refuse:
-                raise OSError(errno.EINVAL, "direct write refused")
-            made.append(offset)
-        return real_pwrite(fd, data, offset)
+        if fd not in direct_fds:
+            return real_pwrite(fd, data, offset)
+        if refuse:
+            raise OSError(errno.EINVAL, "direct write refused")
+        try:
+            written = real_pwrite(fd, data, offset)
+        except OSError:   # real O_DIRECT refuses unaligned writes: recorded as length -1
+            made.append((offset, -1))
+            raise
+        made.append((offset, written))
+        return written
 
     monkeypatch.setattr(checkpoint, "_open_direct", open_direct)
     monkeypatch.setattr(os, "pwrite", pwrite)
@@ -93,23 +103,20 @@ def _write_unaligned(folder, monkeypatch, direct: bool, refuse: bool = False
     writer.close()
     got = load_file(folder / "model.safetensors")
     assert all(torch.equal(got[n], t) for n, t in tensors.items())
-    return (folder / "model.safetensors").read_bytes(), len(made)
+    return (folder / "model.safetensors").read_bytes(), made
 
 
 def test_direct_writes_give_the_page_cache_bytes(tmp_path, monkeypatch):
     """Whole pages through O_DIRECT, partial ones through the page cache: the same file, byte for
-    byte, as writing everything through the page cache; where the file system refuses direct
-    writes, the rest goes through the page cache."""
-    from checkpoints import checkpoint
-
-    probe = tmp_path / "probe"
-    probe.write_bytes(b"")
-    if not checkpoint.DIRECT_WRITES or checkpoint._open_direct(probe) is None:
-        pytest.skip("no direct writes on this file system")
+    byte, as writing everything through the page cache, every direct write page-aligned in
+    offset and length; where the file system refuses direct writes, the rest goes through the
+    page cache."""
     plain, none = _write_unaligned(tmp_path / "plain", monkeypatch, direct=False)
     direct, made = _write_unaligned(tmp_path / "direct", monkeypatch, direct=True)
     refused, _ = _write_unaligned(tmp_path / "refused", monkeypatch, direct=True, refuse=True)
-    assert none == 0 and made > 20
+    assert none == [] and len(made) > 20
+    assert all(at % checkpoint.PAGE == 0 and size > 0 and size % checkpoint.PAGE == 0
+               for at, size in made)
     assert direct == plain and refused == plain
 
 
