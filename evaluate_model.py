@@ -16,7 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
-from checkpoints.errors import UserError, exit_code_for_user_errors
+from checkpoints.errors import UserError, exit_code_for_user_errors, exit_process
 
 
 def _names(text: str | None) -> list[str] | None:
@@ -186,4 +186,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_process(main())

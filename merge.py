@@ -13,7 +13,7 @@ import gc
 import logging
 import sys
 
-from checkpoints.errors import exit_code_for_user_errors
+from checkpoints.errors import exit_code_for_user_errors, exit_process
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,4 +97,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_process(main())

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from checkpoints.errors import exit_code_for_user_errors
+from checkpoints.errors import exit_code_for_user_errors, exit_process
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,4 +65,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_process(main())

