@@ -248,7 +248,7 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
            ABOVE_AVERAGE_VALUE_RATIO, SCORE_CALIBRATION_VALUE,
            context=frozenset({"is_input_embedding"}), two_pass=WIDEN_TWO_PASS),
     method("slerp", slerp, "spherical interpolation from the base to one other model", T,
-           others=(1, 1), two_pass=SLERP_TWO_PASS),
+           others=(1, 1), fast=_held(SLERP_TWO_PASS), two_pass=SLERP_TWO_PASS),
     method("nuslerp", nuslerp, "spherical interpolation between two models (or their task "
            "vectors) by weight, per tensor, row or column", WEIGHTS, NUSLERP_ROW_WISE,
            NUSLERP_FLATTEN, TASK_VECTORS, others=(2, 2), two_pass=NUSLERP_TWO_PASS,

@@ -42,16 +42,20 @@ def _norm_or_one(square: float) -> float:
     return norm if norm > NORM_EPS else 1.0
 
 
-def interpolate(sums: Sums, base: Tensor, other: Tensor, t: float) -> Tensor:
-    """The §6 formula on (rows of) v0 = base and v1 = other, given the whole tensor's sums."""
-    v0, v1 = base.float(), other.float()
+def interpolate(sums: Sums, base: Tensor, other: Tensor, t: float,
+                out: Tensor | None = None) -> Tensor:
+    """The §6 formula on (rows of) v0 = base and v1 = other, given the whole tensor's sums;
+    into `out` (float32, base's shape) when given: v0 is upcast into it, so that a chunk
+    makes one float32 temporary (v1) instead of three (same operations, same bits)."""
+    v0 = base.float() if out is None else out.copy_(base)
+    v1 = other.float()
     dot = sums[0] / (_norm_or_one(sums[1]) * _norm_or_one(sums[2]))
     dot = min(max(dot, -1.0), 1.0)
     if abs(dot) > DOT_THRESHOLD:
-        return torch.lerp(v0, v1, t)  # exact at t = 0, t = 1 and for v0 == v1
+        return torch.lerp(v0, v1, t, out=out)  # exact at t = 0, t = 1 and for v0 == v1
     omega = math.acos(dot)
     c0, c1 = math.sin((1.0 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)
-    return torch.mul(v0, c0).add_(v1, alpha=c1)
+    return torch.mul(v0, c0, out=out).add_(v1, alpha=c1)
 
 
 def slerp(base: Tensor, others: list[Tensor], *, t: float) -> Tensor:
@@ -74,8 +78,8 @@ def _stats(source: RowSource, **_) -> Sums:
 
 
 def _apply(sums: Sums, offset: int, base: Tensor, others: list[Tensor], *, t: float,  # noqa: ARG001
-           **_) -> Tensor:
-    return interpolate(sums, base, others[0], t)
+           out: Tensor | None = None, **_) -> Tensor:
+    return interpolate(sums, base, others[0], t, out)
 
 
 SLERP_TWO_PASS = TwoPass(_stats, _apply)  # the dots from the streamed chunks, then the rows

@@ -104,6 +104,7 @@ OVERRIDES = {  # non-default settings that exercise each method's paths
                      "epsilon": [0.1, 0.2, 0.05]},
     "sce": {},  # select_topk < 1: tests/test_sce_fusion_ram.py (variance ties round differently)
     "nearswap": {"t": 3 / 1024},
+    "slerp": {"t": 0.3},
     "arcee_fusion": {},
     "ram": {"ram_epsilon": 2 / 1024},
     "ramplus_tl": {"ram_epsilon": 2 / 1024, "ramplus_r": 0.5, "ramplus_alpha": 1.5},

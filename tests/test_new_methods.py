@@ -26,6 +26,7 @@ from merging_methods.passthrough import (
     LayerSlice, Source, layout_update, passthrough_plan, scaled_copy, split_layer_name,
 )
 from merging_methods.primitives import Deltas, PresetDrop, abs_rank_band, l1_factors, mask_generator
+from merging_methods.registry import get_method
 from merging_methods.slerp import slerp
 
 SEED, NAME = 11, "model.layers.2.mlp.down_proj.weight"
@@ -186,6 +187,21 @@ def test_slerp_colinear_inputs_fall_back_to_lerp(other):
     out = slerp(a, [b], t=0.3)
     assert torch.isfinite(out).all()
     close(out, 0.7 * a.double() + 0.3 * b.double())
+
+
+@pytest.mark.parametrize("other", ["far", "2a", "-a"])
+@pytest.mark.parametrize("t", [0.0, 0.3, 1.0])
+def test_slerp_fast_path_into_the_result_buffer_gives_the_dense_bits(other, t):
+    """The runner's path (stored bf16 inputs, row chunks written into its result buffer) and the
+    dense function on float32 copies, on both branches of the formula and at the endpoints."""
+    a, _ = family(n=1, bf16=True, seed=5)
+    far = torch.randn(a.shape, generator=torch.Generator().manual_seed(6))
+    b = {"far": far, "2a": 2 * a, "-a": -a}[other].bfloat16()
+    fast = get_method("slerp").fast.fn
+    buffer = torch.full(a.shape, float("nan"))
+    out = fast(a.bfloat16(), [b], t=t, out=buffer)
+    assert out.data_ptr() == buffer.data_ptr()
+    assert torch.equal(out, slerp(a.bfloat16().float(), [b.float()], t=t))
 
 
 def test_slerp_by_hand_quarter_circle():
