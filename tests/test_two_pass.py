@@ -258,11 +258,17 @@ def test_passthrough_copies_in_row_chunks(family, monkeypatch, tmp_path):  # noq
     assert_chunked_is_whole(monkeypatch, tmp_path, args, "CHUNK_ELEMENTS")
 
 
+@pytest.mark.parametrize("method, thread", [("dare_linear", "merge-ahead"),
+                                            ("slerp", "MainThread")])
 def test_statistics_run_ahead_and_read_the_base_once_per_chunk(family, monkeypatch,  # noqa: F811
-                                                                tmp_path):
+                                                                tmp_path, method, thread):
     """DARE's L1 pass runs on the thread for work ahead, every model's delta in one lockstep
-    pass: each base chunk is asked for by every model there and read once."""
+    pass: each base chunk is asked for by every model there and read once. slerp's dots are
+    gathered in line, on the merge thread (TwoPass(ahead=False))."""
     base, fts = family
+    models = fts if method == "dare_linear" else fts[:1]
+    options = (["--density", "0.5", "--rescale_mode", "l1"] if method == "dare_linear"
+               else ["--t", "0.3"])
     monkeypatch.setattr(rows, "CHUNK_ELEMENTS", 64)
     monkeypatch.setattr(rows, "TWO_PASS_ELEMENTS", 64)
     monkeypatch.setattr(primitives, "CPU_BLOCK", 16)   # blocks inside the chunks, as in a merge
@@ -282,11 +288,11 @@ def test_statistics_run_ahead_and_read_the_base_once_per_chunk(family, monkeypat
             return super().get(r)
 
     monkeypatch.setattr(runner, "_LastRows", Counted)
-    assert merge.main(["--method", "dare_linear", "--base_model", str(base), "--models_to_merge",
-                       ",".join(map(str, fts)), "--density", "0.5", "--rescale_mode", "l1",
+    assert merge.main(["--method", method, "--base_model", str(base), "--models_to_merge",
+                       ",".join(map(str, models)), *options,
                        "--save_path", str(tmp_path / "o")]) == 0
-    assert threads and all(name.startswith("merge-ahead") for name in threads)
-    assert len(read) > 10 and len(asked) == len(fts) * len(read)
+    assert threads and all(name.startswith(thread) for name in threads)
+    assert len(read) > 10 and len(asked) == len(models) * len(read)
 
 
 def test_statistics_are_started_ahead_within_a_budget(monkeypatch):
