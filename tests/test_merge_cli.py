@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -314,3 +315,20 @@ def test_entry_scripts_exit_2_with_one_line_on_a_user_error(tmp_path, command):
     assert run.returncode == 2, run.stderr
     assert run.stderr.count("\n") == 1 and run.stderr.startswith("error: ")
     assert str(tmp_path / "missing") in run.stderr and not (tmp_path / "out").exists()
+
+
+def test_a_merge_process_flushes_its_output_and_exits_0(family, tmp_path):
+    """exit_process skips the interpreter's teardown (os._exit): what the merge printed and
+    logged still reaches the pipes (block-buffered, as they are by default), and the output
+    folder is complete."""
+    base, fts = family
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    run = subprocess.run([sys.executable, "merge.py", "--method", "task_arithmetic",
+                          "--base_model", str(base), "--models_to_merge", str(fts[0]),
+                          "--save_path", str(out)], cwd=REPO, capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == f"saved merged model to {out}\n"
+    assert f"merged {len(load_weights(base))} tensors" in run.stderr
+    assert load_weights(out).keys() == load_weights(base).keys()
