@@ -214,6 +214,11 @@ def _held(form: TwoPass) -> FastPath:
     return FastPath(partial(merge_held, form), stored_dtype_inputs=True)
 
 
+# DARE's statistics ahead of the merge hold its keep-masks for the merge (1 bit per entry and
+# model): half the default window lowered dare_linear's / dare_ties's peak RSS on the 542M
+# family by 0.015-0.03 GiB at the same speed (TIES, whose facts are a few numbers, was ~5%
+# slower with it)
+DARE_AHEAD = 1 << 25
 BREADCRUMBS_TWO_PASS = two_pass_gta(band_plan, consensus=False)
 BREADCRUMBS_TIES_TWO_PASS = two_pass_gta(band_plan, consensus=True)
 DELLA_TWO_PASS = two_pass_gta(magprune_plan, consensus=True)
@@ -237,13 +242,13 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
            warn=_negative_weights(False),
            fast=FastPath(gta_blocked.dare_linear, stored_dtype_inputs=True, row_separable=True,
                          masks_ahead=True),
-           two_pass=two_pass_gta(gta_blocked.dare_plan, consensus=False)),
+           two_pass=two_pass_gta(gta_blocked.dare_plan, consensus=False, ahead=DARE_AHEAD)),
     method("dare_ties", gta.dare_ties, "random drop + rescale, then TIES sign consensus", *_DARE,
            context=frozenset({"mask_keys"}), check=_dare_densities,
            warn=_negative_weights(True),
            fast=FastPath(gta_blocked.dare_ties, stored_dtype_inputs=True, row_separable=True,
                          masks_ahead=True),
-           two_pass=two_pass_gta(gta_blocked.dare_plan, consensus=True)),
+           two_pass=two_pass_gta(gta_blocked.dare_plan, consensus=True, ahead=DARE_AHEAD)),
     method("widen", widen, "per-column magnitude/direction ranking of task vectors (WIDEN)",
            ABOVE_AVERAGE_VALUE_RATIO, SCORE_CALIBRATION_VALUE,
            context=frozenset({"is_input_embedding"}), two_pass=WIDEN_TWO_PASS),

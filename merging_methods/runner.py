@@ -45,7 +45,7 @@ from merging_methods.primitives import keep_mask, mask_generator, mask_key, used
 from merging_methods.recipe import MergeRecipe
 from merging_methods.registry import MethodSpec, get_method, method_warnings, splits_by_rows
 from merging_methods.sliced import SlicedInput
-from merging_methods.streamed import RowSource
+from merging_methods.streamed import AHEAD_ELEMENTS, RowSource
 from merging_methods.token_vocab import (TokenRows, plan_token_rows, reindexes,
                                          save_chat_template)
 from merging_methods.vocab import VocabUnion, plan_union, save_union_tokenizer, vocab_config_update
@@ -139,10 +139,6 @@ def tensor_context(spec: MethodSpec, item: TensorPlan, seed: int, n_models: int,
     if "mask_keys" in spec.context:
         facts["mask_keys"] = [mask_key(seed, i, item.name) for i in range(n_models)]
     return {name: facts[name] for name in spec.context}
-
-
-# entries of the two-pass tensors whose statistics may be started ahead of the merge at once
-AHEAD_ELEMENTS = 1 << 26
 
 
 class _LastRows:
@@ -327,10 +323,10 @@ def statistics_last(units: list[WorkUnit]) -> list[WorkUnit]:
 
 class _FactsAhead:
     """Starts the whole-tensor facts of two-pass tensors ahead of the merge, in order, on the
-    thread for work ahead: from the tensor being merged on, as many as fit in AHEAD_ELEMENTS
-    (at least the next one), so that the statistics passes keep ahead of the merge across
-    tensors of any size. The facts of the tensors started are alive together (small: thresholds,
-    norms, DARE's packed masks)."""
+    thread for work ahead: from the tensor being merged on, as many as fit in their form's
+    `ahead` entries (at least the next one), so that the statistics passes keep ahead of the
+    merge across tensors of any size. The facts of the tensors started are alive together
+    (small: thresholds, norms, DARE's packed masks)."""
 
     def __init__(self, units: list[WorkUnit], submit: Callable[[Callable[[], object]], Future]):
         self.jobs = list(dict.fromkeys(u.job for u in units
@@ -342,11 +338,12 @@ class _FactsAhead:
 
     def _fill(self, current: int) -> None:
         """Start facts from job `current` on while the jobs started and not yet merged hold
-        at most AHEAD_ELEMENTS entries, and at least the one after `current`."""
+        fewer entries than the next one's form allows ahead, and at least the one after
+        `current`."""
         def held() -> int:
             return sum(self.jobs[k].item.out.numel for k in range(current, self._started))
-        while self._started < len(self.jobs) and (self._started <= current + 1
-                                                  or held() < AHEAD_ELEMENTS):
+        while self._started < len(self.jobs) and (
+                self._started <= current + 1 or held() < self.jobs[self._started].two_pass.ahead):
             self.jobs[self._started].start_facts(self.submit)
             self._started += 1
 

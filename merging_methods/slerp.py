@@ -85,4 +85,4 @@ def _apply(sums: Sums, offset: int, base: Tensor, others: list[Tensor], *, t: fl
 # the dots from the streamed chunks, then the rows; not ahead of the merge: three dot products
 # per chunk are cheap, and gathered beside the merge they kept another chunk set live (peak RSS
 # 0.44-0.52 GiB against 0.39-0.45 in line, six runs each on the 542M family, same speed)
-SLERP_TWO_PASS = TwoPass(_stats, _apply, ahead=False)
+SLERP_TWO_PASS = TwoPass(_stats, _apply, ahead=0)

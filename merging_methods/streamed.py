@@ -30,6 +30,8 @@ RowRange = tuple[int, int]
 # the top-k sample's rows: 8-row bands at 32 places (256 rows in 32 reads; a read per row made
 # the sample a tenth of TIES's time on the 542M family)
 SAMPLE_BANDS, SAMPLE_BAND_ROWS = 32, 8
+# entries of the two-pass tensors whose statistics may be started ahead of the merge at once
+AHEAD_ELEMENTS = 1 << 26
 
 
 @dataclass(frozen=True)
@@ -58,11 +60,12 @@ class TwoPass:
     the whole tensor; `apply(stats, offset, base, others, **params, **context, out=None)` merges
     the chunk at flat offset `offset` (inputs in their stored dtype) to the bits of the method
     on the whole tensor. Chunks are applied in flat order, each once. `ahead`: the runner may
-    gather the statistics on its thread for work ahead, beside the merge of earlier tensors."""
+    gather the statistics on its thread for work ahead, beside the merge of earlier tensors,
+    of up to this many entries at once (0: in line, on the merge thread)."""
 
     stats: Callable[..., object]
     apply: Callable[..., Tensor]
-    ahead: bool = True
+    ahead: int = AHEAD_ELEMENTS
 
 
 def held_source(base: Tensor, others: list[Tensor]) -> RowSource:
@@ -164,10 +167,12 @@ class Shifted:
 Planned = dict[int, tuple[Sparsifier, float]]  # active model -> (sparsifier, factor ci)
 
 
-def two_pass_gta(plan_of: Callable[..., Plan], consensus: bool) -> TwoPass:
+def two_pass_gta(plan_of: Callable[..., Plan], consensus: bool,
+                 ahead: int = AHEAD_ELEMENTS) -> TwoPass:
     """The two-pass form of a §0.6 method whose `plan_of(**params, **context)` gives its Plan:
     stats = each active model's sparsifier and factor planned over the streamed whole delta
-    (as blocked_gta plans them), apply = blocked_gta on the chunk with those plans."""
+    (as blocked_gta plans them), apply = blocked_gta on the chunk with those plans; `ahead` as
+    in TwoPass."""
     def stats(source: RowSource, *, weights, **params) -> Planned:
         size = block_size(source.device)
         models = [i for i, w in enumerate(weights) if w != 0]
@@ -182,4 +187,4 @@ def two_pass_gta(plan_of: Callable[..., Plan], consensus: bool) -> TwoPass:
             return (None if sparsifier is None else Shifted(sparsifier, offset)), factor
         return blocked_gta(base, others, weights, at, consensus=consensus, normalize=normalize,
                            scaling=scaling, out=out)
-    return TwoPass(stats, apply)
+    return TwoPass(stats, apply, ahead)

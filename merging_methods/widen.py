@@ -225,4 +225,4 @@ def _apply(weights: Tensor, offset: int, base: Tensor, others: list[Tensor], *,
 # the unit statistics in streaming passes, then the rows (the runner streams matrices only); not
 # ahead of the merge: beside it they raised peak RSS on the 4x-embedding family by 40 MB
 # (0.46 -> 0.50 GB) for no speed
-WIDEN_TWO_PASS = TwoPass(_stats, _apply, ahead=False)
+WIDEN_TWO_PASS = TwoPass(_stats, _apply, ahead=0)

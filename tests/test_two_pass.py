@@ -264,7 +264,7 @@ def test_statistics_run_ahead_and_read_the_base_once_per_chunk(family, monkeypat
                                                                 tmp_path, method, thread):
     """DARE's L1 pass runs on the thread for work ahead, every model's delta in one lockstep
     pass: each base chunk is asked for by every model there and read once. slerp's dots are
-    gathered in line, on the merge thread (TwoPass(ahead=False))."""
+    gathered in line, on the merge thread (TwoPass(ahead=0))."""
     base, fts = family
     models = fts if method == "dare_linear" else fts[:1]
     options = (["--density", "0.5", "--rescale_mode", "l1"] if method == "dare_linear"
@@ -295,14 +295,14 @@ def test_statistics_run_ahead_and_read_the_base_once_per_chunk(family, monkeypat
     assert len(read) > 10 and len(asked) == len(models) * len(read)
 
 
-def test_statistics_are_started_ahead_within_a_budget(monkeypatch):
+def test_statistics_are_started_ahead_within_a_budget():
     """_FactsAhead starts the next tensors' statistics in order while the started, unmerged
-    tensors hold at most AHEAD_ELEMENTS entries, and always the tensor after the current one."""
-    monkeypatch.setattr(runner, "AHEAD_ELEMENTS", 25)
+    tensors hold fewer entries than their form's `ahead`, and always the tensor after the
+    current one."""
     started: list[int] = []
 
     class Job:
-        two_pass = type("Form", (), {"ahead": True})
+        two_pass = type("Form", (), {"ahead": 25})
 
         def __init__(self, index: int, numel: int):
             self.index = index
