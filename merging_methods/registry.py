@@ -71,7 +71,7 @@ from merging_methods.ram import RAMPLUS_TWO_PASS, ram, ramplus_tl
 from merging_methods.sce import SCE_TWO_PASS, sce
 from merging_methods.slerp import SLERP_TWO_PASS, slerp
 from merging_methods.streamed import TwoPass, merge_held, two_pass_gta
-from merging_methods.widen import WIDEN_TWO_PASS, widen
+from merging_methods.widen import WIDEN_TWO_PASS, widen, widen_held
 
 CONTEXT = frozenset({"tensor_name", "layer_index", "num_layers", "is_input_embedding",
                      "generators", "mask_keys"})
@@ -251,7 +251,8 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
            two_pass=two_pass_gta(gta_blocked.dare_plan, consensus=True, ahead=DARE_AHEAD)),
     method("widen", widen, "per-column magnitude/direction ranking of task vectors (WIDEN)",
            ABOVE_AVERAGE_VALUE_RATIO, SCORE_CALIBRATION_VALUE,
-           context=frozenset({"is_input_embedding"}), two_pass=WIDEN_TWO_PASS),
+           context=frozenset({"is_input_embedding"}),
+           fast=FastPath(widen_held, stored_dtype_inputs=True), two_pass=WIDEN_TWO_PASS),
     method("slerp", slerp, "spherical interpolation from the base to one other model", T,
            others=(1, 1), fast=_held(SLERP_TWO_PASS), two_pass=SLERP_TWO_PASS),
     method("nuslerp", nuslerp, "spherical interpolation between two models (or their task "

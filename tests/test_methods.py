@@ -17,7 +17,7 @@ from checkpoints.errors import UserError
 from merging_methods import primitives, reference
 from merging_methods.primitives import keep_topk, mask_generator, mask_key
 from merging_methods.registry import METHODS, get_method, method_warnings
-from merging_methods.widen import Units, direction_change, rank_scores, widen
+from merging_methods.widen import Units, direction_change, rank_scores, widen, widen_held
 
 SEED, NAME = 7, "model.layers.0.mlp.up_proj.weight"
 FAST = sorted(m for m in METHODS if METHODS[m].fast)
@@ -464,6 +464,20 @@ def test_widen_importance_is_2k_greater_than_t_times_n_minus_1(n, ratio, importa
 def test_widen_ranks_ties_by_lower_column_first():
     values = torch.tensor([[0.5, 0.5, 0.5, 0.1]])  # ranks 1, 2, 3, 0
     assert rank_scores(values, 1.0, 9.0)[0].tolist() == [1.0, 9.0, 9.0, 1.0]
+
+
+def test_widen_fast_path_takes_a_vector_elementwise():
+    """widen_held sends a 1-D tensor (norm weights) to the elementwise rule (§5.3), not to the
+    matrix form's units: the bits of `widen` on float32 copies, from stored bf16 inputs, written
+    into the given buffer."""
+    gen = torch.Generator().manual_seed(5)
+    base = (torch.randn(40, generator=gen) * 0.02).bfloat16()
+    others = [(base.float() + torch.randn(40, generator=gen) * 1e-3).bfloat16() for _ in range(3)]
+    params = {"above_average_value_ratio": 0.8, "score_calibration_value": 0.6}
+    dense = widen(base.float(), [o.float() for o in others], **params)
+    buffer = torch.full((40,), float("nan"))
+    fast = widen_held(base, others, out=buffer, **params, is_input_embedding=False)
+    assert fast.data_ptr() == buffer.data_ptr() and torch.equal(bits(fast), bits(dense))
 
 
 def test_widen_input_embedding_scores_tokens():
