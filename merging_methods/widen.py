@@ -231,9 +231,10 @@ WIDEN_TWO_PASS = TwoPass(_stats, _apply, ahead=0)
 def widen_held(base: Tensor, others: list[Tensor], *, out: Tensor | None = None,
                **params) -> Tensor:
     """`widen`'s bits on a held tensor, the runner's fast path: a matrix through the two-pass
-    form over its row chunks (stored-dtype inputs; no whole-tensor float32 copies: peak RSS on
-    the 542M family 0.42-0.49 -> 0.41-0.42 GiB, 6% faster), a 1-D tensor (|δ| per element,
-    §5.3) through `widen` on float32 copies. Float32 result, into `out` when given."""
+    form over its row chunks (stored-dtype inputs; no whole-tensor float32 copies, whose freed
+    gaps grew the heap: peak RSS on the 542M family 0.42-0.50 -> 0.40-0.42 GiB, no slower), a
+    1-D tensor (|δ| per element, §5.3) through `widen` on float32 copies. Float32 result, into
+    `out` when given."""
     if base.dim() >= 2:
         return merge_held(WIDEN_TWO_PASS, base, others, out=out, **params)
     merged = widen(base.float(), [other.float() for other in others], **params)
