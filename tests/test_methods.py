@@ -466,17 +466,22 @@ def test_widen_ranks_ties_by_lower_column_first():
     assert rank_scores(values, 1.0, 9.0)[0].tolist() == [1.0, 9.0, 9.0, 1.0]
 
 
-def test_widen_fast_path_takes_a_vector_elementwise():
-    """widen_held sends a 1-D tensor (norm weights) to the elementwise rule (§5.3), not to the
-    matrix form's units: the bits of `widen` on float32 copies, from stored bf16 inputs, written
-    into the given buffer."""
+@pytest.mark.parametrize("shape, is_input_embedding", [((40,), False), ((9, 7), True)],
+                         ids=["vector", "input embedding"])
+def test_widen_fast_path_on_vectors_and_embeddings(shape, is_input_embedding):
+    """widen_held returns `widen`'s bits (on float32 copies) from stored bf16 inputs, into the
+    given buffer, where the fast-path suite does not look: a 1-D tensor (norm weights) goes to
+    the elementwise rule (§5.3), not to the matrix form's units, and an input embedding is
+    scored per token through the two-pass form."""
     gen = torch.Generator().manual_seed(5)
-    base = (torch.randn(40, generator=gen) * 0.02).bfloat16()
-    others = [(base.float() + torch.randn(40, generator=gen) * 1e-3).bfloat16() for _ in range(3)]
-    params = {"above_average_value_ratio": 0.8, "score_calibration_value": 0.6}
+    base = (torch.randn(shape, generator=gen) * 0.02).bfloat16()
+    others = [(base.float() + torch.randn(shape, generator=gen) * 1e-3).bfloat16()
+              for _ in range(3)]
+    params = {"above_average_value_ratio": 0.8, "score_calibration_value": 0.6,
+              "is_input_embedding": is_input_embedding}
     dense = widen(base.float(), [o.float() for o in others], **params)
-    buffer = torch.full((40,), float("nan"))
-    fast = widen_held(base, others, out=buffer, **params, is_input_embedding=False)
+    buffer = torch.full(shape, float("nan"))
+    fast = widen_held(base, others, out=buffer, **params)
     assert fast.data_ptr() == buffer.data_ptr() and torch.equal(bits(fast), bits(dense))
 
 
