@@ -30,11 +30,12 @@ TWO_PASS_ELEMENTS = 1 << 23
 RowRange = tuple[int, int]
 
 
-def too_large_to_hold(shape: tuple[int, ...]) -> bool:
+def too_large_to_hold(shape: tuple[int, ...], most: int | None = None) -> bool:
     """Whether a tensor goes in row chunks even for a method that needs whole-tensor facts: a
-    matrix above TWO_PASS_ELEMENTS (a 1-D tensor is one row for row-wise statistics, and
-    never that large in a model)."""
-    return len(shape) >= 2 and math.prod(shape) > TWO_PASS_ELEMENTS
+    matrix above TWO_PASS_ELEMENTS, or above `most` for a method that holds less (a 1-D tensor
+    is one row for row-wise statistics, and never that large in a model)."""
+    limit = TWO_PASS_ELEMENTS if most is None else min(most, TWO_PASS_ELEMENTS)
+    return len(shape) >= 2 and math.prod(shape) > limit
 
 
 def row_ranges(shape: tuple[int, ...], split: bool) -> Iterator[RowRange | None]:

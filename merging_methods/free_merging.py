@@ -20,7 +20,7 @@ What the runner must supply (`--free_task_model`, `--free_expert_density`):
   `fr_faithful`), resolved per tensor as for `fr_merging`; no context keywords.
 * the recipe record should name the task model, since each output belongs to one task.
 
-Memory: streams (issue 14 §2), as fr_merging does: a matrix above rows.TWO_PASS_ELEMENTS goes
+Memory: streams (issue 14 §2), as fr_merging does: a matrix above fr.FR_HOLD_ELEMENTS goes
 in two passes, the filtered spectra in scratch files (fr_merging.py) and the expert's exact
 top-k threshold from streamed blocks (primitives.TopK over streamed.StreamedDeltas, the TIES
 trim's machinery), then chunk by chunk; the same bits as the whole-tensor path.
@@ -101,4 +101,5 @@ def _apply(facts: tuple[fr.Spectra, Expert], offset: int, base: Tensor, others: 
     return add_expert_(merged, base, others[task_model], expert, offset)
 
 
-FREE_TWO_PASS = TwoPass(_stats, _apply)  # fr_merging's two passes plus the expert's threshold
+# fr_merging's two passes plus the expert's threshold
+FREE_TWO_PASS = TwoPass(_stats, _apply, hold_elements=fr.FR_HOLD_ELEMENTS)

@@ -182,8 +182,9 @@ class TensorMerge:
                             and spec.fast.masks_ahead and splits_by_rows(spec, params))
         # too large to hold whole for a method that needs whole-tensor facts: its two-pass form
         # gathers them from the row chunks at the first chunk (streamed.py)
-        whole = spec.two_pass is None or splits_by_rows(spec, params) or self.tokens is not None
-        self.two_pass = None if whole or not too_large_to_hold(item.out.shape) else spec.two_pass
+        whole = (spec.two_pass is None or splits_by_rows(spec, params) or self.tokens is not None
+                 or not too_large_to_hold(item.out.shape, spec.two_pass.hold_elements))
+        self.two_pass = None if whole else spec.two_pass
         self.device = device
         self._facts: Future | None = None
 

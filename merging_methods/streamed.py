@@ -61,11 +61,15 @@ class TwoPass:
     the chunk at flat offset `offset` (inputs in their stored dtype) to the bits of the method
     on the whole tensor. Chunks are applied in flat order, each once. `ahead`: the runner may
     gather the statistics on its thread for work ahead, beside the merge of earlier tensors,
-    of up to this many entries at once (0: in line, on the merge thread)."""
+    of up to this many entries at once (0: in line, on the merge thread). `hold_elements`: a
+    matrix above this many entries goes in two passes even below rows.TWO_PASS_ELEMENTS (None:
+    at that bound): for a method whose held path costs more, in memory or in statistics gathered
+    in line with the merge instead of beside it."""
 
     stats: Callable[..., object]
     apply: Callable[..., Tensor]
     ahead: int = AHEAD_ELEMENTS
+    hold_elements: int | None = None
 
 
 def held_source(base: Tensor, others: list[Tensor]) -> RowSource:
@@ -167,12 +171,12 @@ class Shifted:
 Planned = dict[int, tuple[Sparsifier, float]]  # active model -> (sparsifier, factor ci)
 
 
-def two_pass_gta(plan_of: Callable[..., Plan], consensus: bool,
-                 ahead: int = AHEAD_ELEMENTS) -> TwoPass:
+def two_pass_gta(plan_of: Callable[..., Plan], consensus: bool, ahead: int = AHEAD_ELEMENTS,
+                 hold_elements: int | None = None) -> TwoPass:
     """The two-pass form of a §0.6 method whose `plan_of(**params, **context)` gives its Plan:
     stats = each active model's sparsifier and factor planned over the streamed whole delta
-    (as blocked_gta plans them), apply = blocked_gta on the chunk with those plans; `ahead` as
-    in TwoPass."""
+    (as blocked_gta plans them), apply = blocked_gta on the chunk with those plans; `ahead` and
+    `hold_elements` as in TwoPass."""
     def stats(source: RowSource, *, weights, **params) -> Planned:
         size = block_size(source.device)
         models = [i for i, w in enumerate(weights) if w != 0]
@@ -187,4 +191,4 @@ def two_pass_gta(plan_of: Callable[..., Plan], consensus: bool,
             return (None if sparsifier is None else Shifted(sparsifier, offset)), factor
         return blocked_gta(base, others, weights, at, consensus=consensus, normalize=normalize,
                            scaling=scaling, out=out)
-    return TwoPass(stats, apply, ahead)
+    return TwoPass(stats, apply, ahead, hold_elements)

@@ -3,9 +3,11 @@ row chunks, then the merge chunk by chunk; the same bits as the whole-tensor pat
 bounded by the chunk size."""
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import threading
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -220,12 +222,48 @@ def test_free_merging_streams_its_scratch_in_the_staging_folder(family, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chunked", "whole"]
 
 
-def assert_chunked_is_whole(monkeypatch, tmp_path, args: list[str], budget: str) -> None:
-    """merge.py `args` run as they are, then with checkpoints.rows' `budget` set to 64 elements
-    and every read and result buffer recorded: none holds more than 64 elements (one row of
-    the widest matrix) and the output has the first run's bits."""
+@pytest.mark.parametrize("method,extra", [
+    ("fr_merging", ["--fr_ratio", "0.5"]),
+    ("free_merging", ["--free_task_model", "FT1", "--free_expert_density", "0.1"]),
+    ("della_linear", ["--density", "0.5", "--epsilon", "0.1"])])
+def test_a_form_streams_matrices_below_the_common_bound(family, monkeypatch,  # noqa: F811
+                                                        tmp_path, method, extra):
+    """A form's own `hold_elements` sends smaller matrices through its two passes than
+    rows.TWO_PASS_ELEMENTS, which stays as it is: with the form's bound lowered to 64 entries
+    no read or result buffer holds more than 64 elements, and the bits are the held merge's."""
+    base, fts = family
+    args = ["--method", method, "--base_model", str(base), "--models_to_merge",
+            ",".join(map(str, fts)), *(str(fts[1]) if a == "FT1" else a for a in extra)]
+    monkeypatch.setattr(rows, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(primitives, "CPU_BLOCK", 64)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    spec = METHODS[method]
+    form = dataclasses.replace(spec.two_pass, hold_elements=64)
+    assert_chunked_is_whole(monkeypatch, tmp_path, args, lambda: monkeypatch.setitem(
+        METHODS, method, dataclasses.replace(spec, two_pass=form)))
+
+
+@pytest.mark.parametrize("shape,most,held", [
+    ((4, 16), None, True), ((4, 17), None, False), ((65,), None, True),
+    ((4, 8), 32, True), ((4, 9), 32, False), ((4, 17), 100, False), ((65,), 8, True)])
+def test_too_large_to_hold_takes_the_lower_bound(monkeypatch, shape, most, held):
+    """A matrix is streamed above rows.TWO_PASS_ELEMENTS, or above a form's lower bound; a
+    1-D tensor never is."""
+    monkeypatch.setattr(rows, "TWO_PASS_ELEMENTS", 64)
+    assert rows.too_large_to_hold(shape, most) is not held
+
+
+def assert_chunked_is_whole(monkeypatch, tmp_path, args: list[str],
+                            shrink: str | Callable[[], None]) -> None:
+    """merge.py `args` run as they are, then with a bound lowered to 64 elements (`shrink`: the
+    name of a checkpoints.rows bound, or a function that lowers one) and every read and result
+    buffer recorded: none holds more than 64 elements (one row of the widest matrix) and the
+    output has the first run's bits."""
     assert merge.main([*args, "--save_path", str(tmp_path / "whole")]) == 0
-    monkeypatch.setattr(rows, budget, 64)
+    if callable(shrink):
+        shrink()
+    else:
+        monkeypatch.setattr(rows, shrink, 64)
     sizes = recorded_reads(monkeypatch)
     assert merge.main([*args, "--save_path", str(tmp_path / "chunked")]) == 0
     assert max(sizes) == 64 and len(sizes) > 100
