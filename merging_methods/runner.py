@@ -4,13 +4,14 @@ This is the only code that loops over tensor names, chooses the device and dtype
 randomness and decides what happens to tensors that are not merged. A unit of work is one
 whole tensor, merged by the method's dense function in float32, or, for a method with a
 per-element fast path (registry.FastPath), a chunk of its rows (rows.py); a tensor above
-rows.TWO_PASS_ELEMENTS of a method with a two-pass form (streamed.py) also goes in row chunks,
-after streaming passes that gather its whole-tensor facts (on a thread of their own, ahead of
-the merge: _FactsAhead; the largest such tensors are merged last, statistics_last). I/O threads
-read the next unit and write earlier ones while the current one is merged (overlap.py; the
-output past the page cache where the file system allows it). Peak memory is a few chunks for
-per-element fast paths, a few chunks or tensors of TWO_PASS_ELEMENTS for two-pass methods, and
-about (models + 2) x the largest tensor otherwise.
+rows.TWO_PASS_ELEMENTS (or its form's lower `hold_elements`) of a method with a two-pass form
+(streamed.py) also goes in row chunks, after streaming passes that gather its whole-tensor
+facts (on a thread of their own, ahead of the merge, which takes over those still queued when
+it would wait: _FactsAhead; the largest such tensors are merged last, statistics_last). I/O
+threads read the next unit and write earlier ones while the current one is merged (overlap.py;
+the output past the page cache where the file system allows it). Peak memory is a few chunks
+for per-element fast paths, a few chunks or tensors of TWO_PASS_ELEMENTS for two-pass methods,
+and about (models + 2) x the largest tensor otherwise.
 """
 from __future__ import annotations
 
@@ -238,6 +239,18 @@ class TensorMerge:
         if self._facts is None:
             self._facts = submit(self._gather_facts)
 
+    def facts_pending(self) -> bool:
+        """Whether the facts are started and not ready yet."""
+        return self._facts is not None and not self._facts.done()
+
+    def gather_queued_facts(self) -> bool:
+        """Gather the facts here, on the calling thread, if they are still queued for the thread
+        for work ahead (not started there); whether it did."""
+        if self._facts is None or not self._facts.cancel():
+            return False
+        self._facts = _run_now(self._gather_facts)
+        return True
+
     def _gather_facts(self) -> object:
         shape, device, base = self.item.out.shape, self.device, _LastRows(self.base)
         source = RowSource(shape, tuple(row_ranges(shape, True)),
@@ -327,7 +340,9 @@ class _FactsAhead:
     thread for work ahead: from the tensor being merged on, as many as fit in their form's
     `ahead` entries (at least the next one), so that the statistics passes keep ahead of the
     merge across tensors of any size. The facts of the tensors started are alive together
-    (small: thresholds, norms, DARE's packed masks)."""
+    (small: thresholds, norms, DARE's packed masks). Where the statistics cost more than the
+    merge (FR's spectra), the merge's thread gathers the queued ones while it would wait:
+    free_merging on the 542M family 38.4 -> 31.8 s; DARE and TIES as fast as before."""
 
     def __init__(self, units: list[WorkUnit], submit: Callable[[Callable[[], object]], Future]):
         self.jobs = list(dict.fromkeys(u.job for u in units
@@ -349,9 +364,16 @@ class _FactsAhead:
             self._started += 1
 
     def reached(self, unit: WorkUnit) -> None:
-        """The merge is about to take `unit`."""
+        """The merge is about to take `unit`: start the facts ahead, and while the unit's own
+        are not ready, gather the first queued ones (its own, or the next tensors') on this
+        thread instead of waiting, so that the merge does not wait on a thread for work ahead
+        that has more statistics to gather than the merge has chunks to merge."""
         if unit.job in self.order and unit.rows[0] == 0:
-            self._fill(self.order[unit.job])
+            current = self.order[unit.job]
+            self._fill(current)
+            while unit.job.facts_pending() and any(
+                    job.gather_queued_facts() for job in self.jobs[current:self._started]):
+                pass
 
 
 def _read_unit(base: CheckpointReader, unit: WorkUnit):
