@@ -26,8 +26,8 @@ Memory: streams (issue 14 §2). A matrix above FR_HOLD_ELEMENTS goes in two pass
 model's half spectrum is built and filtered in an unnamed scratch file in the staging folder
 (H x (W//2 + 1) complex64: 0.26 GB for 32000 x 2048), then the chunks are merged one by one; the
 same bits as the whole-tensor path. A smaller tensor is merged whole, its models' half spectra
-in memory. Peak RSS merging three models of the 542M bench family: 0.36-0.38 GiB (free_merging;
-3.46 GB with whole complex FFT2s), flat as the largest matrix grows.
+in memory. Peak RSS merging three models of the 542M bench family: 0.37-0.38 GiB (3.46 GB with
+whole complex FFT2s), flat as the largest matrix grows.
 """
 from __future__ import annotations
 
@@ -47,8 +47,10 @@ from merging_methods.streamed import RowSource, TwoPass
 
 FR_RATIO = 0.9  # the reference's hard-coded ratio for LLMs (0.7 in its ViT config)
 # a matrix above this many entries goes in two passes, below rows.TWO_PASS_ELEMENTS too: held
-# whole, the 2048 x 2048 matrices' in-memory spectra took free_merging's peak RSS on the 542M
-# family to 0.44-0.49 GiB; at this bound 0.36-0.38 GiB, and about 10% slower
+# whole, the 2048 x 2048 matrices' in-memory spectra took peak RSS on the 542M family to
+# 0.46-0.49 GiB (free_merging; fr_merging 0.43-0.47); at this bound 0.37-0.38 GiB for both, in
+# about the same time (3 interleaved runs: free_merging 33.9 s against 37.6, fr_merging 35.7
+# against 34.1)
 FR_HOLD_ELEMENTS = 1 << 21
 
 

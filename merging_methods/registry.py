@@ -223,7 +223,8 @@ BREADCRUMBS_TWO_PASS = two_pass_gta(band_plan, consensus=False)
 BREADCRUMBS_TIES_TWO_PASS = two_pass_gta(band_plan, consensus=True)
 # DELLA's statistics draw its masks once more (argsort per row): a matrix above one chunk goes
 # in two passes, its statistics then gathered beside the merge, not in line with it (the
-# 2048 x 2048 matrices too: della_linear on the 542M family 96 -> 90 s, peak RSS 0.46 -> 0.41 GiB)
+# 2048 x 2048 matrices too; on the 542M family, 2 interleaved runs: della_linear 105 -> 96 s,
+# peak RSS 0.46 -> 0.42-0.44 GiB; della 98 -> 92 s, 0.44 -> 0.43 GiB)
 DELLA_HOLD_ELEMENTS = 1 << 21
 DELLA_TWO_PASS = two_pass_gta(magprune_plan, consensus=True, hold_elements=DELLA_HOLD_ELEMENTS)
 DELLA_LINEAR_TWO_PASS = two_pass_gta(magprune_plan, consensus=False,
