@@ -226,7 +226,7 @@ def test_free_merging_streams_its_scratch_in_the_staging_folder(family, monkeypa
 @pytest.mark.parametrize("method,extra", [
     ("fr_merging", ["--fr_ratio", "0.5"]),
     ("free_merging", ["--free_task_model", "FT1", "--free_expert_density", "0.1"]),
-    ("della_linear", ["--density", "0.5", "--epsilon", "0.1"])])
+    ("della_linear", ["--density", "0.5", "--epsilon", "0.1"]), ("karcher", [])])
 def test_a_form_streams_matrices_below_the_common_bound(family, monkeypatch,  # noqa: F811
                                                         tmp_path, method, extra):
     """A form's own `hold_elements` sends smaller matrices through its two passes than
