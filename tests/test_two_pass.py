@@ -371,7 +371,7 @@ def test_the_merge_gathers_queued_statistics_instead_of_waiting():
     of waiting: the first tensor's statistics here finish only once the second's are gathered,
     which happens on the merge's thread."""
     threads: dict[int, str] = {}
-    second_done = threading.Event()
+    first_running, second_done = threading.Event(), threading.Event()
 
     class Job:
         two_pass = type("Form", (), {"ahead": 25})
@@ -386,6 +386,7 @@ def test_the_merge_gathers_queued_statistics_instead_of_waiting():
         def _gather_facts(self):
             threads[self.index] = threading.current_thread().name
             if self.index == 0:
+                first_running.set()
                 assert second_done.wait(timeout=2), "the merge waited"
             if self.index == 1:
                 second_done.set()
@@ -395,6 +396,7 @@ def test_the_merge_gathers_queued_statistics_instead_of_waiting():
     units = [runner.WorkUnit(f"t{j.index}", (0, 1), (1,), j, 1) for j in jobs]
     with ThreadPoolExecutor(1, thread_name_prefix="ahead") as pool:
         ahead = runner._FactsAhead(units, pool.submit)
+        assert first_running.wait(timeout=2)   # the first tensor's are being gathered there
         ahead.reached(units[0])
         assert jobs[0]._facts.result() == 0 and jobs[1]._facts.result() == 1
         ahead.reached(units[1])
