@@ -22,12 +22,12 @@ row group, then column strip by column strip, with the filter made Hermitian, K_
 within 1.2e-6 of the complex FFT2 path on N(0, 1) deltas of up to 512 x 256). δ' is inverted a
 row group at a time as the merge's blocks pass (half_spectrum.FilteredRows).
 
-Memory: streams (issue 14 §2). A matrix above FR_HOLD_ELEMENTS goes in two passes: each active
-model's half spectrum is built and filtered in an unnamed scratch file in the staging folder
-(H x (W//2 + 1) complex64: 0.26 GB for 32000 x 2048), then the chunks are merged one by one; the
-same bits as the whole-tensor path. A smaller tensor is merged whole, its models' half spectra
-in memory. Peak RSS merging three models of the 542M bench family: 0.37-0.38 GiB (3.46 GB with
-whole complex FFT2s), flat as the largest matrix grows.
+Memory: streams (issue 14 §2). A matrix above 2M entries (streamed.HOLD_ONE_CHUNK) goes in two
+passes: each active model's half spectrum is built and filtered in an unnamed scratch file in
+the staging folder (H x (W//2 + 1) complex64: 0.26 GB for 32000 x 2048), then the chunks are
+merged one by one; the same bits as the whole-tensor path. A smaller tensor is merged whole, its
+models' half spectra in memory. Peak RSS merging three models of the 542M bench family:
+0.37-0.38 GiB (3.46 GB with whole complex FFT2s), flat as the largest matrix grows.
 """
 from __future__ import annotations
 
@@ -43,15 +43,9 @@ from merging_methods.half_spectrum import (
     filtered_spectrum, row_groups,
 )
 from merging_methods.primitives import Deltas
-from merging_methods.streamed import RowSource, TwoPass
+from merging_methods.streamed import HOLD_ONE_CHUNK, RowSource, TwoPass
 
 FR_RATIO = 0.9  # the reference's hard-coded ratio for LLMs (0.7 in its ViT config)
-# a matrix above this many entries goes in two passes, below rows.TWO_PASS_ELEMENTS too: held
-# whole, the 2048 x 2048 matrices' in-memory spectra took peak RSS on the 542M family to
-# 0.46-0.49 GiB (free_merging; fr_merging 0.43-0.47); at this bound 0.37-0.38 GiB for both, in
-# about the same time (3 interleaved runs: free_merging 33.9 s against 37.6, fr_merging 35.7
-# against 34.1)
-FR_HOLD_ELEMENTS = 1 << 21
 
 
 def _nyquist_distance2(index: Tensor, size: int) -> Tensor:
@@ -173,5 +167,8 @@ def _apply(spectra: Spectra, offset: int, base: Tensor, others: list[Tensor], *,
     return merged
 
 
-# filtered spectra in scratch files, then the chunks
-FR_TWO_PASS = TwoPass(_stats, _apply, hold_elements=FR_HOLD_ELEMENTS)
+# filtered spectra in scratch files, then the chunks; above one chunk: held whole, the 2048 x 2048
+# matrices' in-memory spectra took peak RSS on the 542M family to 0.46-0.49 GiB (free_merging;
+# fr_merging 0.43-0.47), streamed 0.37-0.38 GiB for both, in about the same time (3 interleaved
+# runs: free_merging 33.9 s against 37.6, fr_merging 35.7 against 34.1)
+FR_TWO_PASS = TwoPass(_stats, _apply, hold_elements=HOLD_ONE_CHUNK)

@@ -20,10 +20,10 @@ What the runner must supply (`--free_task_model`, `--free_expert_density`):
   `fr_faithful`), resolved per tensor as for `fr_merging`; no context keywords.
 * the recipe record should name the task model, since each output belongs to one task.
 
-Memory: streams (issue 14 §2), as fr_merging does: a matrix above fr.FR_HOLD_ELEMENTS goes
-in two passes, the filtered spectra in scratch files (fr_merging.py) and the expert's exact
-top-k threshold from streamed blocks (primitives.TopK over streamed.StreamedDeltas, the TIES
-trim's machinery), then chunk by chunk; the same bits as the whole-tensor path.
+Memory: streams (issue 14 §2), as fr_merging does: a matrix above one chunk goes in two passes,
+the filtered spectra in scratch files (fr_merging.py) and the expert's exact top-k threshold
+from streamed blocks (primitives.TopK over streamed.StreamedDeltas, the TIES trim's machinery),
+then chunk by chunk; the same bits as the whole-tensor path.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ from merging_methods.fr_merging import FR_RATIO, fr_merging
 from merging_methods.gta_blocked import Sparsifier
 from merging_methods.half_spectrum import chunk_delta
 from merging_methods.primitives import Deltas, TopK, block_size, blocks
-from merging_methods.streamed import RowSource, StreamedDeltas, TwoPass
+from merging_methods.streamed import HOLD_ONE_CHUNK, RowSource, StreamedDeltas, TwoPass
 
 EXPERT_DENSITY = 0.01  # ρ of the LLM reference
 Expert = tuple[Sparsifier, float]   # (the top-k trim or None for all of δ_t, 1; or 0: none)
@@ -102,4 +102,4 @@ def _apply(facts: tuple[fr.Spectra, Expert], offset: int, base: Tensor, others: 
 
 
 # fr_merging's two passes plus the expert's threshold
-FREE_TWO_PASS = TwoPass(_stats, _apply, hold_elements=fr.FR_HOLD_ELEMENTS)
+FREE_TWO_PASS = TwoPass(_stats, _apply, hold_elements=HOLD_ONE_CHUNK)

@@ -28,8 +28,9 @@ those of a float32 iteration: they are closer to the float64 paper box (measured
 tensor: a float32 torch norm over all 65M entries is 0.6% short, and the earlier float32 form's
 output was 8e-4 off in relative terms; this one agrees with float64 to ~1e-7).
 
-Memory: it streams. A matrix above KARCHER_HOLD_ELEMENTS gets its Gram matrix in one pass over
-its row chunks, then the combination chunk by chunk (KARCHER_TWO_PASS); peak: a few chunks.
+Memory: it streams. A matrix above 2M entries (streamed.HOLD_ONE_CHUNK) gets its Gram matrix in
+one pass over its row chunks, then the combination chunk by chunk (KARCHER_TWO_PASS); peak: a
+few chunks.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ from torch import Tensor
 
 from merging_methods.gram import (Combination, apply_combination, combine, gram,
                                   in_memory_source)
-from merging_methods.streamed import RowSource, TwoPass
+from merging_methods.streamed import HOLD_ONE_CHUNK, RowSource, TwoPass
 
 
 def norm_of(coef: np.ndarray, units: np.ndarray) -> float:
@@ -109,5 +110,4 @@ def karcher(base: Tensor, others: list[Tensor], *, max_iter: int = 10, tol: floa
 # a matrix above one chunk goes in two passes, the 2048 x 2048 ones too: held whole, their
 # float32 copies took peak RSS on the 542M family to 0.40-0.45 GiB; 0.38-0.44 at this bound, in
 # about the same time (two sets of 5 interleaved runs: 3.23 and 3.19 s against 3.10 and 3.23)
-KARCHER_HOLD_ELEMENTS = 1 << 21
-KARCHER_TWO_PASS = TwoPass(coefficients, apply_combination, hold_elements=KARCHER_HOLD_ELEMENTS)
+KARCHER_TWO_PASS = TwoPass(coefficients, apply_combination, hold_elements=HOLD_ONE_CHUNK)

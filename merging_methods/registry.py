@@ -70,7 +70,7 @@ from merging_methods.primitives import keep_threshold
 from merging_methods.ram import RAMPLUS_TWO_PASS, ram, ramplus_tl
 from merging_methods.sce import SCE_TWO_PASS, sce
 from merging_methods.slerp import SLERP_TWO_PASS, slerp
-from merging_methods.streamed import TwoPass, merge_held, two_pass_gta
+from merging_methods.streamed import HOLD_ONE_CHUNK, TwoPass, merge_held, two_pass_gta
 from merging_methods.widen import WIDEN_TWO_PASS, widen, widen_held
 
 CONTEXT = frozenset({"tensor_name", "layer_index", "num_layers", "is_input_embedding",
@@ -225,10 +225,8 @@ BREADCRUMBS_TIES_TWO_PASS = two_pass_gta(band_plan, consensus=True)
 # in two passes, its statistics then gathered beside the merge, not in line with it (the
 # 2048 x 2048 matrices too; on the 542M family, 2 interleaved runs: della_linear 105 -> 96 s,
 # peak RSS 0.46 -> 0.42-0.44 GiB; della 98 -> 92 s, 0.44 -> 0.43 GiB)
-DELLA_HOLD_ELEMENTS = 1 << 21
-DELLA_TWO_PASS = two_pass_gta(magprune_plan, consensus=True, hold_elements=DELLA_HOLD_ELEMENTS)
-DELLA_LINEAR_TWO_PASS = two_pass_gta(magprune_plan, consensus=False,
-                                     hold_elements=DELLA_HOLD_ELEMENTS)
+DELLA_TWO_PASS = two_pass_gta(magprune_plan, consensus=True, hold_elements=HOLD_ONE_CHUNK)
+DELLA_LINEAR_TWO_PASS = two_pass_gta(magprune_plan, consensus=False, hold_elements=HOLD_ONE_CHUNK)
 _FR = (WEIGHTS, SCALING, NORMALIZE.with_default(False), FR_RATIO, FR_FAITHFUL)
 METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     method("linear", gta.linear, "weighted average of the models (the base is not averaged in)",

@@ -32,6 +32,10 @@ RowRange = tuple[int, int]
 SAMPLE_BANDS, SAMPLE_BAND_ROWS = 32, 8
 # entries of the two-pass tensors whose statistics may be started ahead of the merge at once
 AHEAD_ELEMENTS = 1 << 26
+# `TwoPass.hold_elements` of a method whose held path costs more than streaming (FR's in-memory
+# spectra, DELLA's in-line draws, karcher's float32 copies): a matrix of more than one chunk
+# (rows.CHUNK_ELEMENTS) goes in two passes, the 2048 x 2048 ones too
+HOLD_ONE_CHUNK = 1 << 21
 
 
 @dataclass(frozen=True)
