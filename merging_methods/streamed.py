@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
-from checkpoints.rows import row_ranges
+from checkpoints.rows import CHUNK_ELEMENTS, row_ranges
 from merging_methods.gta_blocked import Plan, Sparsifier, blocked_gta, output_buffer, planned
 from merging_methods.primitives import SAMPLE, Upcast, block_size
 
@@ -33,9 +33,9 @@ SAMPLE_BANDS, SAMPLE_BAND_ROWS = 32, 8
 # entries of the two-pass tensors whose statistics may be started ahead of the merge at once
 AHEAD_ELEMENTS = 1 << 26
 # `TwoPass.hold_elements` of a method whose held path costs more than streaming (FR's in-memory
-# spectra, DELLA's in-line draws, karcher's float32 copies): a matrix of more than one chunk
-# (rows.CHUNK_ELEMENTS) goes in two passes, the 2048 x 2048 ones too
-HOLD_ONE_CHUNK = 1 << 21
+# spectra, DELLA's in-line draws, karcher's float32 copies): a matrix of more than one row chunk
+# goes in two passes, the 2048 x 2048 ones too
+HOLD_ONE_CHUNK = CHUNK_ELEMENTS
 
 
 @dataclass(frozen=True)
