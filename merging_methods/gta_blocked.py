@@ -153,9 +153,10 @@ def _topk_plan(density: Sequence[float], rescale: bool, at_least_one: bool) -> P
 
 def _dare_plan(density: Sequence[float], mask_keys: Sequence[int] | None,
                rescale: bool, rescale_mode: str,
-               keep_masks: Sequence[Tensor | None] | None = None) -> Plan:
+               keep_masks: Sequence[Tensor | None] | None = None, mask_offset: int = 0) -> Plan:
     """Random keep-mask per model (mask rule 2), rescaled by 1/(the quantised density) or L1
-    (§4.2); the mask comes from `keep_masks[i]` when drawn ahead, else from `mask_keys[i]`."""
+    (§4.2); the mask comes from `keep_masks[i]` when drawn ahead, else from `mask_keys[i]`, for
+    the entries from flat index `mask_offset` on (a row chunk's masks are its tensor's)."""
     if rescale_mode not in ("inverse_density", "l1"):
         raise ValueError(f"rescale_mode: unknown mode {rescale_mode!r}")
     l1 = rescale and rescale_mode == "l1"
@@ -170,7 +171,7 @@ def _dare_plan(density: Sequence[float], mask_keys: Sequence[int] | None,
             raise ValueError("DARE with density < 1 needs one mask key per model")
         else:   # the L1 factor's pass and the merge use the same masks: drawn once
             remember = l1 and deltas.n <= REMEMBERED_MASK_ELEMENTS
-            drop = RandomDrop(p, mask_keys[i], deltas.n if remember else None)
+            drop = RandomDrop(p, mask_keys[i], deltas.n if remember else None, mask_offset)
         if not rescale:
             return drop, 1.0
         return drop, MATCH_L1 if l1 else 1.0 / p
@@ -234,12 +235,12 @@ def _dare_method(consensus: bool, doc: str) -> Callable[..., Tensor]:
                density: Sequence[float], scaling: float = 1.0, normalize: bool = False,
                rescale: bool = True, rescale_mode: str = "inverse_density",
                mask_keys: Sequence[int] | None = None,
-               keep_masks: Sequence[Tensor | None] | None = None,
+               keep_masks: Sequence[Tensor | None] | None = None, mask_offset: int = 0,
                out: Tensor | None = None) -> Tensor:
         check_lengths(others, density=density, mask_keys=mask_keys, keep_masks=keep_masks)
-        return blocked_gta(base, others, weights,
-                    _dare_plan(density, mask_keys, rescale, rescale_mode, keep_masks),
-                    consensus=consensus, normalize=normalize, scaling=scaling, out=out)
+        plan = _dare_plan(density, mask_keys, rescale, rescale_mode, keep_masks, mask_offset)
+        return blocked_gta(base, others, weights, plan, consensus=consensus,
+                           normalize=normalize, scaling=scaling, out=out)
 
     method.__doc__ = doc
     return method

@@ -488,15 +488,16 @@ class RandomDrop:
     With `remember=n` (a tensor of n entries whose mask is used twice: the L1 factor's pass,
     then the merge's) the masks drawn on CPU in flat order from 0 are kept as packed bits, n/8
     bytes, and later blocks inside that range are unpacked instead of drawn again (about a
-    fifth of a draw's time)."""
+    fifth of a draw's time). `offset`: the flat index in the whole tensor of the entry the
+    blocks' `start` 0 is (a row chunk merged alone)."""
 
-    def __init__(self, density: float, key: int, remember: int | None = None):
-        self.density, self.key = density, key
+    def __init__(self, density: float, key: int, remember: int | None = None, offset: int = 0):
+        self.density, self.key, self.offset = density, key, offset
         self._bits = None if remember is None else np.empty(-(-remember // 8), dtype=np.uint8)
         self._drawn = 0   # masks of entries 0 .. _drawn - 1 are in _bits
 
     def apply_(self, delta: Tensor, start: int) -> Tensor:
-        n, cpu = delta.numel(), delta.device.type == "cpu"
+        n, cpu, start = delta.numel(), delta.device.type == "cpu", start + self.offset
         if self._bits is not None and cpu and start + n <= self._drawn:
             first = start // 8
             unpacked = np.unpackbits(self._bits[first: -(-(start + n) // 8)])

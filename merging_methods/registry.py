@@ -91,8 +91,9 @@ class FastPath:
     # per element: a block of rows merged alone gives those rows of the whole result, so the
     # runner merges large tensors in row chunks (checkpoints/rows.py)
     row_separable: bool = False
-    # takes `keep_masks=`: DARE keep-masks the runner draws on its I/O thread, chunk by chunk
-    masks_ahead: bool = False
+    # DARE's keep-masks: takes `keep_masks=` (drawn by the runner on its I/O thread, chunk by
+    # chunk) or `mask_offset=` (a row chunk's flat offset in its tensor: masks drawn in fn)
+    dare_masks: bool = False
 
 
 @dataclass(frozen=True)
@@ -245,13 +246,13 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
            context=frozenset({"mask_keys"}), check=_dare_densities,
            warn=_negative_weights(False),
            fast=FastPath(gta_blocked.dare_linear, stored_dtype_inputs=True, row_separable=True,
-                         masks_ahead=True),
+                         dare_masks=True),
            two_pass=two_pass_gta(gta_blocked.dare_plan, consensus=False, ahead=DARE_AHEAD)),
     method("dare_ties", gta.dare_ties, "random drop + rescale, then TIES sign consensus", *_DARE,
            context=frozenset({"mask_keys"}), check=_dare_densities,
            warn=_negative_weights(True),
            fast=FastPath(gta_blocked.dare_ties, stored_dtype_inputs=True, row_separable=True,
-                         masks_ahead=True),
+                         dare_masks=True),
            two_pass=two_pass_gta(gta_blocked.dare_plan, consensus=True, ahead=DARE_AHEAD)),
     method("widen", widen, "per-column magnitude/direction ranking of task vectors (WIDEN)",
            ABOVE_AVERAGE_VALUE_RATIO, SCORE_CALIBRATION_VALUE,

@@ -180,7 +180,7 @@ class TensorMerge:
         # DARE on row chunks on CPU: the chunk's keep-masks are drawn with its inputs on the I/O
         # thread, off the merge thread; an accelerator draws them itself, block by block
         self.masks_ahead = (device.type == "cpu" and spec.fast is not None
-                            and spec.fast.masks_ahead and splits_by_rows(spec, params))
+                            and spec.fast.dare_masks and splits_by_rows(spec, params))
         # too large to hold whole for a method that needs whole-tensor facts: its two-pass form
         # gathers them from the row chunks at the first chunk (streamed.py)
         whole = (spec.two_pass is None or splits_by_rows(spec, params) or self.tokens is not None
@@ -230,7 +230,11 @@ class TensorMerge:
             return self._merge_two_pass(base, others, rows, out), base
         if fast is None:
             return self.spec.fn(base, others, **self.params, **self.context), base
-        extra = {"keep_masks": raw.pop()} if raw else {}
+        extra = {}
+        if self.masks_ahead:
+            extra["keep_masks"] = raw.pop()
+        elif fast.dare_masks and rows is not None:   # masks drawn in fn: at the chunk's offset
+            extra["mask_offset"] = rows[0] * math.prod(self.item.out.shape[1:])
         return fast.fn(base, others, **self.params, **self.context, **extra, out=out), base
 
     def start_facts(self, submit: Callable[[Callable[[], object]], Future]) -> None:

@@ -391,6 +391,18 @@ def test_keep_masks_drawn_ahead_equal_the_blocked_draws(method, mode, block):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+def test_a_row_chunk_with_its_offset_draws_the_whole_tensors_masks(method, block):
+    """Rows 10-20 merged alone with `mask_offset` (their flat offset: how the runner merges a
+    row chunk whose masks are drawn in the merge, on an accelerator) are those rows of the
+    whole tensor's merge."""
+    base, others = family(shape=(33, 31))
+    want, params = run(method, base, others, "fast", density=[0.4, 0.7, 0.9])
+    got = METHODS[method].fast.fn(base[10:21], [o[10:21] for o in others], **params,
+                                  **context(method, 3), mask_offset=10 * 31)
+    assert torch.equal(got, want[10:21])
+
+
 def test_dare_kept_entries_equal_delta_over_the_density_used():
     """Rescaled by the quantised density: round(0.3 · 65536) / 65536 = 19661 / 65536."""
     delta = family(n=1)[1][0]

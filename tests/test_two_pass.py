@@ -272,6 +272,25 @@ def assert_chunked_is_whole(monkeypatch, tmp_path, args: list[str],
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+def test_row_chunks_whose_masks_are_drawn_in_the_merge_get_the_whole_tensors_masks(
+        family, monkeypatch, tmp_path, method):  # noqa: F811
+    """DARE row chunks with no masks drawn ahead (as on an accelerator) draw each chunk's masks
+    at its flat offset: 64-element chunks give the whole-tensor merge's bits."""
+    base, fts = family
+    args = ["--method", method, "--base_model", str(base), "--models_to_merge",
+            ",".join(map(str, fts)), "--density", "0.3,0.6,0.9", "--seed", "5"]
+    construct = runner.TensorMerge.__init__
+
+    def no_masks_ahead(self, *a, **k):
+        construct(self, *a, **k)
+        self.masks_ahead = False
+    monkeypatch.setattr(runner.TensorMerge, "__init__", no_masks_ahead)
+    monkeypatch.setattr(primitives, "CPU_BLOCK", 64)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert_chunked_is_whole(monkeypatch, tmp_path, args, "CHUNK_ELEMENTS")
+
+
 def test_a_nan_in_a_streamed_tensor_is_reported(family, monkeypatch, tmp_path, capsys):  # noqa: F811
     """The streaming passes do not check finiteness; the merge pass does, before any output."""
     base, _ = family
