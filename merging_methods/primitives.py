@@ -18,7 +18,8 @@ follow mask rule 2 (issue 14, replacing §4.3's `torch.rand(shape, generator) < 
     keep element j  iff  u_j < t,   t = floor(density·65536 + 0.5)   (t = 0 is a UserError)
 
 DARE rescales by the density actually used, t / 65536. A mask is a function of (seed, i, name,
-j) only: the same bits on CPU and CUDA, in any chunking and order, computed on the device.
+j) only: the same bits on CPU and CUDA, in any chunking and order, computed on the device. On a
+CPU with AVX-512DQ a compiled loop (dare_kernel.py) draws and applies it, else numpy and torch.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ import torch
 from torch import Tensor
 
 from checkpoints.errors import UserError
+from merging_methods.dare_kernel import KeepMul, keep_mul_kernel
 
 L1_EPS = 1e-7  # below this an L1 norm is treated as zero and the rescale is skipped (§3.2, §4.2)
 _HI_BINS = 1 << 15  # radix-select buckets: the top 16 bits of a non-negative float32 (sign bit 0)
@@ -193,9 +195,39 @@ def keep_mask(key: int, density: float, start: int, n: int,
     1 where kept, 0 where dropped (a float multiplier: boolean kernels are slow here), computed
     on `device`."""
     device = torch.device(device)
-    if device.type == "cpu":
+    if device.type != "cpu":
+        return _keep_mask_on(device, key, density, start, n)
+    kernel = native_keep_mul()
+    if kernel is None:
         return torch.from_numpy(keep_bits(key, density, start, n).view(np.uint8)).float()
-    return _keep_mask_on(device, key, density, start, n)
+    ones = torch.ones(n, dtype=torch.float32)
+    kernel(ones, key, start, keep_threshold(density))
+    return ones
+
+
+# the kernel's acceptance check: a block at an unaligned flat index, of a length that ends
+# inside a word, for two densities
+CHECK_START, CHECK_ENTRIES, CHECK_DENSITIES = (1 << 33) + 3, 4099, (0.3, 0.9)
+
+
+def _agrees_with_numpy(kernel: KeepMul) -> bool:
+    """Whether `kernel` multiplies a delta by `keep_bits`'s masks bit for bit (signed zeros too)."""
+    key = mask_key(0, 0, "kernel check")
+    delta = torch.linspace(-1, 1, CHECK_ENTRIES)
+    for density in CHECK_DENSITIES:
+        expected = delta * torch.from_numpy(
+            keep_bits(key, density, CHECK_START, CHECK_ENTRIES).view(np.uint8))
+        got = delta.clone()
+        kernel(got, key, CHECK_START, keep_threshold(density))
+        if not torch.equal(got.view(torch.int32), expected.view(torch.int32)):
+            return False
+    return True
+
+
+def native_keep_mul() -> KeepMul | None:
+    """The compiled mask-rule-2 multiply (dare_kernel.py) where it is available and checked
+    against `keep_bits`, else None."""
+    return keep_mul_kernel(_agrees_with_numpy)
 
 
 def _keep_mask_on(device: torch.device, key: int, density: float, start: int, n: int) -> Tensor:
@@ -485,27 +517,35 @@ class RandomDrop:
     """DARE drop (§4.2, mask rule 2): keep each entry where its counter-based draw is below the
     density; stateless, so blocks may come in any order, on any device.
 
-    With `remember=n` (a tensor of n entries whose mask is used twice: the L1 factor's pass,
-    then the merge's) the masks drawn on CPU in flat order from 0 are kept as packed bits, n/8
-    bytes, and later blocks inside that range are unpacked instead of drawn again (about a
-    fifth of a draw's time). `offset`: the flat index in the whole tensor of the entry the
-    blocks' `start` 0 is (a row chunk merged alone)."""
+    On CPU the compiled kernel draws and applies each block's mask in one loop where it is
+    available. Otherwise, with `remember=n` (a tensor of n entries whose mask is used twice:
+    the L1 factor's pass, then the merge's) the masks drawn by numpy in flat order from 0 are
+    kept as packed bits, n/8 bytes, and later blocks inside that range are unpacked instead of
+    drawn again (about a fifth of a draw's time; the kernel draws faster than that).
+    `offset`: the flat index in the whole tensor of the entry the blocks' `start` 0 is (a row
+    chunk merged alone)."""
 
     def __init__(self, density: float, key: int, remember: int | None = None, offset: int = 0):
-        self.density, self.key, self.offset = density, key, offset
-        self._bits = None if remember is None else np.empty(-(-remember // 8), dtype=np.uint8)
+        self.density, self.key, self._remember, self.offset = density, key, remember, offset
+        self._bits: np.ndarray | None = None   # allocated at the first numpy draw to remember
         self._drawn = 0   # masks of entries 0 .. _drawn - 1 are in _bits
 
     def apply_(self, delta: Tensor, start: int) -> Tensor:
-        n, cpu, start = delta.numel(), delta.device.type == "cpu", start + self.offset
-        if self._bits is not None and cpu and start + n <= self._drawn:
+        n, start = delta.numel(), start + self.offset
+        if delta.device.type != "cpu":
+            return delta.mul_(keep_mask(self.key, self.density, start, n, delta.device))
+        kernel = native_keep_mul()
+        if kernel is not None and delta.dtype == torch.float32 and delta.is_contiguous():
+            kernel(delta, self.key, start, keep_threshold(self.density))
+            return delta
+        if self._bits is not None and start + n <= self._drawn:
             first = start // 8
             unpacked = np.unpackbits(self._bits[first: -(-(start + n) // 8)])
             return delta.mul_(torch.from_numpy(unpacked[start - 8 * first: start - 8 * first + n]))
-        if not cpu:
-            return delta.mul_(keep_mask(self.key, self.density, start, n, delta.device))
         keep = keep_bits(self.key, self.density, start, n)
-        if self._bits is not None and start == self._drawn and start % 8 == 0:
+        if self._remember is not None and start == self._drawn and start % 8 == 0:
+            if self._bits is None:
+                self._bits = np.empty(-(-self._remember // 8), dtype=np.uint8)
             self._bits[start // 8: -(-(start + n) // 8)] = np.packbits(keep)
             self._drawn += n
         return delta.mul_(torch.from_numpy(keep.view(np.uint8)))

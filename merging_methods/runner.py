@@ -42,7 +42,8 @@ from merging_methods.passthrough import (LayerSlice, Source, heads_like, layout_
                                          passthrough_plan)
 from merging_methods.plan import (MergePlan, TensorPlan, build_plan, input_embedding_rows,
                                   num_layers)
-from merging_methods.primitives import keep_mask, mask_generator, mask_key, used_density
+from merging_methods.primitives import (keep_mask, mask_generator, mask_key, native_keep_mul,
+                                        used_density)
 from merging_methods.recipe import MergeRecipe
 from merging_methods.registry import MethodSpec, get_method, method_warnings, splits_by_rows
 from merging_methods.sliced import SlicedInput
@@ -178,9 +179,12 @@ class TensorMerge:
         # re-indexing by token reads whole tensors: one chunk
         self.tokens = inputs.tokens if item.is_vocab else None
         # DARE on row chunks on CPU: the chunk's keep-masks are drawn with its inputs on the I/O
-        # thread, off the merge thread; an accelerator draws them itself, block by block
+        # thread, off the merge thread, by numpy; an accelerator, or the compiled kernel (one
+        # pass that draws and applies: faster than a drawn mask's multiply, and no mask held),
+        # draws them in the merge, block by block
         self.masks_ahead = (device.type == "cpu" and spec.fast is not None
-                            and spec.fast.dare_masks and splits_by_rows(spec, params))
+                            and spec.fast.dare_masks and splits_by_rows(spec, params)
+                            and native_keep_mul() is None)
         # too large to hold whole for a method that needs whole-tensor facts: its two-pass form
         # gathers them from the row chunks at the first chunk (streamed.py)
         whole = (spec.two_pass is None or splits_by_rows(spec, params) or self.tokens is not None

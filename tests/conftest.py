@@ -23,3 +23,15 @@ def ci_zoo(tmp_path_factory):
     out = tmp_path_factory.getbasetemp() / "ci_zoo"
     assert cli.main(["build", "--out", str(out), "--preset", "ci"]) == 0
     return out
+
+
+@pytest.fixture
+def numpy_masks(monkeypatch):
+    """DARE's masks by numpy, as on a machine where the compiled kernel is not available
+    (AIM_MERGING_KERNELS=0; the process's choice is made again after the test)."""
+    from merging_methods import dare_kernel
+
+    monkeypatch.setenv(dare_kernel.SWITCH, "0")
+    dare_kernel._load.cache_clear()
+    yield
+    dare_kernel._load.cache_clear()

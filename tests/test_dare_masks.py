@@ -181,7 +181,7 @@ def test_records_of_methods_without_masks_need_no_mask_rule():
     assert MergeRecipe.from_record(record).method == "task_arithmetic"
 
 
-def test_a_remembered_drop_is_drawn_once_and_gives_the_same_masks(monkeypatch):
+def test_a_remembered_drop_is_drawn_once_and_gives_the_same_masks(monkeypatch, numpy_masks):
     """RandomDrop(remember=n): the masks drawn over blocks in flat order come back for any
     later range (starts off a byte boundary, ranges crossing blocks) without a second draw,
     equal to keep_mask's; a range past what was drawn is drawn again."""

@@ -392,10 +392,16 @@ def test_keep_masks_drawn_ahead_equal_the_blocked_draws(method, mode, block):
 
 
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
-def test_a_row_chunk_with_its_offset_draws_the_whole_tensors_masks(method, block):
+@pytest.mark.parametrize("masks", ["kernel", "numpy"])
+def test_a_row_chunk_with_its_offset_draws_the_whole_tensors_masks(method, masks, block,
+                                                                   request):
     """Rows 10-20 merged alone with `mask_offset` (their flat offset: how the runner merges a
-    row chunk whose masks are drawn in the merge, on an accelerator) are those rows of the
-    whole tensor's merge."""
+    row chunk whose masks are drawn in the merge, by the compiled kernel or on an
+    accelerator) are those rows of the whole tensor's merge."""
+    if masks == "numpy":
+        request.getfixturevalue("numpy_masks")
+    elif primitives.native_keep_mul() is None:
+        pytest.skip("the compiled mask kernel is not available here")
     base, others = family(shape=(33, 31))
     want, params = run(method, base, others, "fast", density=[0.4, 0.7, 0.9])
     got = METHODS[method].fast.fn(base[10:21], [o[10:21] for o in others], **params,
