@@ -6,6 +6,7 @@ MBPP) with absolute data paths; the model is a ~30k-parameter Llama from tests/t
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -204,6 +205,30 @@ def test_infinite_loop_is_killed_by_the_timeout():
     assert time.monotonic() - start < 6.0  # killed after ~1 s each, not hanging
     assert program_passes("import signal\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\n"
                           "while True:\n    pass\n", timeout=0.5) is False  # ignores the alarm
+
+
+def test_programs_that_use_the_standard_streams_do_not_disturb_the_checker():
+    """A program that writes to descriptor 1 (the answer is not read from it) and reads
+    descriptor 0 (the requests are not sent on it) is scored, and so are the next ones."""
+    noisy = "import os\nos.write(1, b'true\\n')\nos.read(0, 100)\ninput()\n"
+    assert program_passes(noisy) is False   # input() on the swallowed stdin raises
+    assert program_passes("import os\nos.write(1, b'true\\n')\nos.read(0, 100)\n") is True
+    assert program_passes("assert 1 == 2\n") is False
+    assert program_passes("assert 1 == 1\n") is True
+
+
+def test_one_checker_process_serves_every_program_and_a_dead_one_is_replaced():
+    """Programs are forked from one small checker process (not from this, possibly large, one);
+    a checker that died is replaced at the next program."""
+    from evaluation.code_tasks import utils
+    assert program_passes("pass\n") is True
+    first = utils._CHECKER._process
+    assert program_passes("assert 2 + 2 == 4\n") is True
+    assert utils._CHECKER._process is first and first.pid != os.getpid()
+    first.kill()
+    first.wait()
+    assert program_passes("pass\n") is True
+    assert utils._CHECKER._process.pid != first.pid
 
 
 def test_mbpp_metric_runs_the_asserts():
