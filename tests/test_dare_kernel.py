@@ -19,8 +19,10 @@ from merging_methods.primitives import keep_bits, keep_mask, keep_threshold, mas
 from tests.test_merge_cli import family, load_weights  # noqa: F401 - fixture
 
 BUILDABLE = (dare_kernel.REQUIRED_FLAG in dare_kernel.cpu_flags().split()
-             and shutil.which(dare_kernel.compiler()[0]) is not None)
-needs_kernel = pytest.mark.skipif(not BUILDABLE, reason="no AVX-512DQ CPU or no C compiler")
+             and shutil.which(dare_kernel.compiler()[0]) is not None
+             and os.environ.get(dare_kernel.SWITCH) != "0")
+needs_kernel = pytest.mark.skipif(not BUILDABLE, reason="no AVX-512DQ CPU, no C compiler, or "
+                                  f"{dare_kernel.SWITCH}=0")
 
 
 @pytest.fixture
