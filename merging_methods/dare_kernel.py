@@ -2,10 +2,11 @@
 
 On a CPU with AVX-512DQ, drawing a mask-rule-2 mask and multiplying a delta by it in one C loop
 takes less than half the time of the numpy draw and torch multiply (primitives.py; 0.29 against
-0.67 ns per entry, bench/bench_masks.py), with the same bits. It is compiled with the system C compiler ($CC, else `cc`) and -march=native into a
-per-user cache, named by a hash of the source, the compiler command and the CPU's flags (a
-cache shared between machines never loads code built for another CPU), and accepted only after
-it reproduces the numpy path on a check block. Without a compiler, on another CPU, or with
+0.67 ns per entry, bench/bench_masks.py), with the same bits. It is compiled with the system C
+compiler ($CC, else `cc`) and -march=native into a per-user cache, named by a hash of the
+source, the compiler command and the CPU's flags (a cache shared between machines never loads
+code built for another CPU), and accepted only after it reproduces the numpy path on a check
+block. Without a compiler, on another CPU, or with
 AIM_MERGING_KERNELS=0, the numpy path runs: the masks are the same either way.
 """
 from __future__ import annotations
