@@ -39,9 +39,10 @@ KeepMul = Callable[[torch.Tensor, int, int, int], None]
 
 
 def cache_dir() -> Path:
-    """Where built kernels are kept: $XDG_CACHE_HOME/aim-merging/kernels (~/.cache by default)."""
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "aim-merging" / "kernels"
+    """Where built kernels are kept: $XDG_CACHE_HOME/aim-merging/kernels, ~/.cache when that is
+    unset or relative (the XDG rule: a relative path would land in the working directory)."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or "")
+    return (root if root.is_absolute() else Path.home() / ".cache") / "aim-merging" / "kernels"
 
 
 def cpu_flags() -> str:

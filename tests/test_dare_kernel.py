@@ -16,6 +16,7 @@ import merge
 from checkpoints import rows
 from merging_methods import dare_kernel, primitives
 from merging_methods.primitives import keep_bits, keep_mask, keep_threshold, mask_key
+from tests.test_dare_masks import draw
 from tests.test_merge_cli import family, load_weights  # noqa: F401 - fixture
 
 BUILDABLE = (dare_kernel.REQUIRED_FLAG in dare_kernel.cpu_flags().split()
@@ -62,6 +63,18 @@ def test_the_kernel_multiplies_by_the_numpy_masks_bit_for_bit(start, n, density)
     got = delta.clone()
     kernel(got, key, start, keep_threshold(density))
     assert same_bits(got, numpy_product(delta, key, density, start))
+
+
+@needs_kernel
+def test_the_kernel_keeps_the_entries_python_integers_say_to_keep():
+    """Against mask rule 2 computed independently in Python integers (test_dare_masks.draw), on
+    a range with partial words at both ends."""
+    key, density = mask_key(3, 2, "model.layers.1.self_attn.o_proj.weight"), 0.61
+    start, n = 4093, 41
+    delta = torch.arange(1.0, n + 1)
+    primitives.native_keep_mul()(delta, key, start, keep_threshold(density))
+    t = keep_threshold(density)
+    assert delta.tolist() == [float(i + 1) if draw(key, start + i) < t else 0.0 for i in range(n)]
 
 
 @needs_kernel
@@ -147,17 +160,33 @@ def test_without_a_compiler_numpy_draws_the_masks(own_cache, monkeypatch):
 def test_a_failed_build_leaves_nothing_and_stale_partials_are_removed(own_cache, monkeypatch):
     """A compiler that fails (here `false`) leaves no partial file; a partial file older than
     STALE_SECONDS (a killed build's) is removed at the next build, a recent one (another
-    process building now) is kept."""
+    process building now) is kept, and so is every other file in the folder, however old (a
+    built library, anything else)."""
     own_cache.mkdir(parents=True)
     stale, recent = own_cache / "dare_mask-0-old.tmp", own_cache / "dare_mask-0-new.tmp"
-    stale.write_bytes(b"partial")
-    recent.write_bytes(b"partial")
+    others = [own_cache / "dare_mask-0.so", own_cache / "model.safetensors",
+              own_cache / "notes.tmp"]
     old = time.time() - dare_kernel.STALE_SECONDS - 60
-    os.utime(stale, (old, old))
+    for path in (stale, recent, *others):
+        path.write_bytes(b"bytes")
+        if path is not recent:
+            os.utime(path, (old, old))
     monkeypatch.setattr(dare_kernel, "cpu_flags", lambda: "avx512dq")
     monkeypatch.setenv("CC", "false")
     assert primitives.native_keep_mul() is None
-    assert sorted(p.name for p in own_cache.iterdir()) == [recent.name]
+    assert sorted(p.name for p in own_cache.iterdir()) == sorted(
+        [recent.name, *(p.name for p in others)])
+    assert all(p.read_bytes() == b"bytes" for p in others)
+
+
+def test_a_relative_cache_home_is_not_used(monkeypatch, tmp_path):
+    """XDG_CACHE_HOME must be absolute: a relative one (which would put the cache, and the
+    builds' temporary files, in the working directory) falls back to ~/.cache."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative")
+    assert dare_kernel.cache_dir() == tmp_path / ".cache" / "aim-merging" / "kernels"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "abs"))
+    assert dare_kernel.cache_dir() == tmp_path / "abs" / "aim-merging" / "kernels"
 
 
 def test_no_build_on_a_cpu_without_avx512dq_or_when_switched_off(own_cache, monkeypatch):
